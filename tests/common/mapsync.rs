@@ -1,0 +1,179 @@
+//! Running the real `mapsync` binary: a workspace (temp dir, the application's SQLite file, a
+//! config file) and one-shot commands whose exit code, stdout and stderr the tests read.
+//! The child gets no `MAPSYNC_*` variable from the test's environment, so a developer's
+//! shell cannot change what a test sees.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use serde_json::Value;
+
+use super::{AppDb, TestDb, run_psql, test_db};
+
+/// The binary under test, built by cargo for integration tests.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mapsync"))
+}
+
+/// A `Command` for the binary with every inherited `MAPSYNC_*` variable removed.
+pub fn command() -> Command {
+    let mut cmd = Command::new(bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("MAPSYNC_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("RUST_BACKTRACE", "0");
+    cmd
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// stdout as one JSON document; panics with everything printed when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+
+    /// Asserts the exit code, showing the output when it differs.
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(self.code, code, "unexpected exit code: {self:#?}");
+        self
+    }
+
+    /// Everything printed, for "never contains the password" checks.
+    pub fn all_output(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` to completion.
+pub fn run(mut cmd: Command) -> Run {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .expect("the mapsync binary runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A temp directory holding the application's SQLite file (`db.sqlite3`, WAL mode, the
+/// application's connection kept open in `app`), a snapshot directory and a config file.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    pub app: AppDb,
+    pub config: PathBuf,
+}
+
+impl Workspace {
+    /// A workspace whose config points at `target_url` (none: snapshots-only) plus `extra`
+    /// TOML (whole sections, e.g. "[watch]\ndebounce_ms = 50\n").
+    pub fn new(target_url: Option<&str>, extra: &str) -> Workspace {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let app = AppDb::create(&dir.path().join("db.sqlite3"));
+        let config = dir.path().join("mapsync.toml");
+        let ws = Workspace { dir, app, config };
+        ws.write_config(target_url, extra);
+        ws
+    }
+
+    /// Rewrites the config file.
+    pub fn write_config(&self, target_url: Option<&str>, extra: &str) {
+        let mut toml = format!(
+            "[source]\nsqlite_path = {:?}\n\n[snapshot]\ndir = {:?}\n\n",
+            self.db_path(),
+            self.snapshot_dir()
+        );
+        if let Some(url) = target_url {
+            toml.push_str(&format!("[target]\nurl = {url:?}\n\n"));
+        }
+        toml.push_str(extra);
+        std::fs::write(&self.config, toml).expect("write config");
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("db.sqlite3")
+    }
+
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.dir.path().join("snapshots")
+    }
+
+    /// `mapsync --config <this config> <args…>`, run to completion.
+    pub fn mapsync(&self, args: &[&str]) -> Run {
+        let mut cmd = command();
+        cmd.arg("--config").arg(&self.config).args(args);
+        run(cmd)
+    }
+
+    /// `mapsync sync <args…>`, expected to succeed; returns its result JSON.
+    #[track_caller]
+    pub fn sync(&self, args: &[&str]) -> Value {
+        let mut all = vec!["sync"];
+        all.extend_from_slice(args);
+        self.mapsync(&all).expect_code(0).json()
+    }
+}
+
+/// A fresh database on a server that looks like Supabase: the `anon`, `authenticated` and
+/// `service_role` roles and the `auth` helpers (tests/fixtures/supabase_roles_shim.sql).
+pub fn supabase_db() -> TestDb {
+    // Roles are cluster-wide: two tests creating them at once would race.
+    static SHIM: Mutex<()> = Mutex::new(());
+    let db = test_db();
+    let _guard = SHIM.lock().unwrap_or_else(|e| e.into_inner());
+    run_psql(&db.url, include_str!("../fixtures/supabase_roles_shim.sql"))
+        .unwrap_or_else(|e| panic!("supabase roles shim failed: {e}"));
+    db
+}
+
+/// The deployed table as it is on Supabase today (tests/fixtures/deployed_supabase_schema.sql).
+pub const DEPLOYED_SCHEMA: &str = include_str!("../fixtures/deployed_supabase_schema.sql");
+
+/// Every mirrored row as JSON objects keyed by id, read with psql (what a user would see).
+pub fn remote_rows(db: &TestDb) -> std::collections::BTreeMap<String, Value> {
+    let out = db.psql(
+        "SELECT coalesce(json_agg(json_build_object(\
+           'id', id, 'scope_type', scope_type, 'scope_key', scope_key, 'name', name, \
+           'default_model', default_model, 'candidates', candidates, 'is_active', is_active, \
+           'updated_at', to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), \
+           'source', source, 'metadata', metadata)), '[]') FROM public.model_mappings",
+    );
+    let rows: Vec<Value> = serde_json::from_str(out.trim()).expect("json_agg output");
+    rows.into_iter()
+        .map(|r| (r["id"].as_str().unwrap().to_string(), r))
+        .collect()
+}
+
+/// `id → xmin` of every mirrored row: a row rewritten by an UPDATE gets a new xmin.
+pub fn xmins(db: &TestDb) -> std::collections::BTreeMap<String, String> {
+    db.psql("SELECT id || ' ' || xmin::text FROM public.model_mappings")
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(id, x)| (id.to_string(), x.to_string()))
+        .collect()
+}
+
+/// `SELECT count(*)` of the mirror.
+pub fn remote_count(db: &TestDb) -> u64 {
+    db.psql("SELECT count(*) FROM public.model_mappings")
+        .trim()
+        .parse()
+        .expect("a count")
+}

@@ -1,0 +1,24 @@
+//! Integration-test harness for mapsync: throwaway PostgreSQL clusters and databases
+//! ([`pg`]), a transaction-mode PgBouncer ([`pgbouncer`]), a test CA ([`tls`]), the
+//! application's side of the SQLite file ([`appdb`]), a fixture generator ([`fixture`]) and
+//! small helpers ([`sys`]: [`free_port`], [`wait_until`]).
+//!
+//! Use from a test file with `mod common;` and `use common::*;`. Every server the harness
+//! starts is stopped and its directory removed on Drop; leftovers of crashed runs
+//! (`temp_dir()/mapsync-test-pg*-<dead pid>-<n>`) are pruned on first use.
+#![allow(dead_code, unused_imports)]
+
+pub mod appdb;
+pub mod fixture;
+pub mod mapsync;
+pub mod pg;
+pub mod pgbouncer;
+pub mod sys;
+pub mod tls;
+
+pub use appdb::{AppDb, Row};
+pub use fixture::generate;
+pub use pg::{PgCluster, PgOptions, TestDb, run_psql, test_db};
+pub use pgbouncer::PgBouncer;
+pub use sys::{free_port, wait_until};
+pub use tls::TestCa;
