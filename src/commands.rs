@@ -1,0 +1,159 @@
+//! What each one-shot subcommand does (`sync`, `export`, `check`, `migrate`). `main.rs` parses
+//! the command line and prints; everything with behaviour lives here, testable as a library.
+
+use std::io::Write;
+use std::path::Path;
+
+use chrono::Utc;
+
+use crate::Error;
+use crate::config::Settings;
+use crate::mapping::Redactor;
+use crate::snapshot;
+use crate::source::{SourceImage, SqliteSource};
+use crate::sync::{self, SyncOptions, SyncReport, Trigger};
+use crate::target::Target;
+
+/// Reads the source once, on the blocking pool.
+pub async fn read_source(settings: &Settings) -> Result<SourceImage, Error> {
+    let mut source = SqliteSource::new(
+        &settings.source,
+        Redactor::new(&settings.snapshot.redact_keys),
+    );
+    tokio::task::spawn_blocking(move || source.read())
+        .await
+        .map_err(|e| Error::Other(format!("reading the SQLite file stopped: {e}")))?
+        .map_err(Error::from)
+}
+
+/// `mapsync sync`: one run, trigger `manual`.
+pub async fn sync(settings: &Settings, opts: SyncOptions) -> Result<SyncReport, Error> {
+    let target = Target::from_settings(&settings.target)?;
+    let image = read_source(settings).await?;
+    Ok(sync::push(
+        target.as_ref(),
+        &settings.target,
+        &image.mappings,
+        opts,
+        Trigger::Manual,
+    )
+    .await?)
+}
+
+/// `mapsync export`: the snapshot document, to `output` (atomically) or to `stdout`.
+/// Returns the number of mappings written.
+pub async fn export(
+    settings: &Settings,
+    output: Option<&Path>,
+    stdout: impl Write,
+) -> Result<usize, Error> {
+    let image = read_source(settings).await?;
+    let now = Utc::now();
+    match output {
+        Some(path) => {
+            snapshot::write_atomic(path, |f| snapshot::write_document(f, &image.mappings, now))?
+        }
+        None => snapshot::write_document(stdout, &image.mappings, now)
+            .map_err(|e| Error::Other(format!("cannot write the export to stdout: {e}")))?,
+    }
+    Ok(image.mappings.len())
+}
+
+/// One line of `mapsync check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckLine {
+    pub ok: bool,
+    pub what: &'static str,
+    pub detail: String,
+}
+
+impl std::fmt::Display for CheckLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mark = if self.ok { "ok  " } else { "FAIL" };
+        write!(f, "{mark} {}: {}", self.what, self.detail)
+    }
+}
+
+/// `mapsync check`: the config (already loaded), the SQLite file, Postgres, the table.
+pub async fn check(settings: &Settings) -> Vec<CheckLine> {
+    let line = |ok, what, detail: String| CheckLine { ok, what, detail };
+    let mut lines = vec![line(
+        true,
+        "config",
+        format!(
+            "valid (target: {}, snapshots in {}, admin port {})",
+            settings
+                .target
+                .url
+                .as_ref()
+                .map_or("none, snapshots only".to_string(), |_| settings
+                    .target
+                    .table
+                    .to_string()),
+            settings.snapshot.dir.display(),
+            settings.http.listen
+        ),
+    )];
+    lines.push(match read_source(settings).await {
+        Ok(image) => line(
+            true,
+            "sqlite",
+            format!(
+                "{}: {} mappings ({} rows skipped)",
+                settings.source.sqlite_path.display(),
+                image.mappings.len(),
+                image.skipped
+            ),
+        ),
+        Err(e) => line(false, "sqlite", e.to_string()),
+    });
+    let target = match Target::from_settings(&settings.target) {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            lines.push(line(
+                true,
+                "postgres",
+                "no target configured (target.url): snapshots-only mode".into(),
+            ));
+            return lines;
+        }
+        Err(e) => {
+            lines.push(line(false, "postgres", e.to_string()));
+            return lines;
+        }
+    };
+    match target.describe_server().await {
+        Ok((version, tls)) => lines.push(line(
+            true,
+            "postgres",
+            format!(
+                "{}: PostgreSQL {version}, TLS {}",
+                target.display(),
+                if tls { "on" } else { "off" }
+            ),
+        )),
+        Err(e) => {
+            lines.push(line(false, "postgres", e.to_string()));
+            return lines;
+        }
+    }
+    lines.push(match target.check_schema().await {
+        Ok(()) => line(
+            true,
+            "table",
+            format!("{} has the expected columns", target.table()),
+        ),
+        Err(e) => line(false, "table", e.to_string()),
+    });
+    lines
+}
+
+/// `mapsync migrate`: applies the embedded `sql/` scripts; returns their names.
+pub async fn migrate(settings: &Settings) -> Result<Vec<&'static str>, Error> {
+    let Some(target) = Target::from_settings(&settings.target)? else {
+        return Err(Error::Other(
+            "no target configured: set target.url (or MAPSYNC_TARGET__URL) to the database to migrate".into(),
+        ));
+    };
+    Ok(target.migrate().await?)
+}

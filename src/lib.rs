@@ -1,0 +1,53 @@
+//! mapsync keeps a Postgres table aligned with the LLM model mappings an application stores in
+//! its SQLite file, writes rolling JSON snapshots of them, and serves a small admin HTTP port.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! SQLite file ──source──▶ Vec<Mapping> ──sync──▶ target (Postgres mirror)
+//!                              └──────────snapshot──▶ JSON files on disk
+//! ```
+//!
+//! - [`config`]: typed, validated settings (defaults < file < environment).
+//! - [`mapping`]: the `Mapping` type and every normalisation rule.
+//! - [`source`]: reading the SQLite file without disturbing the application.
+//! - [`target`]: the Postgres pool, TLS, schema check and the one-transaction sync.
+//! - [`sync`]: one run and its result.
+//! - [`snapshot`]: atomic rolling JSON files, and the export format.
+//! - [`commands`]: what each `mapsync` subcommand does; `main.rs` only parses and dispatches.
+
+pub mod commands;
+pub mod config;
+pub mod mapping;
+pub mod schedule;
+pub mod snapshot;
+pub mod source;
+pub mod sync;
+pub mod target;
+
+/// Any failure a command can end with. `main` prints it as one line and exits with
+/// [`Error::exit_code`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    #[error(transparent)]
+    Target(#[from] target::TargetError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    /// 78 (EX_CONFIG) for configuration problems, so systemd does not restart-loop on them;
+    /// 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => 78,
+            _ => 1,
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The `mapsync` command line: parses arguments, loads the settings, sets up logging, calls
+//! into the library, and maps failures to exit codes (78 for configuration, 1 otherwise).
+//! Logs go to stderr; stdout carries only a command's result.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mapsync::config::{LogFormat, Settings};
+use mapsync::sync::{SyncOptions, SyncStatus};
+use mapsync::{Error, commands};
+
+#[derive(Parser)]
+#[command(
+    name = "mapsync",
+    version,
+    about = "Mirror the application's SQLite model mappings to Postgres, with JSON snapshots and an admin port"
+)]
+struct Cli {
+    /// Configuration file (TOML). Default: config/mapsync.toml when it exists.
+    #[arg(long, global = true, env = "MAPSYNC_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one sync and print its result as JSON.
+    Sync {
+        /// Delete remote rows whose id is no longer in the source (guarded against mass deletes).
+        #[arg(long)]
+        delete_missing: bool,
+        /// Allow a delete that the mass-delete guard would refuse.
+        #[arg(long)]
+        force: bool,
+        /// Compute what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write the current mappings in the snapshot format.
+    Export {
+        /// Output file (written atomically); stdout when absent.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Check the config, the SQLite file, Postgres and the target table.
+    Check,
+    /// Apply the embedded sql/ scripts to the target (idempotent).
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return fail(&Error::from(e)),
+    };
+    init_logging(&settings);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return fail(&Error::Other(format!(
+                "cannot start the async runtime: {e}"
+            )));
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, settings)) {
+        Ok(code) => code,
+        Err(e) => fail(&e),
+    }
+}
+
+async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Error> {
+    match command {
+        Command::Sync {
+            delete_missing,
+            force,
+            dry_run,
+        } => {
+            let opts = SyncOptions {
+                delete_missing: delete_missing || settings.target.delete_missing,
+                force,
+                dry_run,
+            };
+            let report = commands::sync(&settings, opts).await?;
+            print_json(&report);
+            if report.status == SyncStatus::RefusedMassDelete {
+                eprintln!(
+                    "error: sync refused: {}",
+                    report.detail.as_deref().unwrap_or("mass delete")
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { output } => {
+            let n =
+                commands::export(&settings, output.as_deref(), std::io::stdout().lock()).await?;
+            if let Some(path) = output {
+                tracing::info!(mappings = n, file = %path.display(), "export written");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let lines = commands::check(&settings).await;
+            let mut out = std::io::stdout().lock();
+            for line in &lines {
+                let _ = writeln!(out, "{line}");
+            }
+            Ok(if lines.iter().all(|l| l.ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Migrate => {
+            for name in commands::migrate(&settings).await? {
+                println!("applied {name}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, value);
+    let _ = writeln!(out);
+}
+
+fn fail(e: &Error) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(e.exit_code() as u8)
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,821 @@
+//! The [`Mapping`] type and every rule that turns the application's stored values into one
+//! (SPEC §1): trimming, the `tenant` alias, candidate lists, timestamps, redaction of secrets,
+//! de-duplication by id, the export order and the canonical JSON text.
+//!
+//! Everything here is pure: no I/O, no clock. The SQLite reader feeds raw column values in, and
+//! the snapshot writer and the Postgres mirror consume the result. Invariants of a [`Mapping`]:
+//! `id == scope_type + ":" + scope_key`, both parts non-empty and trimmed; `candidates` holds
+//! unique, trimmed, non-empty names; `metadata` is the canonical text of a JSON object with
+//! every sensitive key already removed; `updated_at` has microsecond precision (what Postgres
+//! stores), so a value read back from the mirror compares equal.
+
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde::ser::{SerializeStruct, Serializer};
+use serde_json::Value;
+
+/// Where a mapping came from: a row of `llm_model_mappings`, or a prompt's `tools_json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    Sqlite,
+    Prompt,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Sqlite => "sqlite",
+            Origin::Prompt => "prompt",
+        }
+    }
+}
+
+/// One model mapping, normalised. Serialises to the ten-field exported form, in SPEC order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub id: String,
+    pub scope_type: String,
+    pub scope_key: String,
+    pub name: Option<String>,
+    pub default_model: Option<String>,
+    pub candidates: Vec<String>,
+    pub is_active: bool,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub source: Origin,
+    /// Canonical JSON text of the (redacted) metadata object; see [`canonical_json`].
+    /// Kept as text rather than a parsed tree: 100,000 parsed maps cost ten times the memory.
+    pub metadata: String,
+}
+
+impl Mapping {
+    /// The candidates as canonical JSON text, the way the mirror's `jsonb` column prints them.
+    pub fn candidates_json(&self, out: &mut String) {
+        out.clear();
+        out.push('[');
+        for (i, c) in self.candidates.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            write_json_string(out, c);
+        }
+        out.push(']');
+    }
+
+    /// The metadata as a JSON value (parsed from its canonical text).
+    pub fn metadata_value(&self) -> Value {
+        serde_json::from_str(&self.metadata).unwrap_or_else(|_| Value::Object(Default::default()))
+    }
+}
+
+/// `2026-01-16T10:17:10+00:00`: RFC 3339, UTC written as `+00:00`, fractions only when present.
+pub fn format_timestamp(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, false)
+}
+
+impl Serialize for Mapping {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("Mapping", 10)?;
+        s.serialize_field("id", &self.id)?;
+        s.serialize_field("scope_type", &self.scope_type)?;
+        s.serialize_field("scope_key", &self.scope_key)?;
+        s.serialize_field("name", &self.name)?;
+        s.serialize_field("default_model", &self.default_model)?;
+        s.serialize_field("candidates", &self.candidates)?;
+        s.serialize_field("is_active", &self.is_active)?;
+        s.serialize_field(
+            "updated_at",
+            &self.updated_at.as_ref().map(format_timestamp),
+        )?;
+        s.serialize_field("source", self.source.as_str())?;
+        s.serialize_field("metadata", &self.metadata_value())?;
+        s.end()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normalisation of single values.
+
+/// A non-fatal problem with one stored value; the reader logs it once per row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Warning {
+    InvalidCandidates(String),
+    InvalidMetadata(String),
+    InvalidTimestamp(String),
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Warning::InvalidCandidates(why) => write!(f, "candidates_json {why}; using []"),
+            Warning::InvalidMetadata(why) => write!(f, "metadata_json {why}; using {{}}"),
+            Warning::InvalidTimestamp(v) => {
+                write!(f, "updated_at `{v}` is not a timestamp; using null")
+            }
+        }
+    }
+}
+
+/// PostgreSQL text cannot hold NUL; SQLite can. Drop it so one odd row cannot fail a whole run.
+fn clean(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "")
+    } else {
+        s.to_string()
+    }
+}
+
+/// Trimmed scope type, with the legacy `tenant` read as `mapping`.
+pub fn normalize_scope_type(raw: &str) -> String {
+    match raw.trim() {
+        "tenant" => "mapping".to_string(),
+        other => clean(other),
+    }
+}
+
+/// Trimmed text; empty becomes `None` (used for `default_model`).
+pub fn non_empty(raw: Option<&str>) -> Option<String> {
+    raw.map(str::trim).filter(|s| !s.is_empty()).map(clean)
+}
+
+/// Candidates from stored JSON text: an array whose strings are trimmed, numbers taken as their
+/// JSON text, other elements dropped, empties dropped, duplicates removed keeping the first.
+/// NULL, empty or invalid input gives `[]` with a warning.
+pub fn parse_candidates(raw: Option<&str>) -> (Vec<String>, Option<Warning>) {
+    let text = raw.map(str::trim).unwrap_or("");
+    if text.is_empty() {
+        let why = if raw.is_none() { "is NULL" } else { "is empty" };
+        return (Vec::new(), Some(Warning::InvalidCandidates(why.into())));
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(v @ Value::Array(_)) => (candidates_from_value(&v), None),
+        Ok(_) => (
+            Vec::new(),
+            Some(Warning::InvalidCandidates("is not a JSON array".into())),
+        ),
+        Err(e) => (
+            Vec::new(),
+            Some(Warning::InvalidCandidates(format!(
+                "is not valid JSON ({e})"
+            ))),
+        ),
+    }
+}
+
+/// The candidate rules applied to an already-parsed value (prompt mappings hold the array
+/// itself). Anything but an array gives `[]`.
+pub fn candidates_from_value(v: &Value) -> Vec<String> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    let mut seen = HashSet::with_capacity(items.len());
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let name = match item {
+            Value::String(s) => clean(s.trim()),
+            Value::Number(n) => n.to_string(),
+            _ => continue,
+        };
+        if !name.is_empty() && seen.insert(name.clone()) {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// Metadata from stored JSON text: an object, redacted and canonicalised; anything else `{}`
+/// (with a warning, except for NULL or empty, which simply mean "no metadata").
+pub fn parse_metadata(raw: Option<&str>, redactor: &Redactor) -> (String, Option<Warning>) {
+    let text = raw.map(str::trim).unwrap_or("");
+    if text.is_empty() {
+        return ("{}".into(), None);
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(mut v @ Value::Object(_)) => {
+            redactor.redact(&mut v);
+            (canonical_json(&v), None)
+        }
+        Ok(_) => (
+            "{}".into(),
+            Some(Warning::InvalidMetadata("is not a JSON object".into())),
+        ),
+        Err(e) => (
+            "{}".into(),
+            Some(Warning::InvalidMetadata(format!("is not valid JSON ({e})"))),
+        ),
+    }
+}
+
+/// `is_active` as stored: anything but zero is true; NULL is true.
+pub fn parse_active_int(v: Option<i64>) -> bool {
+    v.is_none_or(|v| v != 0)
+}
+
+/// `is_active` given as JSON (prompt mappings): booleans, numbers and "true"/"1" strings;
+/// missing or null is true.
+pub fn parse_active_json(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64().is_none_or(|f| f != 0.0),
+        Some(Value::String(s)) => !matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "no" | "off"
+        ),
+        Some(_) => true,
+    }
+}
+
+/// A timestamp in RFC 3339 / ISO 8601 form (`+00:00`, `Z`, any offset, or naive read as UTC),
+/// rounded to microseconds. NULL or empty gives `None` silently; anything unparseable gives
+/// `None` with a warning.
+pub fn parse_timestamp(raw: Option<&str>) -> (Option<DateTime<Utc>>, Option<Warning>) {
+    let text = raw.map(str::trim).unwrap_or("");
+    if text.is_empty() {
+        return (None, None);
+    }
+    let parsed = DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+                .iter()
+                .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
+                .map(|naive| naive.and_utc())
+        });
+    match parsed {
+        Some(t) => (Some(round_to_micros(t)), None),
+        None => (None, Some(Warning::InvalidTimestamp(text.to_string()))),
+    }
+}
+
+/// Postgres keeps microseconds and rounds half to even; do the same so values compare equal.
+fn round_to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    let nanos = t.timestamp_subsec_nanos() % 1_000_000_000;
+    let rem = nanos % 1_000;
+    if rem == 0 {
+        return t;
+    }
+    let down = t - chrono::Duration::nanoseconds(i64::from(rem));
+    let up = down + chrono::Duration::microseconds(1);
+    match rem.cmp(&500) {
+        Ordering::Less => down,
+        Ordering::Greater => up,
+        Ordering::Equal if (nanos / 1_000) % 2 == 0 => down,
+        Ordering::Equal => up,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redaction.
+
+/// Removes sensitive metadata keys at any depth. A key matches a listed name when both are equal
+/// once lower-cased and stripped of `_` and `-`: `api_key` catches `apiKey` and `API-KEY`.
+#[derive(Debug, Clone)]
+pub struct Redactor {
+    folded: HashSet<String>,
+}
+
+fn fold_key(k: &str) -> String {
+    k.chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+impl Redactor {
+    pub fn new<S: AsRef<str>>(keys: &[S]) -> Self {
+        Redactor {
+            folded: keys.iter().map(|k| fold_key(k.as_ref())).collect(),
+        }
+    }
+
+    pub fn is_sensitive(&self, key: &str) -> bool {
+        self.folded.contains(&fold_key(key))
+    }
+
+    /// Removes every sensitive key from objects anywhere inside `v` (arrays included).
+    pub fn redact(&self, v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                map.retain(|k, _| !self.is_sensitive(k));
+                map.values_mut().for_each(|child| self.redact(child));
+            }
+            Value::Array(items) => items.iter_mut().for_each(|child| self.redact(child)),
+            _ => {}
+        }
+    }
+}
+
+impl Default for Redactor {
+    fn default() -> Self {
+        Redactor::new(crate::config::DEFAULT_REDACT_KEYS)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Canonical JSON text.
+
+/// The text PostgreSQL's `jsonb` prints for `v`: object keys ordered by length, then bytes;
+/// `", "` and `": "` separators; only `"`, `\` and control characters escaped. The mirror is
+/// compared byte for byte against this form, and content hashes are taken over it.
+pub fn canonical_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_canonical(&mut out, v);
+    out
+}
+
+fn write_canonical(out: &mut String, v: &Value) {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Value::String(s) => write_json_string(out, s),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_canonical(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_by(|a, b| {
+                a.len()
+                    .cmp(&b.len())
+                    .then_with(|| a.as_bytes().cmp(b.as_bytes()))
+            });
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_json_string(out, k);
+                out.push_str(": ");
+                write_canonical(out, &map[k]);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// A JSON string literal with PostgreSQL's escaping (which matches serde_json's).
+pub fn write_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+// ---------------------------------------------------------------------------------------------
+// A whole set of mappings.
+
+/// A mapping together with the id it was stored under, before de-duplication.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub stored_id: String,
+    pub mapping: Mapping,
+}
+
+/// De-duplicates by normalised id (the later `updated_at` wins; on a tie the row stored under
+/// the normalised id, then the smaller stored id, so the outcome never depends on read order)
+/// and puts the result in export order.
+pub fn finalize(candidates: Vec<Candidate>) -> Vec<Mapping> {
+    let mut by_id: HashMap<String, Candidate> = HashMap::with_capacity(candidates.len());
+    for c in candidates {
+        match by_id.get_mut(&c.mapping.id) {
+            None => {
+                by_id.insert(c.mapping.id.clone(), c);
+            }
+            Some(kept) => {
+                if prefer(&c, kept) {
+                    *kept = c;
+                }
+            }
+        }
+    }
+    let mut out: Vec<Mapping> = by_id.into_values().map(|c| c.mapping).collect();
+    sort_for_export(&mut out);
+    out
+}
+
+/// Whether `new` should replace `kept` for the same normalised id.
+fn prefer(new: &Candidate, kept: &Candidate) -> bool {
+    // `None < Some(_)` for Option, so a missing timestamp loses to any timestamp.
+    match new.mapping.updated_at.cmp(&kept.mapping.updated_at) {
+        Ordering::Greater => true,
+        Ordering::Less => false,
+        Ordering::Equal => {
+            let new_exact = new.stored_id == new.mapping.id;
+            let kept_exact = kept.stored_id == kept.mapping.id;
+            match (new_exact, kept_exact) {
+                (true, false) => true,
+                (false, true) => false,
+                _ => new.stored_id < kept.stored_id,
+            }
+        }
+    }
+}
+
+/// Export order: prompt mappings first, then by `updated_at` descending (missing last), then id.
+pub fn sort_for_export(mappings: &mut [Mapping]) {
+    mappings.sort_by(|a, b| {
+        let prompt_first = (a.source != Origin::Prompt).cmp(&(b.source != Origin::Prompt));
+        prompt_first
+            .then_with(|| match (&a.updated_at, &b.updated_at) {
+                (Some(x), Some(y)) => y.cmp(x),
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (None, None) => Ordering::Equal,
+            })
+            .then_with(|| a.id.cmp(&b.id))
+    });
+}
+
+/// A stable digest of a set of mappings (hex SHA-256 over every field, length-prefixed), used
+/// to tell whether anything changed since the newest snapshot.
+pub fn content_hash(mappings: &[Mapping]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut field = |v: Option<&str>| match v {
+        Some(s) => {
+            hasher.update((s.len() as u64).to_le_bytes());
+            hasher.update(s.as_bytes());
+        }
+        None => hasher.update(u64::MAX.to_le_bytes()),
+    };
+    let mut scratch = String::new();
+    for m in mappings {
+        field(Some(&m.id));
+        field(Some(&m.scope_type));
+        field(Some(&m.scope_key));
+        field(m.name.as_deref());
+        field(m.default_model.as_deref());
+        m.candidates_json(&mut scratch);
+        field(Some(&scratch));
+        field(Some(if m.is_active { "t" } else { "f" }));
+        field(m.updated_at.as_ref().map(format_timestamp).as_deref());
+        field(Some(m.source.as_str()));
+        field(Some(&m.metadata));
+    }
+    hasher
+        .finalize()
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+impl Mapping {
+    /// A mapping from its exported (snapshot) form, with the same rules as a SQLite row:
+    /// scopes trimmed and `tenant` aliased, the id rebuilt, candidates and metadata cleaned,
+    /// secrets redacted. The error says which field is unusable.
+    pub fn from_export(v: &Value, redactor: &Redactor) -> Result<Mapping, String> {
+        let obj = v.as_object().ok_or("entry is not a JSON object")?;
+        let text = |k: &str| obj.get(k).and_then(Value::as_str);
+        let scope_type = normalize_scope_type(text("scope_type").unwrap_or(""));
+        let scope_key = clean(text("scope_key").unwrap_or("").trim());
+        if scope_type.is_empty() || scope_key.is_empty() {
+            return Err("scope_type or scope_key is empty".into());
+        }
+        let metadata = match obj.get("metadata") {
+            None | Some(Value::Null) => "{}".to_string(),
+            Some(m @ Value::Object(_)) => {
+                let mut m = m.clone();
+                redactor.redact(&mut m);
+                canonical_json(&m)
+            }
+            Some(_) => return Err("metadata is not an object".into()),
+        };
+        let (updated_at, warning) = parse_timestamp(text("updated_at"));
+        if let Some(w) = warning {
+            return Err(w.to_string());
+        }
+        let candidates = match obj.get("candidates") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(c @ Value::Array(_)) => candidates_from_value(c),
+            Some(_) => return Err("candidates is not a list".into()),
+        };
+        let source = match text("source") {
+            Some("prompt") => Origin::Prompt,
+            _ => Origin::Sqlite,
+        };
+        Ok(Mapping {
+            id: format!("{scope_type}:{scope_key}"),
+            scope_type,
+            scope_key,
+            name: text("name").map(clean),
+            default_model: non_empty(text("default_model")),
+            candidates,
+            is_active: parse_active_json(obj.get("is_active")),
+            updated_at,
+            source,
+            metadata,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn mapping(id: &str, updated_at: Option<&str>, source: Origin) -> Mapping {
+        let (scope_type, scope_key) = id.split_once(':').unwrap();
+        Mapping {
+            id: id.into(),
+            scope_type: scope_type.into(),
+            scope_key: scope_key.into(),
+            name: None,
+            default_model: None,
+            candidates: vec![],
+            is_active: true,
+            updated_at: updated_at.map(|t| parse_timestamp(Some(t)).0.unwrap()),
+            source,
+            metadata: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn tenant_is_read_as_mapping_and_scopes_are_trimmed() {
+        assert_eq!(normalize_scope_type(" tenant "), "mapping");
+        assert_eq!(normalize_scope_type("  user\t"), "user");
+        assert_eq!(normalize_scope_type("tenants"), "tenants");
+    }
+
+    #[test]
+    fn default_model_is_trimmed_and_empty_becomes_null() {
+        assert_eq!(non_empty(Some("  gpt-4o  ")), Some("gpt-4o".into()));
+        assert_eq!(non_empty(Some("   ")), None);
+        assert_eq!(non_empty(None), None);
+    }
+
+    #[test]
+    fn candidates_are_trimmed_deduplicated_and_filtered() {
+        let (c, w) = parse_candidates(Some(
+            r#"[" gpt-4o ", "gpt-4o", "", "  ", null, {"a":1}, [1], 42, 1.5, "claude", "gpt-4o "]"#,
+        ));
+        assert_eq!(c, vec!["gpt-4o", "42", "1.5", "claude"]);
+        assert_eq!(w, None);
+    }
+
+    #[test]
+    fn invalid_candidates_give_an_empty_list_and_a_warning() {
+        for raw in [
+            None,
+            Some(""),
+            Some("  "),
+            Some("not json"),
+            Some(r#"{"a": 1}"#),
+            Some(r#""gpt""#),
+        ] {
+            let (c, w) = parse_candidates(raw);
+            assert!(c.is_empty(), "{raw:?}");
+            assert!(matches!(w, Some(Warning::InvalidCandidates(_))), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn unicode_candidates_and_metadata_are_kept() {
+        let (c, _) = parse_candidates(Some(r#"["通义千问", "模型-β"]"#));
+        assert_eq!(c, vec!["通义千问", "模型-β"]);
+        let (m, w) = parse_metadata(Some(r#"{"note": "映射名 11"}"#), &Redactor::default());
+        assert_eq!(m, r#"{"note": "映射名 11"}"#);
+        assert_eq!(w, None);
+    }
+
+    #[test]
+    fn metadata_must_be_an_object() {
+        let r = Redactor::default();
+        assert_eq!(parse_metadata(None, &r), ("{}".into(), None));
+        assert_eq!(parse_metadata(Some(""), &r), ("{}".into(), None));
+        assert!(
+            matches!(parse_metadata(Some("[1,2]"), &r), (m, Some(Warning::InvalidMetadata(_))) if m == "{}")
+        );
+        assert!(
+            matches!(parse_metadata(Some("{oops"), &r), (m, Some(Warning::InvalidMetadata(_))) if m == "{}")
+        );
+    }
+
+    #[test]
+    fn sensitive_keys_are_removed_at_any_depth_whatever_their_spelling() {
+        let r = Redactor::default();
+        let (m, _) = parse_metadata(
+            Some(
+                r#"{"apiKey": "x", "API-KEY": "y", "api_key": "z", "max_tokens": 512, "Token": "t",
+                   "nested": {"client_secret": "s", "keep": 1, "deeper": [{"refresh-token": "r", "ok": true}]},
+                   "private_key_id": "kept: not an exact match"}"#,
+            ),
+            &r,
+        );
+        let v: Value = serde_json::from_str(&m).unwrap();
+        assert_eq!(
+            v,
+            json!({"max_tokens": 512, "nested": {"keep": 1, "deeper": [{"ok": true}]},
+                   "private_key_id": "kept: not an exact match"})
+        );
+    }
+
+    #[test]
+    fn custom_redact_keys_apply() {
+        let r = Redactor::new(&["env"]);
+        let mut v = json!({"ENV": "prod", "api_key": "kept when not listed"});
+        r.redact(&mut v);
+        assert_eq!(v, json!({"api_key": "kept when not listed"}));
+    }
+
+    #[test]
+    fn timestamps_accept_offsets_z_and_naive_forms() {
+        let want = "2026-01-16T10:17:10+00:00";
+        for raw in [
+            "2026-01-16T10:17:10+00:00",
+            "2026-01-16T10:17:10Z",
+            "2026-01-16T12:17:10+02:00",
+            "2026-01-16 10:17:10",
+            "2026-01-16T10:17:10",
+            " 2026-01-16 10:17:10 ",
+        ] {
+            let (t, w) = parse_timestamp(Some(raw));
+            assert_eq!(
+                t.as_ref().map(format_timestamp).as_deref(),
+                Some(want),
+                "{raw}"
+            );
+            assert_eq!(w, None);
+        }
+        let (t, _) = parse_timestamp(Some("2026-01-16 10:17:10.123456789"));
+        assert_eq!(
+            format_timestamp(&t.unwrap()),
+            "2026-01-16T10:17:10.123457+00:00"
+        );
+    }
+
+    #[test]
+    fn bad_timestamps_are_null() {
+        assert_eq!(parse_timestamp(None), (None, None));
+        assert_eq!(parse_timestamp(Some("")), (None, None));
+        let (t, w) = parse_timestamp(Some("yesterday"));
+        assert_eq!(t, None);
+        assert!(matches!(w, Some(Warning::InvalidTimestamp(_))));
+    }
+
+    #[test]
+    fn is_active_rules() {
+        assert!(parse_active_int(None));
+        assert!(parse_active_int(Some(1)));
+        assert!(parse_active_int(Some(-3)));
+        assert!(!parse_active_int(Some(0)));
+        assert!(parse_active_json(None));
+        assert!(!parse_active_json(Some(&json!(false))));
+        assert!(!parse_active_json(Some(&json!(0))));
+        assert!(!parse_active_json(Some(&json!("false"))));
+        assert!(parse_active_json(Some(&json!(true))));
+    }
+
+    #[test]
+    fn canonical_json_matches_postgres_jsonb_output() {
+        // Outputs checked against `SELECT '<input>'::jsonb::text` on PostgreSQL 15.
+        let v: Value = serde_json::from_str(
+            r#"{"temperature": 0.37, "b": [1, "x\"y", null], "aa": {"z": true, "y": "\u0001\n"}, "a": "é"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            canonical_json(&v),
+            r#"{"a": "é", "b": [1, "x\"y", null], "aa": {"y": "\u0001\n", "z": true}, "temperature": 0.37}"#
+        );
+        assert_eq!(canonical_json(&json!({})), "{}");
+        assert_eq!(canonical_json(&json!([])), "[]");
+    }
+
+    #[test]
+    fn nul_characters_are_dropped() {
+        assert_eq!(non_empty(Some("gpt\u{0}-4o")), Some("gpt-4o".into()));
+        let (c, _) = parse_candidates(Some(r#"["a\u0000b"]"#));
+        assert_eq!(c, vec!["ab"]);
+    }
+
+    #[test]
+    fn later_updated_at_wins_among_duplicate_ids() {
+        let older = Candidate {
+            stored_id: "mapping:x".into(),
+            mapping: mapping("mapping:x", Some("2026-01-01T00:00:00Z"), Origin::Sqlite),
+        };
+        let newer = Candidate {
+            stored_id: "tenant:x".into(),
+            mapping: Mapping {
+                name: Some("from tenant".into()),
+                ..mapping("mapping:x", Some("2026-02-01T00:00:00Z"), Origin::Sqlite)
+            },
+        };
+        for order in [
+            vec![older.clone(), newer.clone()],
+            vec![newer.clone(), older.clone()],
+        ] {
+            let out = finalize(order);
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].name.as_deref(), Some("from tenant"));
+        }
+    }
+
+    #[test]
+    fn on_a_tie_the_row_stored_under_the_normalised_id_wins() {
+        let exact = Candidate {
+            stored_id: "mapping:x".into(),
+            mapping: Mapping {
+                name: Some("exact".into()),
+                ..mapping("mapping:x", Some("2026-01-01T00:00:00Z"), Origin::Sqlite)
+            },
+        };
+        let alias = Candidate {
+            stored_id: "tenant:x".into(),
+            mapping: mapping("mapping:x", Some("2026-01-01T00:00:00Z"), Origin::Sqlite),
+        };
+        for order in [
+            vec![exact.clone(), alias.clone()],
+            vec![alias.clone(), exact.clone()],
+        ] {
+            assert_eq!(finalize(order)[0].name.as_deref(), Some("exact"));
+        }
+    }
+
+    #[test]
+    fn export_order_is_prompts_then_newest_then_id() {
+        let out = finalize(
+            [
+                mapping("mapping:b", Some("2026-01-02T00:00:00Z"), Origin::Sqlite),
+                mapping("mapping:a", Some("2026-01-02T00:00:00Z"), Origin::Sqlite),
+                mapping("user:old", Some("2025-01-01T00:00:00Z"), Origin::Sqlite),
+                mapping("user:none", None, Origin::Sqlite),
+                mapping("prompt:7", Some("2020-01-01T00:00:00Z"), Origin::Prompt),
+                mapping(
+                    "global:global",
+                    Some("2026-03-01T00:00:00Z"),
+                    Origin::Sqlite,
+                ),
+            ]
+            .into_iter()
+            .map(|m| Candidate {
+                stored_id: m.id.clone(),
+                mapping: m,
+            })
+            .collect(),
+        );
+        let ids: Vec<&str> = out.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "prompt:7",
+                "global:global",
+                "mapping:a",
+                "mapping:b",
+                "user:old",
+                "user:none"
+            ]
+        );
+    }
+
+    #[test]
+    fn exported_form_has_ten_fields_in_order() {
+        let m = Mapping {
+            name: Some("X".into()),
+            candidates: vec!["a".into()],
+            metadata: r#"{"max_tokens": 5}"#.into(),
+            ..mapping("mapping:x", Some("2026-01-16T10:17:10Z"), Origin::Sqlite)
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"id":"mapping:x","scope_type":"mapping","scope_key":"x","name":"X","default_model":null,"candidates":["a"],"is_active":true,"updated_at":"2026-01-16T10:17:10+00:00","source":"sqlite","metadata":{"max_tokens":5}}"#
+        );
+    }
+
+    #[test]
+    fn content_hash_changes_with_content_only() {
+        let a = vec![mapping("mapping:x", None, Origin::Sqlite)];
+        let mut b = a.clone();
+        assert_eq!(content_hash(&a), content_hash(&b));
+        b[0].is_active = false;
+        assert_ne!(content_hash(&a), content_hash(&b));
+    }
+}

@@ -1,0 +1,368 @@
+//! Rolling JSON snapshots on disk (SPEC §3), and the export format they share with
+//! `mapsync export` and `GET /export`.
+//!
+//! Invariants:
+//! - A file is written to a temporary name in the same directory, fsynced, renamed into place,
+//!   and the directory fsynced: readers see the old file or the new one, never a torn one, and
+//!   a failure removes the temporary file and leaves older snapshots alone.
+//! - `model-mappings-latest.json` is a hard link to (or, where links fail, a copy of) the newest
+//!   timestamped file, replaced by rename; retention never deletes it.
+//! - A snapshot is only written when the content differs from the newest one (a digest over
+//!   the mappings, not the `exported_at` stamp).
+//! - Documents are serialised straight into the file: 100,000 mappings never sit in memory
+//!   as text.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::Serialize;
+use serde_json::ser::PrettyFormatter;
+
+use crate::config::SnapshotSettings;
+use crate::mapping::{self, Mapping, Redactor, format_timestamp};
+
+pub const LATEST: &str = "model-mappings-latest.json";
+const PREFIX: &str = "model-mappings-";
+const SUFFIX: &str = ".json";
+/// `20260116T101710123456Z`
+const STAMP_FORMAT: &str = "%Y%m%dT%H%M%S%6fZ";
+const STAMP_LEN: usize = 22;
+const TEMP_PREFIX: &str = ".mapsync-tmp-";
+
+/// A snapshot write or read that failed, with the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {path}: {source}{hint}", hint = hint(source))]
+pub struct SnapshotError {
+    action: &'static str,
+    path: PathBuf,
+    source: io::Error,
+}
+
+fn hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+            ": make snapshot.dir writable by the mapsync user (systemd: ReadWritePaths)"
+        }
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
+            ": free disk space or lower snapshot.keep"
+        }
+        _ => "",
+    }
+}
+
+impl SnapshotError {
+    fn new(action: &'static str, path: &Path, source: io::Error) -> Self {
+        SnapshotError {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The document the application's "import local JSON" button reads.
+#[derive(Serialize)]
+struct Document<'a> {
+    exported_at: String,
+    count: usize,
+    mappings: &'a [Mapping],
+}
+
+/// Writes the export document for `mappings` (two-space indent, UTF-8, not ASCII-escaped, a
+/// trailing newline) to `out`.
+pub fn write_document(
+    out: impl Write,
+    mappings: &[Mapping],
+    exported_at: DateTime<Utc>,
+) -> io::Result<()> {
+    let mut out = BufWriter::with_capacity(64 * 1024, out);
+    let doc = Document {
+        exported_at: exported_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, false),
+        count: mappings.len(),
+        mappings,
+    };
+    let mut ser =
+        serde_json::Serializer::with_formatter(&mut out, PrettyFormatter::with_indent(b"  "));
+    doc.serialize(&mut ser).map_err(io::Error::other)?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// The entries of an export document, each parsed on its own so one bad entry does not spoil
+/// the rest (for `mapsync restore`).
+pub fn parse_document(
+    bytes: &[u8],
+    redactor: &Redactor,
+) -> Result<Vec<Result<Mapping, String>>, String> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a JSON document ({e})"))?;
+    let entries = match &doc {
+        serde_json::Value::Object(o) => o.get("mappings").and_then(|m| m.as_array()),
+        serde_json::Value::Array(a) => Some(a),
+        _ => None,
+    }
+    .ok_or("no `mappings` list: not a mapsync or application export")?;
+    Ok(entries
+        .iter()
+        .map(|e| mapping::Mapping::from_export(e, redactor))
+        .collect())
+}
+
+/// Writes `path` atomically: temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomic(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), SnapshotError> {
+    let dir = parent_dir(path);
+    let temp = dir.join(format!(
+        "{TEMP_PREFIX}{}-{}",
+        std::process::id(),
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+    ));
+    let result = (|| {
+        let mut file = File::create(&temp)?;
+        fill(&mut file)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&temp, path)?;
+        sync_dir(dir)
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&temp);
+        SnapshotError::new("write", path, e)
+    })
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// One file in the snapshot directory, as `GET /snapshots` lists it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub bytes: u64,
+    pub written_at: String,
+    pub count: Option<u64>,
+}
+
+/// What [`SnapshotStore::write`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Written {
+    New(SnapshotInfo),
+    Unchanged,
+}
+
+/// The snapshot directory: writes, retention, listing.
+pub struct SnapshotStore {
+    dir: PathBuf,
+    keep: usize,
+    redactor: Redactor,
+    /// Digest of the newest snapshot's mappings; `None` until known.
+    newest_hash: Option<String>,
+}
+
+impl SnapshotStore {
+    pub fn new(settings: &SnapshotSettings, redactor: Redactor) -> Self {
+        SnapshotStore {
+            dir: settings.dir.clone(),
+            keep: settings.keep,
+            redactor,
+            newest_hash: None,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates the directory and removes temporary files a crash may have left.
+    pub fn prepare(&mut self) -> Result<(), SnapshotError> {
+        fs::create_dir_all(&self.dir).map_err(|e| SnapshotError::new("create", &self.dir, e))?;
+        let entries =
+            fs::read_dir(&self.dir).map_err(|e| SnapshotError::new("read", &self.dir, e))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        if self.newest_hash.is_none() {
+            self.newest_hash = self.hash_of_latest();
+        }
+        Ok(())
+    }
+
+    /// Digest of `model-mappings-latest.json`'s mappings, when it exists and parses.
+    fn hash_of_latest(&self) -> Option<String> {
+        let bytes = fs::read(self.dir.join(LATEST)).ok()?;
+        let entries = parse_document(&bytes, &self.redactor).ok()?;
+        let mappings: Vec<Mapping> = entries.into_iter().collect::<Result<_, _>>().ok()?;
+        Some(mapping::content_hash(&mappings))
+    }
+
+    /// Writes a new snapshot of `mappings` (whose digest is `hash`) unless the newest one holds
+    /// the same content, points `-latest` at it, and applies retention.
+    pub fn write(
+        &mut self,
+        mappings: &[Mapping],
+        hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Written, SnapshotError> {
+        self.prepare()?;
+        if self.newest_hash.as_deref() == Some(hash) {
+            return Ok(Written::Unchanged);
+        }
+        let name = format!("{PREFIX}{}{SUFFIX}", now.format(STAMP_FORMAT));
+        let path = self.dir.join(&name);
+        write_atomic(&path, |f| write_document(f, mappings, now))?;
+        self.point_latest_at(&path)?;
+        self.newest_hash = Some(hash.to_string());
+        self.apply_retention();
+        let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Ok(Written::New(SnapshotInfo {
+            name,
+            bytes,
+            written_at: format_timestamp(&now),
+            count: Some(mappings.len() as u64),
+        }))
+    }
+
+    /// Replaces `-latest` by a hard link to `path` (a copy where links are not supported).
+    fn point_latest_at(&self, path: &Path) -> Result<(), SnapshotError> {
+        let latest = self.dir.join(LATEST);
+        let temp = self
+            .dir
+            .join(format!("{TEMP_PREFIX}{}-latest", std::process::id()));
+        let _ = fs::remove_file(&temp);
+        let linked = fs::hard_link(path, &temp)
+            .and_then(|()| fs::rename(&temp, &latest))
+            .and_then(|()| sync_dir(&self.dir));
+        match linked {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                let _ = fs::remove_file(&temp);
+                write_atomic(&latest, |f| io::copy(&mut File::open(path)?, f).map(|_| ()))
+            }
+        }
+    }
+
+    /// Deletes the oldest timestamped snapshots beyond `keep`. Failures are logged, not fatal:
+    /// an extra old file is harmless.
+    fn apply_retention(&self) {
+        let mut names = self.timestamped_names();
+        if names.len() <= self.keep {
+            return;
+        }
+        names.sort_unstable_by(|a, b| b.cmp(a));
+        for old in &names[self.keep..] {
+            let path = self.dir.join(old);
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot delete an old snapshot");
+            }
+        }
+    }
+
+    fn timestamped_names(&self) -> Vec<String> {
+        fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| stamp_of(n).is_some())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Snapshot files, newest first, `-latest` first of all.
+    pub fn list(&self) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+        let mut names = match fs::read_dir(&self.dir) {
+            Ok(_) => self.timestamped_names(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(SnapshotError::new("read", &self.dir, e)),
+        };
+        names.sort_unstable_by(|a, b| b.cmp(a));
+        if self.dir.join(LATEST).exists() {
+            names.insert(0, LATEST.to_string());
+        }
+        Ok(names.iter().filter_map(|n| self.info(n)).collect())
+    }
+
+    /// The newest timestamped snapshot.
+    pub fn newest(&self) -> Option<SnapshotInfo> {
+        let names = self.timestamped_names();
+        let newest = names.iter().max()?;
+        self.info(newest)
+    }
+
+    fn info(&self, name: &str) -> Option<SnapshotInfo> {
+        let path = self.dir.join(name);
+        let meta = fs::metadata(&path).ok()?;
+        let written_at = match stamp_of(name) {
+            Some(t) => t,
+            None => meta.modified().ok().map(DateTime::<Utc>::from)?,
+        };
+        Some(SnapshotInfo {
+            name: name.to_string(),
+            bytes: meta.len(),
+            written_at: format_timestamp(&written_at),
+            count: read_count(&path),
+        })
+    }
+
+    /// The path of snapshot `name`, if `name` is a snapshot file name (no directories, no
+    /// other files) and it exists.
+    pub fn path_of(&self, name: &str) -> Option<PathBuf> {
+        let valid = name == LATEST || stamp_of(name).is_some();
+        let path = self.dir.join(name);
+        (valid && path.is_file()).then_some(path)
+    }
+}
+
+/// The time in a `model-mappings-<stamp>.json` name; `None` for any other name.
+fn stamp_of(name: &str) -> Option<DateTime<Utc>> {
+    let stamp = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+    if stamp.len() != STAMP_LEN {
+        return None;
+    }
+    NaiveDateTime::parse_from_str(stamp, STAMP_FORMAT)
+        .ok()
+        .map(|t| t.and_utc())
+}
+
+/// `count` from a document's head, without reading the whole file.
+fn read_count(path: &Path) -> Option<u64> {
+    let mut head = [0u8; 256];
+    let n = File::open(path).ok()?.read(&mut head).ok()?;
+    let text = std::str::from_utf8(&head[..n]).ok()?;
+    let after = &text[text.find("\"count\"")? + 7..];
+    let digits: String = after
+        .trim_start_matches([':', ' '])
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_are_strict() {
+        assert!(stamp_of("model-mappings-20260116T101710123456Z.json").is_some());
+        assert!(stamp_of("model-mappings-latest.json").is_none());
+        assert!(stamp_of("model-mappings-20260116T101710Z.json").is_none());
+        assert!(stamp_of("../model-mappings-20260116T101710123456Z.json").is_none());
+        assert!(stamp_of("model-mappings-2026011xT101710123456Z.json").is_none());
+    }
+}

@@ -1,0 +1,49 @@
+//! The source side: the application's SQLite file, read without ever disturbing it.
+//!
+//! [`SqliteSource`] keeps one read-only connection. It answers two questions: "did anything
+//! commit since I last read?" ([`SqliteSource::changed`], a `PRAGMA data_version` plus a file
+//! identity check, no transaction) and "what are the mappings now?" ([`SqliteSource::read`],
+//! one short read transaction). Both are blocking calls; async callers run them on the blocking
+//! pool and never hold a transaction across an await.
+//!
+//! [`watcher`] turns file-system events on the database's directory into a debounced trigger.
+
+mod sqlite;
+
+use std::path::PathBuf;
+
+pub use sqlite::SqliteSource;
+
+use crate::mapping::Mapping;
+
+/// What one read of the SQLite file produced.
+#[derive(Debug, Clone, Default)]
+pub struct SourceImage {
+    /// Normalised, de-duplicated, in export order.
+    pub mappings: Vec<Mapping>,
+    /// Rows of `llm_model_mappings` that could not be mappings (empty scope).
+    pub skipped: usize,
+}
+
+/// Why the SQLite file could not be read. Each message names the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "SQLite file {0} does not exist: check source.sqlite_path (the application's SQLITE_DB_PATH)"
+    )]
+    Missing(PathBuf),
+    #[error(
+        "SQLite file {path} is not a readable database ({reason}): check source.sqlite_path points at the application's database, or restore it from a snapshot with `mapsync restore`"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "SQLite file {0} has no llm_model_mappings table: is source.sqlite_path the application's database?"
+    )]
+    NotAppDatabase(PathBuf),
+    #[error(
+        "SQLite file {path} stayed locked for longer than source.busy_timeout_ms ({reason}): the application holds a long write; raise source.busy_timeout_ms"
+    )]
+    Busy { path: PathBuf, reason: String },
+    #[error("cannot read SQLite file {path}: {reason}")]
+    Other { path: PathBuf, reason: String },
+}

@@ -1,0 +1,399 @@
+//! Reading mappings out of the application's SQLite file (SPEC §1, §2).
+//!
+//! Invariants: the connection is opened read-only and never writes; every read is one
+//! `BEGIN … COMMIT` that ends before the function returns (a read transaction left open would
+//! stop the application's WAL checkpoints); `data_version` is only queried outside a
+//! transaction. When the file is replaced (rename, delete and re-create) the kept connection
+//! would keep reading the old inode, so the file identity is checked on every call and the
+//! connection reopened when it moved.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use serde_json::Value;
+
+use super::{SourceError, SourceImage};
+use crate::config::SourceSettings;
+use crate::mapping::{self, Candidate, Mapping, Origin, Redactor};
+
+/// (device, inode): which file the connection has open.
+type FileId = (u64, u64);
+
+pub struct SqliteSource {
+    path: PathBuf,
+    busy_timeout: Duration,
+    include_prompts: bool,
+    redactor: Redactor,
+    conn: Option<(Connection, FileId)>,
+    /// `data_version` as of the last successful read.
+    read_version: Option<i64>,
+    /// Row ids already warned about, so a bad row is logged once, not on every reconcile.
+    reported: HashSet<String>,
+    /// Distinct rows skipped so far (for `mapsync_source_rows_skipped_total`).
+    skipped_seen: u64,
+}
+
+impl SqliteSource {
+    pub fn new(settings: &SourceSettings, redactor: Redactor) -> Self {
+        SqliteSource {
+            path: settings.sqlite_path.clone(),
+            busy_timeout: settings.busy_timeout,
+            include_prompts: settings.include_prompt_mappings,
+            redactor,
+            conn: None,
+            read_version: None,
+            reported: HashSet::new(),
+            skipped_seen: 0,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many distinct rows have been skipped since start (each counted once).
+    pub fn skipped_total(&self) -> u64 {
+        self.skipped_seen
+    }
+
+    /// Whether a commit may have happened since the last [`read`](Self::read): true when there
+    /// was no read yet, the file was replaced, or `PRAGMA data_version` moved. Costs one stat
+    /// and one pragma; starts no transaction.
+    pub fn changed(&mut self) -> Result<bool, SourceError> {
+        let reopened = self.ensure_open()?;
+        if reopened || self.read_version.is_none() {
+            return Ok(true);
+        }
+        let version = self.data_version()?;
+        Ok(Some(version) != self.read_version)
+    }
+
+    /// Reads every mapping in one short read transaction.
+    pub fn read(&mut self) -> Result<SourceImage, SourceError> {
+        self.ensure_open()?;
+        // Taken before the transaction: a commit that lands in between is read now and seen
+        // again as a change next time (one extra read), never missed.
+        let version = self.data_version()?;
+        let (rows, prompts) = {
+            let (conn, _) = self.conn.as_ref().expect("ensure_open succeeded");
+            let tx = conn
+                .unchecked_transaction()
+                .map_err(|e| classify(&self.path, e))?;
+            let rows = read_mapping_rows(&tx).map_err(|e| classify(&self.path, e))?;
+            let prompts = if self.include_prompts {
+                read_prompt_rows(&tx).map_err(|e| classify(&self.path, e))?
+            } else {
+                Vec::new()
+            };
+            tx.commit().map_err(|e| classify(&self.path, e))?;
+            (rows, prompts)
+        };
+        let image = self.normalise(rows, prompts);
+        self.read_version = Some(version);
+        Ok(image)
+    }
+
+    /// Drops the kept connection (the daemon does this when the file vanishes).
+    pub fn close(&mut self) {
+        self.conn = None;
+        self.read_version = None;
+    }
+
+    /// Opens the connection when there is none or the file changed identity. Returns whether
+    /// it (re)opened.
+    fn ensure_open(&mut self) -> Result<bool, SourceError> {
+        let meta = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.close();
+                return Err(SourceError::Missing(self.path.clone()));
+            }
+            Err(e) => {
+                return Err(SourceError::Other {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let id = (meta.dev(), meta.ino());
+        if matches!(&self.conn, Some((_, open_id)) if *open_id == id) {
+            return Ok(false);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| classify(&self.path, e))?;
+        conn.busy_timeout(self.busy_timeout)
+            .map_err(|e| classify(&self.path, e))?;
+        let has_table: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'llm_model_mappings')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| classify(&self.path, e))?;
+        if !has_table {
+            return Err(SourceError::NotAppDatabase(self.path.clone()));
+        }
+        self.conn = Some((conn, id));
+        self.read_version = None;
+        Ok(true)
+    }
+
+    fn data_version(&self) -> Result<i64, SourceError> {
+        let (conn, _) = self.conn.as_ref().expect("ensure_open succeeded");
+        conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| classify(&self.path, e))
+    }
+
+    fn warn_once(&mut self, row: &str, what: &str) {
+        if self.reported.insert(format!("{row}\u{0}{what}")) {
+            tracing::warn!(row = %row, file = %self.path.display(), "{what}");
+        }
+    }
+
+    fn normalise(&mut self, rows: Vec<MappingRow>, prompts: Vec<PromptRow>) -> SourceImage {
+        let mut out = Vec::with_capacity(rows.len() + prompts.len());
+        let mut skipped = 0;
+        for row in rows {
+            match self.mapping_from_row(row) {
+                Some(c) => out.push(c),
+                None => skipped += 1,
+            }
+        }
+        for p in prompts {
+            if let Some(c) = self.mapping_from_prompt(p) {
+                out.push(c);
+            }
+        }
+        SourceImage {
+            mappings: mapping::finalize(out),
+            skipped,
+        }
+    }
+
+    fn mapping_from_row(&mut self, row: MappingRow) -> Option<Candidate> {
+        let stored_id = row.id.unwrap_or_default();
+        let scope_type = mapping::normalize_scope_type(row.scope_type.as_deref().unwrap_or(""));
+        let scope_key = row
+            .scope_key
+            .as_deref()
+            .unwrap_or("")
+            .trim()
+            .replace('\0', "");
+        if scope_type.is_empty() || scope_key.is_empty() {
+            if self.reported.insert(format!("{stored_id}\u{0}skip")) {
+                self.skipped_seen += 1;
+                tracing::warn!(row = %stored_id, file = %self.path.display(),
+                    "skipping row: scope_type or scope_key is empty after trimming");
+            }
+            return None;
+        }
+        let (candidates, w1) = mapping::parse_candidates(row.candidates_json.as_deref());
+        let (metadata, w2) = mapping::parse_metadata(row.metadata_json.as_deref(), &self.redactor);
+        let (updated_at, w3) = mapping::parse_timestamp(row.updated_at.as_deref());
+        for w in [w1, w2, w3].into_iter().flatten() {
+            self.warn_once(&stored_id, &w.to_string());
+        }
+        Some(Candidate {
+            mapping: Mapping {
+                id: format!("{scope_type}:{scope_key}"),
+                scope_type,
+                scope_key,
+                name: row.name.map(|n| n.replace('\0', "")),
+                default_model: mapping::non_empty(row.default_model.as_deref()),
+                candidates,
+                is_active: mapping::parse_active_int(row.is_active),
+                updated_at,
+                source: Origin::Sqlite,
+                metadata,
+            },
+            stored_id,
+        })
+    }
+
+    fn mapping_from_prompt(&mut self, p: PromptRow) -> Option<Candidate> {
+        let row = format!("ai_prompts:{}", p.id);
+        let tools: Value = match serde_json::from_str(p.tools_json.as_deref().unwrap_or("")) {
+            Ok(v) => v,
+            Err(e) => {
+                self.warn_once(
+                    &row,
+                    &format!("skipping prompt: tools_json is not valid JSON ({e})"),
+                );
+                return None;
+            }
+        };
+        let mm = model_mapping_of(&tools)?;
+        let candidates = match mm.get("candidates") {
+            // Some writers store the list as JSON text inside the object.
+            Some(Value::String(text)) => {
+                let (c, w) = mapping::parse_candidates(Some(text));
+                if let Some(w) = w {
+                    self.warn_once(&row, &w.to_string());
+                }
+                c
+            }
+            Some(v) => mapping::candidates_from_value(v),
+            None => Vec::new(),
+        };
+        let (updated_at, w) =
+            mapping::parse_timestamp(mm.get("updated_at").and_then(Value::as_str));
+        if let Some(w) = w {
+            self.warn_once(&row, &w.to_string());
+        }
+        let metadata = serde_json::json!({ "version": p.version, "category": p.category });
+        let scope_key = p.id.to_string();
+        Some(Candidate {
+            stored_id: format!("prompt:{scope_key}"),
+            mapping: Mapping {
+                id: format!("prompt:{scope_key}"),
+                scope_type: "prompt".into(),
+                scope_key,
+                name: p.name,
+                default_model: mapping::non_empty(mm.get("default_model").and_then(Value::as_str)),
+                candidates,
+                is_active: mapping::parse_active_json(mm.get("is_active")),
+                updated_at,
+                source: Origin::Prompt,
+                metadata: mapping::canonical_json(&metadata),
+            },
+        })
+    }
+}
+
+/// The `__model_mapping` object of a prompt's tools: at the top level of an object, or in any
+/// object element of a list (the first one that has it).
+fn model_mapping_of(tools: &Value) -> Option<&serde_json::Map<String, Value>> {
+    const KEY: &str = "__model_mapping";
+    match tools {
+        Value::Object(o) => o.get(KEY).and_then(Value::as_object),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(Value::as_object)
+            .find_map(|o| o.get(KEY).and_then(Value::as_object)),
+        _ => None,
+    }
+}
+
+/// One row of `llm_model_mappings`, as stored. SQLite is dynamically typed, so every column is
+/// read leniently (see [`text`]).
+struct MappingRow {
+    id: Option<String>,
+    scope_type: Option<String>,
+    scope_key: Option<String>,
+    name: Option<String>,
+    default_model: Option<String>,
+    candidates_json: Option<String>,
+    is_active: Option<i64>,
+    updated_at: Option<String>,
+    metadata_json: Option<String>,
+}
+
+struct PromptRow {
+    id: i64,
+    name: Option<String>,
+    version: Option<String>,
+    category: Option<String>,
+    tools_json: Option<String>,
+}
+
+fn read_mapping_rows(conn: &Connection) -> rusqlite::Result<Vec<MappingRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, scope_type, scope_key, name, default_model, candidates_json, is_active, \
+         updated_at, metadata_json FROM llm_model_mappings",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(MappingRow {
+            id: text(r.get_ref(0)?),
+            scope_type: text(r.get_ref(1)?),
+            scope_key: text(r.get_ref(2)?),
+            name: text(r.get_ref(3)?),
+            default_model: text(r.get_ref(4)?),
+            candidates_json: text(r.get_ref(5)?),
+            is_active: integer(r.get_ref(6)?),
+            updated_at: text(r.get_ref(7)?),
+            metadata_json: text(r.get_ref(8)?),
+        });
+    }
+    Ok(out)
+}
+
+fn read_prompt_rows(conn: &Connection) -> rusqlite::Result<Vec<PromptRow>> {
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ai_prompts')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare(
+        "SELECT id, name, version, category, tools_json FROM ai_prompts \
+         WHERE tools_json LIKE '%__model_mapping%'",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(PromptRow {
+            id: integer(r.get_ref(0)?).unwrap_or_default(),
+            name: text(r.get_ref(1)?),
+            version: text(r.get_ref(2)?),
+            category: text(r.get_ref(3)?),
+            tools_json: text(r.get_ref(4)?),
+        });
+    }
+    Ok(out)
+}
+
+/// A column as text, whatever SQLite stored: numbers become their decimal text, blobs are read
+/// as UTF-8 (lossily), NULL is `None`.
+fn text(v: ValueRef<'_>) -> Option<String> {
+    match v {
+        ValueRef::Null => None,
+        ValueRef::Integer(i) => Some(i.to_string()),
+        ValueRef::Real(f) => Some(f.to_string()),
+        ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
+    }
+}
+
+/// A column as an integer: numbers as they are, text parsed (`"1"`, `"true"`), NULL `None`.
+fn integer(v: ValueRef<'_>) -> Option<i64> {
+    match v {
+        ValueRef::Null => None,
+        ValueRef::Integer(i) => Some(i),
+        ValueRef::Real(f) => Some(if f == 0.0 { 0 } else { 1 }),
+        ValueRef::Text(t) | ValueRef::Blob(t) => {
+            let s = String::from_utf8_lossy(t);
+            let s = s.trim();
+            s.parse::<i64>()
+                .ok()
+                .or(match s.to_ascii_lowercase().as_str() {
+                    "false" | "no" | "off" | "" => Some(0),
+                    _ => Some(1),
+                })
+        }
+    }
+}
+
+fn classify(path: &Path, e: rusqlite::Error) -> SourceError {
+    let path = path.to_path_buf();
+    let reason = e.to_string();
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
+            SourceError::Corrupt { path, reason }
+        }
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            SourceError::Busy { path, reason }
+        }
+        Some(ErrorCode::CannotOpen) if !path.exists() => SourceError::Missing(path),
+        _ => SourceError::Other { path, reason },
+    }
+}

@@ -1,0 +1,171 @@
+//! One sync run, and the result every caller sees (SPEC §4 "Sync result").
+//!
+//! [`push`] takes mappings already read from the source and aligns the target with them. It
+//! does not decide *when* to run: that is the engine's job (`mapsync run`), or the user's
+//! (`mapsync sync`, `POST /sync`).
+
+use std::time::Instant;
+
+use serde::{Serialize, Serializer};
+
+use crate::config::TargetSettings;
+use crate::mapping::Mapping;
+use crate::target::{MirrorOptions, Target, TargetError};
+
+/// What started a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    Manual,
+    Watch,
+    Schedule,
+    Startup,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::Watch => "watch",
+            Trigger::Schedule => "schedule",
+            Trigger::Startup => "startup",
+        }
+    }
+}
+
+/// How a run ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncStatus {
+    Synced,
+    SkippedNotConfigured,
+    RefusedMassDelete,
+}
+
+impl SyncStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncStatus::Synced => "synced",
+            SyncStatus::SkippedNotConfigured => "skipped:supabase_not_configured",
+            SyncStatus::RefusedMassDelete => "refused:mass_delete",
+        }
+    }
+
+    /// The `result` label of `mapsync_sync_runs_total`.
+    pub fn metric_result(self) -> &'static str {
+        match self {
+            SyncStatus::Synced => "ok",
+            SyncStatus::SkippedNotConfigured => "skipped",
+            SyncStatus::RefusedMassDelete => "refused",
+        }
+    }
+}
+
+impl Serialize for SyncStatus {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Per-run choices (`--delete-missing`, `--force`, `--dry-run`, or the HTTP query).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncOptions {
+    pub delete_missing: bool,
+    pub force: bool,
+    pub dry_run: bool,
+}
+
+/// The result of a run, as `mapsync sync` prints it and `POST /sync` answers it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SyncReport {
+    pub status: SyncStatus,
+    /// Mappings now mirrored (the source's count when synced).
+    pub synced_count: u64,
+    /// Rows inserted or updated.
+    pub changed_count: u64,
+    pub deleted_count: u64,
+    pub remote_before: u64,
+    pub remote_after: u64,
+    pub duration_ms: u64,
+    pub trigger: Trigger,
+    /// Only present (and true) for `--dry-run`: the counts say what would happen.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    /// Why a run was refused, or what a dry run would delete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl SyncReport {
+    pub fn skipped(trigger: Trigger) -> SyncReport {
+        SyncReport {
+            status: SyncStatus::SkippedNotConfigured,
+            synced_count: 0,
+            changed_count: 0,
+            deleted_count: 0,
+            remote_before: 0,
+            remote_after: 0,
+            duration_ms: 0,
+            trigger,
+            dry_run: false,
+            detail: None,
+        }
+    }
+}
+
+/// Aligns `target` with `mappings`. With no target, reports `skipped:supabase_not_configured`.
+pub async fn push(
+    target: Option<&Target>,
+    settings: &TargetSettings,
+    mappings: &[Mapping],
+    opts: SyncOptions,
+    trigger: Trigger,
+) -> Result<SyncReport, TargetError> {
+    let Some(target) = target else {
+        return Ok(SyncReport::skipped(trigger));
+    };
+    let started = Instant::now();
+    let outcome = target
+        .mirror(
+            mappings,
+            &MirrorOptions {
+                delete_missing: opts.delete_missing,
+                force: opts.force,
+                dry_run: opts.dry_run,
+                max_delete_fraction: settings.max_delete_fraction,
+                max_delete_floor: settings.max_delete_floor,
+            },
+        )
+        .await?;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    Ok(match outcome.refused {
+        Some(why) => SyncReport {
+            status: SyncStatus::RefusedMassDelete,
+            synced_count: 0,
+            changed_count: 0,
+            deleted_count: 0,
+            remote_before: outcome.remote_before,
+            remote_after: outcome.remote_before,
+            duration_ms,
+            trigger,
+            dry_run: opts.dry_run,
+            detail: Some(why),
+        },
+        None => SyncReport {
+            status: SyncStatus::Synced,
+            synced_count: mappings.len() as u64,
+            changed_count: outcome.inserted + outcome.updated,
+            deleted_count: outcome.deleted,
+            remote_before: outcome.remote_before,
+            remote_after: outcome.remote_after(),
+            duration_ms,
+            trigger,
+            dry_run: opts.dry_run,
+            detail: (!opts.delete_missing && outcome.extra > 0).then(|| {
+                format!(
+                    "{} remote rows are not in the source; delete propagation is off (target.delete_missing)",
+                    outcome.extra
+                )
+            }),
+        },
+    })
+}

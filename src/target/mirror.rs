@@ -1,0 +1,367 @@
+//! One sync run against the mirror, in one transaction (SPEC §2).
+//!
+//! 1. `BEGIN`, `SET LOCAL statement_timeout`, and a transaction-scoped advisory lock on the
+//!    table, so runs from several mapsync instances never interleave.
+//! 2. Check the table's columns (a missing migration is reported as such, not as a SQL error).
+//! 3. Stream the remote rows with `COPY … TO STDOUT (FORMAT binary)` and compare each with the
+//!    source, field by field; `jsonb` columns are compared as text against the canonical form
+//!    the source already holds (see [`crate::mapping::canonical_json`]). Nothing remote is kept
+//!    in memory but the ids that no longer exist in the source.
+//! 4. Refuse a mass delete (unless forced) before anything is written.
+//! 5. Rows missing remotely go in with `COPY … FROM STDIN (FORMAT binary)` straight into the
+//!    table; rows that differ go through a temporary staging table and one
+//!    `INSERT … ON CONFLICT DO UPDATE … WHERE … IS DISTINCT FROM …`, which leaves a row that
+//!    already matches untouched (no new row version, no trigger) even if the comparison above
+//!    was too cautious. Deletes are one `DELETE … WHERE id = ANY($1)`.
+//! 6. `COMMIT` (or, for a dry run or a refusal, roll back by dropping the transaction).
+//!
+//! Either all of it commits or none of it does.
+
+use std::collections::HashMap;
+
+use bytes::{BufMut, BytesMut};
+use chrono::{DateTime, Utc};
+use futures_util::{TryStreamExt, pin_mut};
+use tokio_postgres::Transaction;
+use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutRow, BinaryCopyOutStream};
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+
+use super::{Target, TargetError};
+use crate::mapping::Mapping;
+
+/// The ten mirrored columns, in the order of the exported form.
+const COLUMNS: &str = "id, scope_type, scope_key, name, default_model, candidates, is_active, updated_at, source, metadata";
+
+const COLUMN_TYPES: [Type; 10] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+    Type::BOOL,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::JSONB,
+];
+
+/// What the caller wants from this run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MirrorOptions {
+    pub delete_missing: bool,
+    pub force: bool,
+    pub dry_run: bool,
+    pub max_delete_fraction: f64,
+    pub max_delete_floor: u64,
+}
+
+/// What the run found and did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MirrorOutcome {
+    pub remote_before: u64,
+    /// Rows that were missing remotely (inserted, or to insert in a dry run).
+    pub inserted: u64,
+    /// Rows that differed remotely and were rewritten.
+    pub updated: u64,
+    pub deleted: u64,
+    /// Remote rows absent from the source (deleted only with delete propagation).
+    pub extra: u64,
+    /// Set when delete propagation was refused by the mass-delete guard; nothing was written.
+    pub refused: Option<String>,
+}
+
+impl MirrorOutcome {
+    pub fn remote_after(&self) -> u64 {
+        self.remote_before + self.inserted - self.deleted
+    }
+}
+
+/// Whether a remote row matches, is different from, or is missing for a source mapping.
+#[derive(Clone, Copy, PartialEq)]
+enum Remote {
+    Missing,
+    Same,
+    Differs,
+}
+
+impl Target {
+    /// Aligns the mirror with `mappings` (unique ids, as the source produces them).
+    pub async fn mirror(
+        &self,
+        mappings: &[Mapping],
+        opts: &MirrorOptions,
+    ) -> Result<MirrorOutcome, TargetError> {
+        let mut client = self.client().await?;
+        let err = |e: tokio_postgres::Error| self.classify(&e);
+        let tx = client.transaction().await.map_err(err)?;
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}; SELECT pg_advisory_xact_lock(hashtextextended('mapsync:{}', 0))",
+            self.statement_timeout.as_millis(),
+            self.table,
+        ))
+        .await
+        .map_err(err)?;
+        super::schema::check_columns(&tx, self).await?;
+
+        // Compare.
+        let index: HashMap<&str, usize> = mappings
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.as_str(), i))
+            .collect();
+        let mut remote = vec![Remote::Missing; mappings.len()];
+        let mut extra: Vec<String> = Vec::new();
+        let mut outcome = MirrorOutcome::default();
+        let stream = tx
+            .copy_out(&format!(
+                "COPY (SELECT {COLUMNS} FROM {}) TO STDOUT (FORMAT binary)",
+                self.table.quoted()
+            ))
+            .await
+            .map_err(err)?;
+        let rows = BinaryCopyOutStream::new(stream, &COLUMN_TYPES);
+        pin_mut!(rows);
+        let mut scratch = String::new();
+        while let Some(row) = rows.try_next().await.map_err(err)? {
+            outcome.remote_before += 1;
+            let id: &str = row.try_get(0).map_err(err)?;
+            match index.get(id) {
+                Some(&i) => {
+                    remote[i] = if same(&mappings[i], &row, &mut scratch).map_err(err)? {
+                        Remote::Same
+                    } else {
+                        Remote::Differs
+                    };
+                }
+                None => extra.push(id.to_string()),
+            }
+        }
+        let pick = |state: Remote| -> Vec<&Mapping> {
+            mappings
+                .iter()
+                .zip(&remote)
+                .filter(|(_, r)| **r == state)
+                .map(|(m, _)| m)
+                .collect()
+        };
+        let (missing, differing) = (pick(Remote::Missing), pick(Remote::Differs));
+        outcome.extra = extra.len() as u64;
+
+        // Guard.
+        if opts.delete_missing && !opts.force {
+            if let Some(why) = mass_delete(outcome.extra, outcome.remote_before, opts) {
+                outcome.refused = Some(why);
+                return Ok(outcome);
+            }
+        }
+        if opts.dry_run {
+            outcome.inserted = missing.len() as u64;
+            outcome.updated = differing.len() as u64;
+            outcome.deleted = if opts.delete_missing {
+                outcome.extra
+            } else {
+                0
+            };
+            return Ok(outcome);
+        }
+
+        // Write.
+        if !missing.is_empty() {
+            outcome.inserted = copy_in(&tx, &self.table.quoted(), &missing)
+                .await
+                .map_err(err)?;
+        }
+        if !differing.is_empty() {
+            outcome.updated = upsert_via_stage(&tx, &self.table.quoted(), &differing)
+                .await
+                .map_err(err)?;
+        }
+        if opts.delete_missing && !extra.is_empty() {
+            outcome.deleted = tx
+                .execute(
+                    &format!("DELETE FROM {} WHERE id = ANY($1)", self.table.quoted()),
+                    &[&extra],
+                )
+                .await
+                .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(outcome)
+    }
+}
+
+/// `Some(reason)` when deleting `extra` of `remote` rows crosses both limits.
+fn mass_delete(extra: u64, remote: u64, opts: &MirrorOptions) -> Option<String> {
+    let over_floor = extra > opts.max_delete_floor;
+    let over_fraction = (extra as f64) > opts.max_delete_fraction * remote as f64;
+    (over_floor && over_fraction).then(|| {
+        format!(
+            "would delete {extra} of {remote} remote rows, more than target.max_delete_fraction ({}) and target.max_delete_floor ({}): pass force=true (--force) if the source really lost them",
+            opts.max_delete_fraction, opts.max_delete_floor
+        )
+    })
+}
+
+/// Field-by-field comparison of a source mapping with a remote row (id already equal).
+fn same(
+    m: &Mapping,
+    r: &BinaryCopyOutRow,
+    scratch: &mut String,
+) -> Result<bool, tokio_postgres::Error> {
+    if r.try_get::<&str>(1)? != m.scope_type
+        || r.try_get::<&str>(2)? != m.scope_key
+        || r.try_get::<Option<&str>>(3)? != m.name.as_deref()
+        || r.try_get::<Option<&str>>(4)? != m.default_model.as_deref()
+        || r.try_get::<Option<bool>>(6)? != Some(m.is_active)
+        || r.try_get::<Option<DateTime<Utc>>>(7)? != m.updated_at
+        || r.try_get::<Option<&str>>(8)? != Some(m.source.as_str())
+        || r.try_get::<Option<Jsonb>>(9)?.map(|j| j.0) != Some(m.metadata.as_str())
+    {
+        return Ok(false);
+    }
+    m.candidates_json(scratch);
+    Ok(r.try_get::<Option<Jsonb>>(5)?.map(|j| j.0) == Some(scratch.as_str()))
+}
+
+/// Streams `rows` into `table` with binary COPY. Returns the number of rows written.
+async fn copy_in(
+    tx: &Transaction<'_>,
+    table: &str,
+    rows: &[&Mapping],
+) -> Result<u64, tokio_postgres::Error> {
+    let sink = tx
+        .copy_in(&format!(
+            "COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
+    pin_mut!(writer);
+    let mut candidates = String::new();
+    for m in rows {
+        m.candidates_json(&mut candidates);
+        writer
+            .as_mut()
+            .write(&[
+                &m.id,
+                &m.scope_type,
+                &m.scope_key,
+                &m.name,
+                &m.default_model,
+                &Jsonb(&candidates),
+                &m.is_active,
+                &m.updated_at,
+                &m.source.as_str(),
+                &Jsonb(&m.metadata),
+            ])
+            .await?;
+    }
+    writer.finish().await
+}
+
+/// Rewrites rows that differ: COPY into a temporary table, then one guarded upsert. Returns the
+/// number of rows Postgres actually changed.
+async fn upsert_via_stage(
+    tx: &Transaction<'_>,
+    table: &str,
+    rows: &[&Mapping],
+) -> Result<u64, tokio_postgres::Error> {
+    tx.batch_execute(
+        "CREATE TEMP TABLE mapsync_stage (id text, scope_type text, scope_key text, name text, \
+         default_model text, candidates jsonb, is_active boolean, updated_at timestamptz, \
+         source text, metadata jsonb) ON COMMIT DROP",
+    )
+    .await?;
+    copy_in(tx, "mapsync_stage", rows).await?;
+    let set: Vec<String> = COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect();
+    let current: Vec<String> = COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|c| format!("t.{c}"))
+        .collect();
+    let incoming: Vec<String> = COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|c| format!("EXCLUDED.{c}"))
+        .collect();
+    tx.execute(
+        &format!(
+            "INSERT INTO {table} AS t ({COLUMNS}) SELECT {COLUMNS} FROM mapsync_stage \
+             ON CONFLICT (id) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
+            set.join(", "),
+            current.join(", "),
+            incoming.join(", "),
+        ),
+        &[],
+    )
+    .await
+}
+
+/// A `jsonb` value as its text, borrowed: sent and received without parsing.
+#[derive(Debug)]
+struct Jsonb<'a>(&'a str);
+
+/// jsonb's binary format is a version byte (1) followed by the JSON text.
+const JSONB_VERSION: u8 = 1;
+
+impl<'a> FromSql<'a> for Jsonb<'a> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        match raw.split_first() {
+            Some((&JSONB_VERSION, text)) => Ok(Jsonb(std::str::from_utf8(text)?)),
+            _ => Err("unsupported jsonb binary version".into()),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+}
+
+impl ToSql for Jsonb<'_> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_u8(JSONB_VERSION);
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(fraction: f64, floor: u64) -> MirrorOptions {
+        MirrorOptions {
+            delete_missing: true,
+            max_delete_fraction: fraction,
+            max_delete_floor: floor,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn mass_delete_needs_both_limits_crossed() {
+        // 11 of 12 rows: over the floor (10) and over half.
+        assert!(mass_delete(11, 12, &opts(0.5, 10)).is_some());
+        // 10 of 12: not over the floor.
+        assert!(mass_delete(10, 12, &opts(0.5, 10)).is_none());
+        // 40 of 100: over the floor, not over half.
+        assert!(mass_delete(40, 100, &opts(0.5, 10)).is_none());
+        // An emptied source against 1000 remote rows.
+        let why = mass_delete(1000, 1000, &opts(0.5, 10)).unwrap();
+        assert!(why.contains("would delete 1000 of 1000"), "{why}");
+        assert!(why.contains("force"), "{why}");
+    }
+}

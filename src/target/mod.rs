@@ -1,0 +1,426 @@
+//! The Postgres mirror: connection pool, TLS, schema check, and the one-transaction sync.
+//!
+//! [`Target`] owns a deadpool-postgres pool. Creating it never touches the network; the first
+//! use does. Every statement runs inside an explicit transaction, and no prepared statement
+//! outlives its transaction, so the same code works through PgBouncer or Supavisor in
+//! transaction-pooling mode. Timeouts are set per transaction with `SET LOCAL` for the same
+//! reason (poolers refuse the `options` startup parameter).
+//!
+//! Errors are [`TargetError`]s: one line that says what failed, on which server (never with
+//! the password), and the fix.
+
+mod mirror;
+pub mod schema;
+pub mod tls;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+
+pub use mirror::{MirrorOptions, MirrorOutcome};
+pub use tls::SslMode;
+
+use crate::config::{TableName, TargetSettings};
+
+/// A parsed `target.url`: the tokio-postgres config, the TLS mode, and a printable name.
+#[derive(Clone)]
+pub struct ConnectSpec {
+    pub pg: tokio_postgres::Config,
+    pub ssl_mode: SslMode,
+    pub ssl_root_cert: Option<PathBuf>,
+    /// `user@host:port/dbname`: safe to print, never holds the password.
+    pub display: String,
+}
+
+/// Prints only the safe name: the config holds the password.
+impl std::fmt::Debug for ConnectSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectSpec")
+            .field("display", &self.display)
+            .field("ssl_mode", &self.ssl_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectSpec {
+    /// Parses a libpq URL (`postgres://user:pw@host:port/db?sslmode=…`) or key=value string.
+    /// `sslmode` and `sslrootcert` are taken out and handled here; the rest goes to
+    /// tokio-postgres. Errors never repeat the URL (it holds the password).
+    pub fn parse(url: &str, root_cert: Option<&Path>) -> Result<ConnectSpec, String> {
+        let (rest, sslmode, sslrootcert) = split_tls_params(url);
+        let mut pg: tokio_postgres::Config = rest.parse().map_err(|e| {
+            format!(
+                "not a valid Postgres URL ({e}); expected postgres://user:password@host:5432/dbname?sslmode=require"
+            )
+        })?;
+        let ssl_mode = match sslmode.as_deref() {
+            Some(m) => SslMode::parse(m)?,
+            None => SslMode::Prefer,
+        };
+        pg.ssl_mode(ssl_mode.for_tokio_postgres());
+        if pg.get_hosts().is_empty() {
+            return Err("target.url names no host".into());
+        }
+        let host = match &pg.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let user = pg.get_user().unwrap_or("postgres").to_string();
+        let db = pg.get_dbname().unwrap_or(&user).to_string();
+        pg.application_name("mapsync");
+        Ok(ConnectSpec {
+            display: format!("{user}@{host}:{port}/{db}"),
+            pg,
+            ssl_mode,
+            ssl_root_cert: root_cert
+                .map(Path::to_path_buf)
+                .or(sslrootcert.map(PathBuf::from)),
+        })
+    }
+
+    fn user(&self) -> &str {
+        self.pg.get_user().unwrap_or("postgres")
+    }
+}
+
+/// Takes `sslmode` and `sslrootcert` out of a URL's query string or a key=value string.
+fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
+    let (mut sslmode, mut sslrootcert) = (None, None);
+    let mut take = |k: &str, v: &str| match k {
+        "sslmode" => {
+            sslmode = Some(v.to_string());
+            true
+        }
+        "sslrootcert" => {
+            sslrootcert = Some(v.to_string());
+            true
+        }
+        _ => false,
+    };
+    let url = url.trim();
+    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        match url.split_once('?') {
+            Some((base, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        !take(k, v)
+                    })
+                    .collect();
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+            None => url.to_string(),
+        }
+    } else {
+        url.split_whitespace()
+            .filter(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                !take(k.trim(), v.trim().trim_matches('\''))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (rest, sslmode, sslrootcert)
+}
+
+/// Why a Postgres operation failed, with the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(
+        "cannot connect to Postgres at {at}: {reason}: check that the server is up and the host and port in target.url"
+    )]
+    Unreachable { at: String, reason: String },
+    #[error("Postgres at {at} rejected the login of user {user}: check the password in target.url")]
+    Auth { at: String, user: String },
+    #[error("database {db} does not exist on {at}: check the database name in target.url")]
+    NoDatabase { at: String, db: String },
+    #[error("TLS with Postgres at {at} failed: {reason}: {hint}")]
+    Tls {
+        at: String,
+        reason: String,
+        hint: &'static str,
+    },
+    #[error(
+        "table {table} is missing on {at}: run `mapsync migrate` or apply sql/001_model_mappings.sql and sql/002_security.sql"
+    )]
+    MissingTable { table: String, at: String },
+    #[error(
+        "table {table} on {at} does not have the expected columns ({problems}): run `mapsync migrate` or apply sql/001_model_mappings.sql"
+    )]
+    WrongColumns {
+        table: String,
+        at: String,
+        problems: String,
+    },
+    #[error(
+        "user {user} may not write {table} on {at} ({reason}): grant the rights in sql/003_mapsync_role.sql or connect as the table owner or service role"
+    )]
+    Permission {
+        table: String,
+        at: String,
+        user: String,
+        reason: String,
+    },
+    #[error(
+        "Postgres at {at} did not answer in time ({reason}): raise target.statement_timeout_ms or check the server's load"
+    )]
+    Timeout { at: String, reason: String },
+    #[error("Postgres at {at} failed: {reason}")]
+    Other { at: String, reason: String },
+}
+
+/// The mirror: a pool and the table it keeps aligned.
+#[derive(Clone)]
+pub struct Target {
+    pool: Pool,
+    spec: ConnectSpec,
+    table: TableName,
+    statement_timeout: Duration,
+}
+
+impl Target {
+    /// Builds the pool (no connection is made yet). `None` when no target is configured.
+    pub fn from_settings(settings: &TargetSettings) -> Result<Option<Target>, TargetError> {
+        let Some(url) = &settings.url else {
+            return Ok(None);
+        };
+        let mut spec = ConnectSpec::parse(url.expose(), settings.ssl_root_cert.as_deref())
+            .map_err(|reason| TargetError::Other {
+                at: "target.url".into(),
+                reason,
+            })?;
+        spec.pg.connect_timeout(settings.connect_timeout);
+        spec.pg.keepalives_idle(Duration::from_secs(30));
+        let tls =
+            tls::connector(spec.ssl_mode, spec.ssl_root_cert.as_deref()).map_err(|reason| {
+                TargetError::Tls {
+                    at: spec.display.clone(),
+                    reason,
+                    hint: "check target.ssl_root_cert",
+                }
+            })?;
+        let manager = Manager::from_config(
+            spec.pg.clone(),
+            tls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(settings.connect_timeout + settings.statement_timeout))
+            .create_timeout(Some(settings.connect_timeout))
+            .build()
+            .map_err(|e| TargetError::Other {
+                at: spec.display.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Some(Target {
+            pool,
+            spec,
+            table: settings.table.clone(),
+            statement_timeout: settings.statement_timeout,
+        }))
+    }
+
+    /// `user@host:port/db`, for messages and `/status`.
+    pub fn display(&self) -> &str {
+        &self.spec.display
+    }
+
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
+    /// A pooled `SELECT 1` (simple protocol: no prepared statement), within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), TargetError> {
+        let work = async {
+            let client = self.client().await?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| self.classify(&e))?;
+            Ok(())
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(TargetError::Unreachable {
+                at: self.spec.display.clone(),
+                reason: format!("no answer within {} ms", timeout.as_millis()),
+            }),
+        }
+    }
+
+    /// Server version and whether this connection is encrypted (for `mapsync check`).
+    pub async fn describe_server(&self) -> Result<(String, bool), TargetError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.classify(&e))?;
+        let row = tx
+            .query_one(
+                "SELECT current_setting('server_version'), \
+                 coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+                &[],
+            )
+            .await
+            .map_err(|e| self.classify(&e))?;
+        let out = (row.get::<_, String>(0), row.get::<_, bool>(1));
+        tx.commit().await.map_err(|e| self.classify(&e))?;
+        Ok(out)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, TargetError> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => self.classify(&e),
+            PoolError::Timeout(_) => TargetError::Unreachable {
+                at: self.spec.display.clone(),
+                reason: "timed out (target.connect_timeout_ms)".into(),
+            },
+            other => TargetError::Other {
+                at: self.spec.display.clone(),
+                reason: other.to_string(),
+            },
+        })
+    }
+
+    /// Turns a tokio-postgres error into a [`TargetError`] with the right hint.
+    fn classify(&self, e: &tokio_postgres::Error) -> TargetError {
+        let at = self.spec.display.clone();
+        let reason = one_line(e);
+        if let Some(db) = e.as_db_error() {
+            let code = db.code();
+            let reason = one_line(db);
+            return if *code == SqlState::INVALID_PASSWORD
+                || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            {
+                TargetError::Auth {
+                    at,
+                    user: self.spec.user().to_string(),
+                }
+            } else if *code == SqlState::INVALID_CATALOG_NAME {
+                TargetError::NoDatabase {
+                    at,
+                    db: self.spec.pg.get_dbname().unwrap_or("?").to_string(),
+                }
+            } else if *code == SqlState::UNDEFINED_TABLE {
+                TargetError::MissingTable {
+                    table: self.table.to_string(),
+                    at,
+                }
+            } else if *code == SqlState::UNDEFINED_COLUMN
+                || *code == SqlState::INVALID_COLUMN_REFERENCE
+                || *code == SqlState::DATATYPE_MISMATCH
+            {
+                TargetError::WrongColumns {
+                    table: self.table.to_string(),
+                    at,
+                    problems: reason,
+                }
+            } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+                TargetError::Permission {
+                    table: self.table.to_string(),
+                    at,
+                    user: self.spec.user().to_string(),
+                    reason,
+                }
+            } else if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE {
+                TargetError::Timeout { at, reason }
+            } else {
+                TargetError::Other { at, reason }
+            };
+        }
+        // tokio-postgres error kinds, by their fixed display text.
+        let head = e.to_string();
+        if head.starts_with("error performing TLS handshake") || head.contains("TLS") {
+            let hint = if reason.contains("UnknownIssuer") {
+                "set target.ssl_root_cert to the CA that signed the server's certificate (Supabase: Database settings > SSL), or use sslmode=require"
+            } else if reason.contains("NotValidForName") {
+                "the certificate does not name this host: connect by the name in the certificate, or use sslmode=verify-ca"
+            } else if reason.contains("does not support TLS") {
+                "the server does not offer TLS: use sslmode=prefer or disable"
+            } else {
+                "check sslmode in target.url and target.ssl_root_cert"
+            };
+            return TargetError::Tls { at, reason, hint };
+        }
+        if head.starts_with("authentication error") {
+            return TargetError::Auth {
+                at,
+                user: self.spec.user().to_string(),
+            };
+        }
+        if head.starts_with("error connecting to server")
+            || head.starts_with("timeout waiting for server")
+            || head.starts_with("connection closed")
+            || head.starts_with("error communicating with the server")
+            || e.is_closed()
+        {
+            return TargetError::Unreachable { at, reason };
+        }
+        TargetError::Other { at, reason }
+    }
+}
+
+/// An error and its causes on one line (`a: b: c`), without repeats.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_parameters_are_taken_out_of_urls() {
+        let (rest, mode, ca) = split_tls_params(
+            "postgres://u:p@db.example.com:6543/postgres?sslmode=verify-full&application_name=x&sslrootcert=/etc/ca.pem",
+        );
+        assert_eq!(
+            rest,
+            "postgres://u:p@db.example.com:6543/postgres?application_name=x"
+        );
+        assert_eq!(mode.as_deref(), Some("verify-full"));
+        assert_eq!(ca.as_deref(), Some("/etc/ca.pem"));
+
+        let (rest, mode, _) = split_tls_params("host=localhost user=u sslmode=require dbname=d");
+        assert_eq!(rest, "host=localhost user=u dbname=d");
+        assert_eq!(mode.as_deref(), Some("require"));
+    }
+
+    #[test]
+    fn display_never_holds_the_password() {
+        let spec = ConnectSpec::parse(
+            "postgresql://mapsync:s3cr3t-pw@pooler.supabase.com:5432/postgres?sslmode=verify-ca",
+            None,
+        )
+        .unwrap();
+        assert_eq!(spec.display, "mapsync@pooler.supabase.com:5432/postgres");
+        assert_eq!(spec.ssl_mode, SslMode::VerifyCa);
+    }
+
+    #[test]
+    fn bad_urls_are_refused_without_echoing_them() {
+        let e = ConnectSpec::parse("postgres://u:s3cr3t@host:notaport/db", None).unwrap_err();
+        assert!(!e.contains("s3cr3t"), "{e}");
+        let e = ConnectSpec::parse("postgres://u:s3cr3t@host/db?sslmode=verify", None).unwrap_err();
+        assert!(e.contains("sslmode"), "{e}");
+        assert!(!e.contains("s3cr3t"), "{e}");
+    }
+}
