@@ -9,8 +9,9 @@
 //! every sensitive key already removed; `updated_at` has microsecond precision (what Postgres
 //! stores), so a value read back from the mirror compares equal.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
@@ -19,8 +20,9 @@ use serde::ser::{SerializeStruct, Serializer};
 use serde_json::Value;
 
 /// Where a mapping came from: a row of `llm_model_mappings`, or a prompt's `tools_json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Origin {
+    #[default]
     Sqlite,
     Prompt,
 }
@@ -35,40 +37,160 @@ impl Origin {
 }
 
 /// One model mapping, normalised. Serialises to the ten-field exported form, in SPEC order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The daemon holds every mapping in memory (100,000 of them in the benchmark), so a mapping
+/// keeps all its text in one allocation: `id`, `name`, `default_model`, the candidates as
+/// canonical JSON and the metadata as canonical JSON, back to back, with their end offsets.
+/// That is about 200 bytes a mapping instead of 600 for one `String` per field. Build one
+/// with [`Mapping::new`]; read it through the accessors.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Mapping {
-    pub id: String,
-    pub scope_type: String,
-    pub scope_key: String,
-    pub name: Option<String>,
-    pub default_model: Option<String>,
-    pub candidates: Vec<String>,
+    text: Box<str>,
+    /// End offsets in `text` of: id, name, default_model, candidates, metadata.
+    ends: [u32; 5],
+    /// Offset of the `:` between scope type and scope key in the id.
+    colon: u32,
+    has_name: bool,
+    has_default_model: bool,
+    pub is_active: bool,
+    pub source: Origin,
+    /// Microsecond precision, as Postgres stores it.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// The parts of a [`Mapping`], already normalised by the caller (see the functions below).
+#[derive(Debug, Clone, Default)]
+pub struct Fields<'a> {
+    pub scope_type: &'a str,
+    pub scope_key: &'a str,
+    pub name: Option<&'a str>,
+    pub default_model: Option<&'a str>,
+    pub candidates: &'a [Cow<'a, str>],
     pub is_active: bool,
     pub updated_at: Option<DateTime<Utc>>,
     pub source: Origin,
     /// Canonical JSON text of the (redacted) metadata object; see [`canonical_json`].
-    /// Kept as text rather than a parsed tree: 100,000 parsed maps cost ten times the memory.
-    pub metadata: String,
+    pub metadata: &'a str,
 }
 
 impl Mapping {
-    /// The candidates as canonical JSON text, the way the mirror's `jsonb` column prints them.
-    pub fn candidates_json(&self, out: &mut String) {
-        out.clear();
-        out.push('[');
-        for (i, c) in self.candidates.iter().enumerate() {
-            if i > 0 {
-                out.push_str(", ");
-            }
-            write_json_string(out, c);
+    pub fn new(f: Fields<'_>) -> Mapping {
+        let mut text = String::with_capacity(
+            f.scope_type.len()
+                + f.scope_key.len()
+                + 1
+                + f.name.map_or(0, str::len)
+                + f.default_model.map_or(0, str::len)
+                + f.candidates.iter().map(|c| c.len() + 4).sum::<usize>()
+                + 2
+                + f.metadata.len(),
+        );
+        let mut ends = [0u32; 5];
+        let mut mark = |text: &String, i: usize| ends[i] = offset(text.len());
+        text.push_str(f.scope_type);
+        let colon = offset(text.len());
+        text.push(':');
+        text.push_str(f.scope_key);
+        mark(&text, 0);
+        text.push_str(f.name.unwrap_or(""));
+        mark(&text, 1);
+        text.push_str(f.default_model.unwrap_or(""));
+        mark(&text, 2);
+        write_candidates(&mut text, f.candidates.iter().map(|c| c.as_ref()));
+        mark(&text, 3);
+        text.push_str(f.metadata);
+        mark(&text, 4);
+        Mapping {
+            text: text.into_boxed_str(),
+            ends,
+            colon,
+            has_name: f.name.is_some(),
+            has_default_model: f.default_model.is_some(),
+            is_active: f.is_active,
+            source: f.source,
+            updated_at: f.updated_at,
         }
-        out.push(']');
     }
 
-    /// The metadata as a JSON value (parsed from its canonical text).
-    pub fn metadata_value(&self) -> Value {
-        serde_json::from_str(&self.metadata).unwrap_or_else(|_| Value::Object(Default::default()))
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
     }
+
+    /// `"<scope_type>:<scope_key>"`.
+    pub fn id(&self) -> &str {
+        self.part(0)
+    }
+
+    pub fn scope_type(&self) -> &str {
+        &self.text[..self.colon as usize]
+    }
+
+    pub fn scope_key(&self) -> &str {
+        &self.text[self.colon as usize + 1..self.ends[0] as usize]
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.has_name.then(|| self.part(1))
+    }
+
+    pub fn default_model(&self) -> Option<&str> {
+        self.has_default_model.then(|| self.part(2))
+    }
+
+    /// The candidates as canonical JSON text (`["a", "b"]`), the way the mirror's `jsonb`
+    /// column prints them.
+    pub fn candidates_json(&self) -> &str {
+        self.part(3)
+    }
+
+    /// The candidate model names.
+    pub fn candidates(&self) -> Vec<String> {
+        serde_json::from_str(self.candidates_json())
+            .expect("candidates are built as a JSON array of strings")
+    }
+
+    /// Canonical JSON text of the (redacted) metadata object.
+    pub fn metadata_json(&self) -> &str {
+        self.part(4)
+    }
+
+    /// The metadata as a JSON value.
+    pub fn metadata(&self) -> Value {
+        serde_json::from_str(self.metadata_json()).expect("metadata is built as a JSON object")
+    }
+}
+
+/// Offsets fit in u32: one mapping's text is far below 4 GiB (SQLite's own limit is 1 GB).
+fn offset(len: usize) -> u32 {
+    u32::try_from(len).expect("a mapping's text is under 4 GiB")
+}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping")
+            .field("id", &self.id())
+            .field("name", &self.name())
+            .field("default_model", &self.default_model())
+            .field("candidates", &self.candidates_json())
+            .field("is_active", &self.is_active)
+            .field("updated_at", &self.updated_at)
+            .field("source", &self.source)
+            .field("metadata", &self.metadata_json())
+            .finish()
+    }
+}
+
+/// Canonical JSON array of strings: `["a", "b"]`.
+fn write_candidates<'a>(out: &mut String, items: impl Iterator<Item = &'a str>) {
+    out.push('[');
+    for (i, c) in items.enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        write_json_string(out, c);
+    }
+    out.push(']');
 }
 
 /// `2026-01-16T10:17:10+00:00`: RFC 3339, UTC written as `+00:00`, fractions only when present.
@@ -79,19 +201,19 @@ pub fn format_timestamp(t: &DateTime<Utc>) -> String {
 impl Serialize for Mapping {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut s = serializer.serialize_struct("Mapping", 10)?;
-        s.serialize_field("id", &self.id)?;
-        s.serialize_field("scope_type", &self.scope_type)?;
-        s.serialize_field("scope_key", &self.scope_key)?;
-        s.serialize_field("name", &self.name)?;
-        s.serialize_field("default_model", &self.default_model)?;
-        s.serialize_field("candidates", &self.candidates)?;
+        s.serialize_field("id", self.id())?;
+        s.serialize_field("scope_type", self.scope_type())?;
+        s.serialize_field("scope_key", self.scope_key())?;
+        s.serialize_field("name", &self.name())?;
+        s.serialize_field("default_model", &self.default_model())?;
+        s.serialize_field("candidates", &self.candidates())?;
         s.serialize_field("is_active", &self.is_active)?;
         s.serialize_field(
             "updated_at",
             &self.updated_at.as_ref().map(format_timestamp),
         )?;
         s.serialize_field("source", self.source.as_str())?;
-        s.serialize_field("metadata", &self.metadata_value())?;
+        s.serialize_field("metadata", &self.metadata())?;
         s.end()
     }
 }
@@ -120,39 +242,46 @@ impl std::fmt::Display for Warning {
 }
 
 /// PostgreSQL text cannot hold NUL; SQLite can. Drop it so one odd row cannot fail a whole run.
-fn clean(s: &str) -> String {
+pub fn clean(s: &str) -> Cow<'_, str> {
     if s.contains('\0') {
-        s.replace('\0', "")
+        Cow::Owned(s.replace('\0', ""))
     } else {
-        s.to_string()
+        Cow::Borrowed(s)
     }
 }
 
 /// Trimmed scope type, with the legacy `tenant` read as `mapping`.
-pub fn normalize_scope_type(raw: &str) -> String {
+pub fn normalize_scope_type(raw: &str) -> Cow<'_, str> {
     match raw.trim() {
-        "tenant" => "mapping".to_string(),
+        "tenant" => Cow::Borrowed("mapping"),
         other => clean(other),
     }
 }
 
 /// Trimmed text; empty becomes `None` (used for `default_model`).
-pub fn non_empty(raw: Option<&str>) -> Option<String> {
+pub fn non_empty(raw: Option<&str>) -> Option<Cow<'_, str>> {
     raw.map(str::trim).filter(|s| !s.is_empty()).map(clean)
 }
 
 /// Candidates from stored JSON text: an array whose strings are trimmed, numbers taken as their
 /// JSON text, other elements dropped, empties dropped, duplicates removed keeping the first.
-/// NULL, empty or invalid input gives `[]` with a warning.
-pub fn parse_candidates(raw: Option<&str>) -> (Vec<String>, Option<Warning>) {
+/// NULL, empty or invalid input gives `[]` with a warning. Strings borrow from `raw` when
+/// they hold no escapes (this runs once per row: 100,000 times a read).
+pub fn parse_candidates(raw: Option<&str>) -> (Vec<Cow<'_, str>>, Option<Warning>) {
     let text = raw.map(str::trim).unwrap_or("");
     if text.is_empty() {
         let why = if raw.is_none() { "is NULL" } else { "is empty" };
         return (Vec::new(), Some(Warning::InvalidCandidates(why.into())));
     }
-    match serde_json::from_str::<Value>(text) {
-        Ok(v @ Value::Array(_)) => (candidates_from_value(&v), None),
-        Ok(_) => (
+    match serde_json::from_str::<Vec<Item<'_>>>(text) {
+        Ok(items) => (
+            unique_names(items.into_iter().filter_map(|i| match i {
+                Item::Name(s) => Some(s),
+                Item::Other => None,
+            })),
+            None,
+        ),
+        Err(e) if e.is_data() => (
             Vec::new(),
             Some(Warning::InvalidCandidates("is not a JSON array".into())),
         ),
@@ -167,30 +296,100 @@ pub fn parse_candidates(raw: Option<&str>) -> (Vec<String>, Option<Warning>) {
 
 /// The candidate rules applied to an already-parsed value (prompt mappings hold the array
 /// itself). Anything but an array gives `[]`.
-pub fn candidates_from_value(v: &Value) -> Vec<String> {
+pub fn candidates_from_value(v: &Value) -> Vec<Cow<'_, str>> {
     let Value::Array(items) = v else {
         return Vec::new();
     };
-    let mut seen = HashSet::with_capacity(items.len());
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let name = match item {
-            Value::String(s) => clean(s.trim()),
-            Value::Number(n) => n.to_string(),
-            _ => continue,
+    unique_names(items.iter().filter_map(|item| match item {
+        Value::String(s) => Some(Cow::Borrowed(s.as_str())),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        _ => None,
+    }))
+}
+
+/// Trims, drops empties and NULs, and removes duplicates keeping the first. Lists are short
+/// (a handful of models), so a linear scan beats hashing.
+fn unique_names<'a>(names: impl Iterator<Item = Cow<'a, str>>) -> Vec<Cow<'a, str>> {
+    let mut out: Vec<Cow<'a, str>> = Vec::new();
+    for name in names {
+        let name = match name {
+            Cow::Borrowed(s) => clean(s.trim()),
+            Cow::Owned(s) => Cow::Owned(clean(s.trim()).into_owned()),
         };
-        if !name.is_empty() && seen.insert(name.clone()) {
+        if !name.is_empty() && !out.contains(&name) {
             out.push(name);
         }
     }
     out
 }
 
+/// One element of a stored candidates array, read without building a `Value`.
+enum Item<'a> {
+    Name(Cow<'a, str>),
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Item<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Item<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a model name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Item<'de>, E> {
+                Ok(Item::Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Item<'de>, E> {
+                Ok(Item::Name(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Item<'de>, E> {
+                Ok(Item::Name(Cow::Owned(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Item<'de>, E> {
+                Ok(Item::Name(Cow::Owned(v.to_string())))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Item<'de>, E> {
+                Ok(Item::Name(Cow::Owned(v.to_string())))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Item<'de>, E> {
+                Ok(Item::Name(Cow::Owned(
+                    serde_json::Number::from_f64(v).map_or_else(String::new, |n| n.to_string()),
+                )))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Item<'de>, E> {
+                Ok(Item::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Item<'de>, E> {
+                Ok(Item::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Item<'de>, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Item::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Item<'de>, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Item::Other)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// Metadata from stored JSON text: an object, redacted and canonicalised; anything else `{}`
 /// (with a warning, except for NULL or empty, which simply mean "no metadata").
 pub fn parse_metadata(raw: Option<&str>, redactor: &Redactor) -> (String, Option<Warning>) {
     let text = raw.map(str::trim).unwrap_or("");
-    if text.is_empty() {
+    if text.is_empty() || text == "{}" {
         return ("{}".into(), None);
     }
     match serde_json::from_str::<Value>(text) {
@@ -394,48 +593,49 @@ pub fn write_json_string(out: &mut String, s: &str) {
 /// A mapping together with the id it was stored under, before de-duplication.
 #[derive(Debug, Clone)]
 pub struct Candidate {
-    pub stored_id: String,
+    /// `None` when the row was stored under its normalised id (the common case).
+    pub stored_id: Option<Box<str>>,
     pub mapping: Mapping,
+}
+
+impl Candidate {
+    pub fn new(stored_id: &str, mapping: Mapping) -> Candidate {
+        Candidate {
+            stored_id: (stored_id != mapping.id()).then(|| stored_id.into()),
+            mapping,
+        }
+    }
+
+    fn stored_id(&self) -> &str {
+        self.stored_id.as_deref().unwrap_or(self.mapping.id())
+    }
 }
 
 /// De-duplicates by normalised id (the later `updated_at` wins; on a tie the row stored under
 /// the normalised id, then the smaller stored id, so the outcome never depends on read order)
 /// and puts the result in export order.
-pub fn finalize(candidates: Vec<Candidate>) -> Vec<Mapping> {
-    let mut by_id: HashMap<String, Candidate> = HashMap::with_capacity(candidates.len());
-    for c in candidates {
-        match by_id.get_mut(&c.mapping.id) {
-            None => {
-                by_id.insert(c.mapping.id.clone(), c);
-            }
-            Some(kept) => {
-                if prefer(&c, kept) {
-                    *kept = c;
-                }
-            }
-        }
-    }
-    let mut out: Vec<Mapping> = by_id.into_values().map(|c| c.mapping).collect();
+pub fn finalize(mut candidates: Vec<Candidate>) -> Vec<Mapping> {
+    // The preferred candidate first within each id; `dedup_by` keeps the first of a run.
+    candidates.sort_unstable_by(|a, b| {
+        a.mapping
+            .id()
+            .cmp(b.mapping.id())
+            .then_with(|| preference(b, a))
+    });
+    candidates.dedup_by(|later, first| later.mapping.id() == first.mapping.id());
+    let mut out: Vec<Mapping> = candidates.into_iter().map(|c| c.mapping).collect();
     sort_for_export(&mut out);
     out
 }
 
-/// Whether `new` should replace `kept` for the same normalised id.
-fn prefer(new: &Candidate, kept: &Candidate) -> bool {
+/// `Greater` when `a` should win over `b` for the same normalised id.
+fn preference(a: &Candidate, b: &Candidate) -> Ordering {
     // `None < Some(_)` for Option, so a missing timestamp loses to any timestamp.
-    match new.mapping.updated_at.cmp(&kept.mapping.updated_at) {
-        Ordering::Greater => true,
-        Ordering::Less => false,
-        Ordering::Equal => {
-            let new_exact = new.stored_id == new.mapping.id;
-            let kept_exact = kept.stored_id == kept.mapping.id;
-            match (new_exact, kept_exact) {
-                (true, false) => true,
-                (false, true) => false,
-                _ => new.stored_id < kept.stored_id,
-            }
-        }
-    }
+    a.mapping
+        .updated_at
+        .cmp(&b.mapping.updated_at)
+        .then_with(|| a.stored_id.is_none().cmp(&b.stored_id.is_none()))
+        .then_with(|| b.stored_id().cmp(a.stored_id()))
 }
 
 /// Export order: prompt mappings first, then by `updated_at` descending (missing last), then id.
@@ -449,7 +649,7 @@ pub fn sort_for_export(mappings: &mut [Mapping]) {
                 (None, Some(_)) => Ordering::Greater,
                 (None, None) => Ordering::Equal,
             })
-            .then_with(|| a.id.cmp(&b.id))
+            .then_with(|| a.id().cmp(b.id()))
     });
 }
 
@@ -465,19 +665,15 @@ pub fn content_hash(mappings: &[Mapping]) -> String {
         }
         None => hasher.update(u64::MAX.to_le_bytes()),
     };
-    let mut scratch = String::new();
     for m in mappings {
-        field(Some(&m.id));
-        field(Some(&m.scope_type));
-        field(Some(&m.scope_key));
-        field(m.name.as_deref());
-        field(m.default_model.as_deref());
-        m.candidates_json(&mut scratch);
-        field(Some(&scratch));
+        field(Some(m.id()));
+        field(m.name());
+        field(m.default_model());
+        field(Some(m.candidates_json()));
         field(Some(if m.is_active { "t" } else { "f" }));
         field(m.updated_at.as_ref().map(format_timestamp).as_deref());
         field(Some(m.source.as_str()));
-        field(Some(&m.metadata));
+        field(Some(m.metadata_json()));
     }
     hasher
         .finalize()
@@ -518,22 +714,22 @@ impl Mapping {
             Some(c @ Value::Array(_)) => candidates_from_value(c),
             Some(_) => return Err("candidates is not a list".into()),
         };
-        let source = match text("source") {
-            Some("prompt") => Origin::Prompt,
-            _ => Origin::Sqlite,
-        };
-        Ok(Mapping {
-            id: format!("{scope_type}:{scope_key}"),
-            scope_type,
-            scope_key,
-            name: text("name").map(clean),
-            default_model: non_empty(text("default_model")),
-            candidates,
+        let name = text("name").map(clean);
+        let default_model = non_empty(text("default_model"));
+        Ok(Mapping::new(Fields {
+            scope_type: &scope_type,
+            scope_key: &scope_key,
+            name: name.as_deref(),
+            default_model: default_model.as_deref(),
+            candidates: &candidates,
             is_active: parse_active_json(obj.get("is_active")),
             updated_at,
-            source,
-            metadata,
-        })
+            source: match text("source") {
+                Some("prompt") => Origin::Prompt,
+                _ => Origin::Sqlite,
+            },
+            metadata: &metadata,
+        }))
     }
 }
 
@@ -544,18 +740,28 @@ mod tests {
 
     fn mapping(id: &str, updated_at: Option<&str>, source: Origin) -> Mapping {
         let (scope_type, scope_key) = id.split_once(':').unwrap();
-        Mapping {
-            id: id.into(),
-            scope_type: scope_type.into(),
-            scope_key: scope_key.into(),
-            name: None,
-            default_model: None,
-            candidates: vec![],
+        Mapping::new(Fields {
+            scope_type,
+            scope_key,
             is_active: true,
             updated_at: updated_at.map(|t| parse_timestamp(Some(t)).0.unwrap()),
             source,
-            metadata: "{}".into(),
-        }
+            metadata: "{}",
+            ..Default::default()
+        })
+    }
+
+    fn named(m: Mapping, name: &str) -> Mapping {
+        Mapping::new(Fields {
+            scope_type: m.scope_type(),
+            scope_key: m.scope_key(),
+            name: Some(name),
+            is_active: m.is_active,
+            updated_at: m.updated_at,
+            source: m.source,
+            metadata: m.metadata_json(),
+            ..Default::default()
+        })
     }
 
     #[test]
@@ -718,45 +924,45 @@ mod tests {
 
     #[test]
     fn later_updated_at_wins_among_duplicate_ids() {
-        let older = Candidate {
-            stored_id: "mapping:x".into(),
-            mapping: mapping("mapping:x", Some("2026-01-01T00:00:00Z"), Origin::Sqlite),
-        };
-        let newer = Candidate {
-            stored_id: "tenant:x".into(),
-            mapping: Mapping {
-                name: Some("from tenant".into()),
-                ..mapping("mapping:x", Some("2026-02-01T00:00:00Z"), Origin::Sqlite)
-            },
-        };
+        let older = Candidate::new(
+            "mapping:x",
+            mapping("mapping:x", Some("2026-01-01T00:00:00Z"), Origin::Sqlite),
+        );
+        let newer = Candidate::new(
+            "tenant:x",
+            named(
+                mapping("mapping:x", Some("2026-02-01T00:00:00Z"), Origin::Sqlite),
+                "from tenant",
+            ),
+        );
         for order in [
             vec![older.clone(), newer.clone()],
             vec![newer.clone(), older.clone()],
         ] {
             let out = finalize(order);
             assert_eq!(out.len(), 1);
-            assert_eq!(out[0].name.as_deref(), Some("from tenant"));
+            assert_eq!(out[0].name(), Some("from tenant"));
         }
     }
 
     #[test]
     fn on_a_tie_the_row_stored_under_the_normalised_id_wins() {
-        let exact = Candidate {
-            stored_id: "mapping:x".into(),
-            mapping: Mapping {
-                name: Some("exact".into()),
-                ..mapping("mapping:x", Some("2026-01-01T00:00:00Z"), Origin::Sqlite)
-            },
-        };
-        let alias = Candidate {
-            stored_id: "tenant:x".into(),
-            mapping: mapping("mapping:x", Some("2026-01-01T00:00:00Z"), Origin::Sqlite),
-        };
+        let exact = Candidate::new(
+            "mapping:x",
+            named(
+                mapping("mapping:x", Some("2026-01-01T00:00:00Z"), Origin::Sqlite),
+                "exact",
+            ),
+        );
+        let alias = Candidate::new(
+            "tenant:x",
+            mapping("mapping:x", Some("2026-01-01T00:00:00Z"), Origin::Sqlite),
+        );
         for order in [
             vec![exact.clone(), alias.clone()],
             vec![alias.clone(), exact.clone()],
         ] {
-            assert_eq!(finalize(order)[0].name.as_deref(), Some("exact"));
+            assert_eq!(finalize(order)[0].name(), Some("exact"));
         }
     }
 
@@ -777,12 +983,12 @@ mod tests {
             ]
             .into_iter()
             .map(|m| Candidate {
-                stored_id: m.id.clone(),
+                stored_id: None,
                 mapping: m,
             })
             .collect(),
         );
-        let ids: Vec<&str> = out.iter().map(|m| m.id.as_str()).collect();
+        let ids: Vec<&str> = out.iter().map(Mapping::id).collect();
         assert_eq!(
             ids,
             [
@@ -798,16 +1004,47 @@ mod tests {
 
     #[test]
     fn exported_form_has_ten_fields_in_order() {
-        let m = Mapping {
-            name: Some("X".into()),
-            candidates: vec!["a".into()],
-            metadata: r#"{"max_tokens": 5}"#.into(),
-            ..mapping("mapping:x", Some("2026-01-16T10:17:10Z"), Origin::Sqlite)
-        };
+        let m = Mapping::new(Fields {
+            scope_type: "mapping",
+            scope_key: "x",
+            name: Some("X"),
+            candidates: &[Cow::Borrowed("a")],
+            is_active: true,
+            updated_at: parse_timestamp(Some("2026-01-16T10:17:10Z")).0,
+            metadata: r#"{"max_tokens": 5}"#,
+            ..Default::default()
+        });
         assert_eq!(
             serde_json::to_string(&m).unwrap(),
             r#"{"id":"mapping:x","scope_type":"mapping","scope_key":"x","name":"X","default_model":null,"candidates":["a"],"is_active":true,"updated_at":"2026-01-16T10:17:10+00:00","source":"sqlite","metadata":{"max_tokens":5}}"#
         );
+    }
+
+    #[test]
+    fn accessors_give_back_every_field() {
+        let candidates = [Cow::Borrowed("gpt-4o"), Cow::Borrowed("模型 \"β\"")];
+        let m = Mapping::new(Fields {
+            scope_type: "premium_user",
+            scope_key: "a:b",
+            name: Some(""),
+            default_model: Some("gpt-4o"),
+            candidates: &candidates,
+            is_active: false,
+            updated_at: None,
+            source: Origin::Prompt,
+            metadata: r#"{"k": 1}"#,
+        });
+        assert_eq!(m.id(), "premium_user:a:b");
+        assert_eq!(m.scope_type(), "premium_user");
+        assert_eq!(m.scope_key(), "a:b");
+        assert_eq!(m.name(), Some(""), "an empty name is not a missing one");
+        assert_eq!(m.default_model(), Some("gpt-4o"));
+        assert_eq!(m.candidates(), ["gpt-4o", "模型 \"β\""]);
+        assert_eq!(m.candidates_json(), r#"["gpt-4o", "模型 \"β\""]"#);
+        assert_eq!(m.metadata(), json!({"k": 1}));
+        let bare = mapping("global:global", None, Origin::Sqlite);
+        assert_eq!((bare.name(), bare.default_model()), (None, None));
+        assert_eq!(bare.candidates_json(), "[]");
     }
 
     #[test]
@@ -817,5 +1054,7 @@ mod tests {
         assert_eq!(content_hash(&a), content_hash(&b));
         b[0].is_active = false;
         assert_ne!(content_hash(&a), content_hash(&b));
+        let renamed = vec![named(a[0].clone(), "x")];
+        assert_ne!(content_hash(&a), content_hash(&renamed));
     }
 }

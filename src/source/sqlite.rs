@@ -7,6 +7,7 @@
 //! would keep reading the old inode, so the file identity is checked on every call and the
 //! connection reopened when it moved.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use serde_json::Value;
 
 use super::{SourceError, SourceImage};
 use crate::config::SourceSettings;
-use crate::mapping::{self, Candidate, Mapping, Origin, Redactor};
+use crate::mapping::{self, Candidate, Fields, Mapping, Origin, Redactor};
 
 /// (device, inode): which file the connection has open.
 type FileId = (u64, u64);
@@ -27,11 +28,17 @@ pub struct SqliteSource {
     path: PathBuf,
     busy_timeout: Duration,
     include_prompts: bool,
-    redactor: Redactor,
     conn: Option<(Connection, FileId)>,
     /// `data_version` as of the last successful read.
     read_version: Option<i64>,
-    /// Row ids already warned about, so a bad row is logged once, not on every reconcile.
+    rules: Rules,
+}
+
+/// Turns stored rows into mappings, and remembers which rows it already warned about, so a
+/// bad row is logged once, not on every reconcile.
+struct Rules {
+    path: PathBuf,
+    redactor: Redactor,
     reported: HashSet<String>,
     /// Distinct rows skipped so far (for `mapsync_source_rows_skipped_total`).
     skipped_seen: u64,
@@ -43,11 +50,14 @@ impl SqliteSource {
             path: settings.sqlite_path.clone(),
             busy_timeout: settings.busy_timeout,
             include_prompts: settings.include_prompt_mappings,
-            redactor,
             conn: None,
             read_version: None,
-            reported: HashSet::new(),
-            skipped_seen: 0,
+            rules: Rules {
+                path: settings.sqlite_path.clone(),
+                redactor,
+                reported: HashSet::new(),
+                skipped_seen: 0,
+            },
         }
     }
 
@@ -57,7 +67,7 @@ impl SqliteSource {
 
     /// How many distinct rows have been skipped since start (each counted once).
     pub fn skipped_total(&self) -> u64 {
-        self.skipped_seen
+        self.rules.skipped_seen
     }
 
     /// Whether a commit may have happened since the last [`read`](Self::read): true when there
@@ -78,23 +88,20 @@ impl SqliteSource {
         // Taken before the transaction: a commit that lands in between is read now and seen
         // again as a change next time (one extra read), never missed.
         let version = self.data_version()?;
-        let (rows, prompts) = {
-            let (conn, _) = self.conn.as_ref().expect("ensure_open succeeded");
-            let tx = conn
-                .unchecked_transaction()
-                .map_err(|e| classify(&self.path, e))?;
-            let rows = read_mapping_rows(&tx).map_err(|e| classify(&self.path, e))?;
-            let prompts = if self.include_prompts {
-                read_prompt_rows(&tx).map_err(|e| classify(&self.path, e))?
-            } else {
-                Vec::new()
-            };
-            tx.commit().map_err(|e| classify(&self.path, e))?;
-            (rows, prompts)
-        };
-        let image = self.normalise(rows, prompts);
+        let (conn, _) = self.conn.as_ref().expect("ensure_open succeeded");
+        let fail = |e| classify(&self.path, e);
+        let tx = conn.unchecked_transaction().map_err(fail)?;
+        let mut candidates = Vec::new();
+        let skipped = read_mapping_rows(&tx, &mut self.rules, &mut candidates).map_err(fail)?;
+        if self.include_prompts {
+            read_prompt_rows(&tx, &mut self.rules, &mut candidates).map_err(fail)?;
+        }
+        tx.commit().map_err(fail)?;
         self.read_version = Some(version);
-        Ok(image)
+        Ok(SourceImage {
+            mappings: mapping::finalize(candidates),
+            skipped,
+        })
     }
 
     /// Drops the kept connection (the daemon does this when the file vanishes).
@@ -130,14 +137,7 @@ impl SqliteSource {
         .map_err(|e| classify(&self.path, e))?;
         conn.busy_timeout(self.busy_timeout)
             .map_err(|e| classify(&self.path, e))?;
-        let has_table: bool = conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'llm_model_mappings')",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| classify(&self.path, e))?;
-        if !has_table {
+        if !table_exists(&conn, "llm_model_mappings").map_err(|e| classify(&self.path, e))? {
             return Err(SourceError::NotAppDatabase(self.path.clone()));
         }
         self.conn = Some((conn, id));
@@ -150,42 +150,21 @@ impl SqliteSource {
         conn.query_row("PRAGMA data_version", [], |r| r.get(0))
             .map_err(|e| classify(&self.path, e))
     }
+}
 
+impl Rules {
     fn warn_once(&mut self, row: &str, what: &str) {
         if self.reported.insert(format!("{row}\u{0}{what}")) {
             tracing::warn!(row = %row, file = %self.path.display(), "{what}");
         }
     }
 
-    fn normalise(&mut self, rows: Vec<MappingRow>, prompts: Vec<PromptRow>) -> SourceImage {
-        let mut out = Vec::with_capacity(rows.len() + prompts.len());
-        let mut skipped = 0;
-        for row in rows {
-            match self.mapping_from_row(row) {
-                Some(c) => out.push(c),
-                None => skipped += 1,
-            }
-        }
-        for p in prompts {
-            if let Some(c) = self.mapping_from_prompt(p) {
-                out.push(c);
-            }
-        }
-        SourceImage {
-            mappings: mapping::finalize(out),
-            skipped,
-        }
-    }
-
-    fn mapping_from_row(&mut self, row: MappingRow) -> Option<Candidate> {
-        let stored_id = row.id.unwrap_or_default();
+    /// A mapping from one `llm_model_mappings` row; `None` (counted, logged once) when its
+    /// scope is empty.
+    fn mapping_row(&mut self, row: &MappingRow<'_>) -> Option<Candidate> {
+        let stored_id = row.id.as_deref().unwrap_or_default();
         let scope_type = mapping::normalize_scope_type(row.scope_type.as_deref().unwrap_or(""));
-        let scope_key = row
-            .scope_key
-            .as_deref()
-            .unwrap_or("")
-            .trim()
-            .replace('\0', "");
+        let scope_key = mapping::clean(row.scope_key.as_deref().unwrap_or("").trim());
         if scope_type.is_empty() || scope_key.is_empty() {
             if self.reported.insert(format!("{stored_id}\u{0}skip")) {
                 self.skipped_seen += 1;
@@ -198,26 +177,26 @@ impl SqliteSource {
         let (metadata, w2) = mapping::parse_metadata(row.metadata_json.as_deref(), &self.redactor);
         let (updated_at, w3) = mapping::parse_timestamp(row.updated_at.as_deref());
         for w in [w1, w2, w3].into_iter().flatten() {
-            self.warn_once(&stored_id, &w.to_string());
+            self.warn_once(stored_id, &w.to_string());
         }
-        Some(Candidate {
-            mapping: Mapping {
-                id: format!("{scope_type}:{scope_key}"),
-                scope_type,
-                scope_key,
-                name: row.name.map(|n| n.replace('\0', "")),
-                default_model: mapping::non_empty(row.default_model.as_deref()),
-                candidates,
-                is_active: mapping::parse_active_int(row.is_active),
-                updated_at,
-                source: Origin::Sqlite,
-                metadata,
-            },
-            stored_id,
-        })
+        let name = row.name.as_deref().map(mapping::clean);
+        let default_model = mapping::non_empty(row.default_model.as_deref());
+        let m = Mapping::new(Fields {
+            scope_type: &scope_type,
+            scope_key: &scope_key,
+            name: name.as_deref(),
+            default_model: default_model.as_deref(),
+            candidates: &candidates,
+            is_active: mapping::parse_active_int(row.is_active),
+            updated_at,
+            source: Origin::Sqlite,
+            metadata: &metadata,
+        });
+        Some(Candidate::new(stored_id, m))
     }
 
-    fn mapping_from_prompt(&mut self, p: PromptRow) -> Option<Candidate> {
+    /// A mapping from one prompt, when its `tools_json` holds a `__model_mapping` object.
+    fn prompt_row(&mut self, p: &PromptRow<'_>) -> Option<Candidate> {
         let row = format!("ai_prompts:{}", p.id);
         let tools: Value = match serde_json::from_str(p.tools_json.as_deref().unwrap_or("")) {
             Ok(v) => v,
@@ -247,22 +226,26 @@ impl SqliteSource {
         if let Some(w) = w {
             self.warn_once(&row, &w.to_string());
         }
-        let metadata = serde_json::json!({ "version": p.version, "category": p.category });
+        let metadata = mapping::canonical_json(&serde_json::json!({
+            "version": p.version, "category": p.category,
+        }));
         let scope_key = p.id.to_string();
+        let name = p.name.as_deref().map(mapping::clean);
+        let default_model = mapping::non_empty(mm.get("default_model").and_then(Value::as_str));
+        let m = Mapping::new(Fields {
+            scope_type: "prompt",
+            scope_key: &scope_key,
+            name: name.as_deref(),
+            default_model: default_model.as_deref(),
+            candidates: &candidates,
+            is_active: mapping::parse_active_json(mm.get("is_active")),
+            updated_at,
+            source: Origin::Prompt,
+            metadata: &metadata,
+        });
         Some(Candidate {
-            stored_id: format!("prompt:{scope_key}"),
-            mapping: Mapping {
-                id: format!("prompt:{scope_key}"),
-                scope_type: "prompt".into(),
-                scope_key,
-                name: p.name,
-                default_model: mapping::non_empty(mm.get("default_model").and_then(Value::as_str)),
-                candidates,
-                is_active: mapping::parse_active_json(mm.get("is_active")),
-                updated_at,
-                source: Origin::Prompt,
-                metadata: mapping::canonical_json(&metadata),
-            },
+            stored_id: None,
+            mapping: m,
         })
     }
 }
@@ -281,37 +264,50 @@ fn model_mapping_of(tools: &Value) -> Option<&serde_json::Map<String, Value>> {
     }
 }
 
-/// One row of `llm_model_mappings`, as stored. SQLite is dynamically typed, so every column is
-/// read leniently (see [`text`]).
-struct MappingRow {
-    id: Option<String>,
-    scope_type: Option<String>,
-    scope_key: Option<String>,
-    name: Option<String>,
-    default_model: Option<String>,
-    candidates_json: Option<String>,
+/// One row of `llm_model_mappings`, borrowed from SQLite's row buffer. SQLite is dynamically
+/// typed, so every column is read leniently (see [`text`] and [`integer`]).
+struct MappingRow<'a> {
+    id: Option<Cow<'a, str>>,
+    scope_type: Option<Cow<'a, str>>,
+    scope_key: Option<Cow<'a, str>>,
+    name: Option<Cow<'a, str>>,
+    default_model: Option<Cow<'a, str>>,
+    candidates_json: Option<Cow<'a, str>>,
     is_active: Option<i64>,
-    updated_at: Option<String>,
-    metadata_json: Option<String>,
+    updated_at: Option<Cow<'a, str>>,
+    metadata_json: Option<Cow<'a, str>>,
 }
 
-struct PromptRow {
+struct PromptRow<'a> {
     id: i64,
-    name: Option<String>,
-    version: Option<String>,
-    category: Option<String>,
-    tools_json: Option<String>,
+    name: Option<Cow<'a, str>>,
+    version: Option<Cow<'a, str>>,
+    category: Option<Cow<'a, str>>,
+    tools_json: Option<Cow<'a, str>>,
 }
 
-fn read_mapping_rows(conn: &Connection) -> rusqlite::Result<Vec<MappingRow>> {
+fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
+}
+
+/// Streams `llm_model_mappings` into `out`; returns how many rows were skipped.
+fn read_mapping_rows(
+    conn: &Connection,
+    rules: &mut Rules,
+    out: &mut Vec<Candidate>,
+) -> rusqlite::Result<usize> {
     let mut stmt = conn.prepare(
         "SELECT id, scope_type, scope_key, name, default_model, candidates_json, is_active, \
          updated_at, metadata_json FROM llm_model_mappings",
     )?;
     let mut rows = stmt.query([])?;
-    let mut out = Vec::new();
+    let mut skipped = 0;
     while let Some(r) = rows.next()? {
-        out.push(MappingRow {
+        let row = MappingRow {
             id: text(r.get_ref(0)?),
             scope_type: text(r.get_ref(1)?),
             scope_key: text(r.get_ref(2)?),
@@ -321,46 +317,50 @@ fn read_mapping_rows(conn: &Connection) -> rusqlite::Result<Vec<MappingRow>> {
             is_active: integer(r.get_ref(6)?),
             updated_at: text(r.get_ref(7)?),
             metadata_json: text(r.get_ref(8)?),
-        });
+        };
+        match rules.mapping_row(&row) {
+            Some(c) => out.push(c),
+            None => skipped += 1,
+        }
     }
-    Ok(out)
+    Ok(skipped)
 }
 
-fn read_prompt_rows(conn: &Connection) -> rusqlite::Result<Vec<PromptRow>> {
-    let exists: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ai_prompts')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !exists {
-        return Ok(Vec::new());
+/// Streams the prompts that hold a mapping into `out`. A missing `ai_prompts` table is fine.
+fn read_prompt_rows(
+    conn: &Connection,
+    rules: &mut Rules,
+    out: &mut Vec<Candidate>,
+) -> rusqlite::Result<()> {
+    if !table_exists(conn, "ai_prompts")? {
+        return Ok(());
     }
     let mut stmt = conn.prepare(
         "SELECT id, name, version, category, tools_json FROM ai_prompts \
          WHERE tools_json LIKE '%__model_mapping%'",
     )?;
     let mut rows = stmt.query([])?;
-    let mut out = Vec::new();
     while let Some(r) = rows.next()? {
-        out.push(PromptRow {
+        let row = PromptRow {
             id: integer(r.get_ref(0)?).unwrap_or_default(),
             name: text(r.get_ref(1)?),
             version: text(r.get_ref(2)?),
             category: text(r.get_ref(3)?),
             tools_json: text(r.get_ref(4)?),
-        });
+        };
+        out.extend(rules.prompt_row(&row));
     }
-    Ok(out)
+    Ok(())
 }
 
-/// A column as text, whatever SQLite stored: numbers become their decimal text, blobs are read
-/// as UTF-8 (lossily), NULL is `None`.
-fn text(v: ValueRef<'_>) -> Option<String> {
+/// A column as text, whatever SQLite stored: text borrowed as is, numbers as their decimal
+/// text, blobs read as UTF-8 (lossily), NULL as `None`.
+fn text(v: ValueRef<'_>) -> Option<Cow<'_, str>> {
     match v {
         ValueRef::Null => None,
-        ValueRef::Integer(i) => Some(i.to_string()),
-        ValueRef::Real(f) => Some(f.to_string()),
-        ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Integer(i) => Some(Cow::Owned(i.to_string())),
+        ValueRef::Real(f) => Some(Cow::Owned(f.to_string())),
+        ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t)),
     }
 }
 

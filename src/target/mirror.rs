@@ -107,7 +107,7 @@ impl Target {
         let index: HashMap<&str, usize> = mappings
             .iter()
             .enumerate()
-            .map(|(i, m)| (m.id.as_str(), i))
+            .map(|(i, m)| (m.id(), i))
             .collect();
         let mut remote = vec![Remote::Missing; mappings.len()];
         let mut extra: Vec<String> = Vec::new();
@@ -121,13 +121,12 @@ impl Target {
             .map_err(err)?;
         let rows = BinaryCopyOutStream::new(stream, &COLUMN_TYPES);
         pin_mut!(rows);
-        let mut scratch = String::new();
         while let Some(row) = rows.try_next().await.map_err(err)? {
             outcome.remote_before += 1;
             let id: &str = row.try_get(0).map_err(err)?;
             match index.get(id) {
                 Some(&i) => {
-                    remote[i] = if same(&mappings[i], &row, &mut scratch).map_err(err)? {
+                    remote[i] = if same(&mappings[i], &row).map_err(err)? {
                         Remote::Same
                     } else {
                         Remote::Differs
@@ -203,24 +202,16 @@ fn mass_delete(extra: u64, remote: u64, opts: &MirrorOptions) -> Option<String> 
 }
 
 /// Field-by-field comparison of a source mapping with a remote row (id already equal).
-fn same(
-    m: &Mapping,
-    r: &BinaryCopyOutRow,
-    scratch: &mut String,
-) -> Result<bool, tokio_postgres::Error> {
-    if r.try_get::<&str>(1)? != m.scope_type
-        || r.try_get::<&str>(2)? != m.scope_key
-        || r.try_get::<Option<&str>>(3)? != m.name.as_deref()
-        || r.try_get::<Option<&str>>(4)? != m.default_model.as_deref()
-        || r.try_get::<Option<bool>>(6)? != Some(m.is_active)
-        || r.try_get::<Option<DateTime<Utc>>>(7)? != m.updated_at
-        || r.try_get::<Option<&str>>(8)? != Some(m.source.as_str())
-        || r.try_get::<Option<Jsonb>>(9)?.map(|j| j.0) != Some(m.metadata.as_str())
-    {
-        return Ok(false);
-    }
-    m.candidates_json(scratch);
-    Ok(r.try_get::<Option<Jsonb>>(5)?.map(|j| j.0) == Some(scratch.as_str()))
+fn same(m: &Mapping, r: &BinaryCopyOutRow) -> Result<bool, tokio_postgres::Error> {
+    Ok(r.try_get::<&str>(1)? == m.scope_type()
+        && r.try_get::<&str>(2)? == m.scope_key()
+        && r.try_get::<Option<&str>>(3)? == m.name()
+        && r.try_get::<Option<&str>>(4)? == m.default_model()
+        && r.try_get::<Option<bool>>(6)? == Some(m.is_active)
+        && r.try_get::<Option<DateTime<Utc>>>(7)? == m.updated_at
+        && r.try_get::<Option<&str>>(8)? == Some(m.source.as_str())
+        && r.try_get::<Option<Jsonb>>(5)?.map(|j| j.0) == Some(m.candidates_json())
+        && r.try_get::<Option<Jsonb>>(9)?.map(|j| j.0) == Some(m.metadata_json()))
 }
 
 /// Streams `rows` into `table` with binary COPY. Returns the number of rows written.
@@ -236,22 +227,20 @@ async fn copy_in(
         .await?;
     let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
     pin_mut!(writer);
-    let mut candidates = String::new();
     for m in rows {
-        m.candidates_json(&mut candidates);
         writer
             .as_mut()
             .write(&[
-                &m.id,
-                &m.scope_type,
-                &m.scope_key,
-                &m.name,
-                &m.default_model,
-                &Jsonb(&candidates),
+                &m.id(),
+                &m.scope_type(),
+                &m.scope_key(),
+                &m.name(),
+                &m.default_model(),
+                &Jsonb(m.candidates_json()),
                 &m.is_active,
                 &m.updated_at,
                 &m.source.as_str(),
-                &Jsonb(&m.metadata),
+                &Jsonb(m.metadata_json()),
             ])
             .await?;
     }
