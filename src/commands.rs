@@ -8,9 +8,9 @@ use chrono::Utc;
 
 use crate::Error;
 use crate::config::Settings;
-use crate::mapping::Redactor;
+use crate::mapping::{self, Redactor};
 use crate::snapshot;
-use crate::source::{SourceImage, SqliteSource};
+use crate::source::{ReadMode, SourceImage, SqliteSource};
 use crate::sync::{self, SyncOptions, SyncReport, Trigger};
 use crate::target::Target;
 
@@ -20,7 +20,7 @@ pub async fn read_source(settings: &Settings) -> Result<SourceImage, Error> {
         &settings.source,
         Redactor::new(&settings.snapshot.redact_keys),
     );
-    tokio::task::spawn_blocking(move || source.read())
+    tokio::task::spawn_blocking(move || source.read(ReadMode::Full))
         .await
         .map_err(|e| Error::Other(format!("reading the SQLite file stopped: {e}")))?
         .map_err(Error::from)
@@ -47,7 +47,8 @@ pub async fn export(
     output: Option<&Path>,
     stdout: impl Write,
 ) -> Result<usize, Error> {
-    let image = read_source(settings).await?;
+    let mut image = read_source(settings).await?;
+    mapping::sort_for_export(&mut image.mappings);
     let now = Utc::now();
     match output {
         Some(path) => {

@@ -11,8 +11,10 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -56,6 +58,8 @@ pub struct Mapping {
     pub source: Origin,
     /// Microsecond precision, as Postgres stores it.
     pub updated_at: Option<DateTime<Utc>>,
+    /// Hash of every field, computed once: cheap change detection (see [`digest`]).
+    digest: u64,
 }
 
 /// The parts of a [`Mapping`], already normalised by the caller (see the functions below).
@@ -100,6 +104,16 @@ impl Mapping {
         mark(&text, 3);
         text.push_str(f.metadata);
         mark(&text, 4);
+        let mut hasher = std::hash::DefaultHasher::new();
+        (
+            &text,
+            ends,
+            colon,
+            f.name.is_some(),
+            f.default_model.is_some(),
+        )
+            .hash(&mut hasher);
+        (f.is_active, f.source, f.updated_at).hash(&mut hasher);
         Mapping {
             text: text.into_boxed_str(),
             ends,
@@ -109,7 +123,13 @@ impl Mapping {
             is_active: f.is_active,
             source: f.source,
             updated_at: f.updated_at,
+            digest: hasher.finish(),
         }
+    }
+
+    /// A 64-bit hash of every field: equal mappings have equal digests.
+    pub fn digest(&self) -> u64 {
+        self.digest
     }
 
     fn part(&self, i: usize) -> &str {
@@ -595,14 +615,14 @@ pub fn write_json_string(out: &mut String, s: &str) {
 pub struct Candidate {
     /// `None` when the row was stored under its normalised id (the common case).
     pub stored_id: Option<Box<str>>,
-    pub mapping: Mapping,
+    pub mapping: Arc<Mapping>,
 }
 
 impl Candidate {
     pub fn new(stored_id: &str, mapping: Mapping) -> Candidate {
         Candidate {
             stored_id: (stored_id != mapping.id()).then(|| stored_id.into()),
-            mapping,
+            mapping: Arc::new(mapping),
         }
     }
 
@@ -611,21 +631,31 @@ impl Candidate {
     }
 }
 
-/// De-duplicates by normalised id (the later `updated_at` wins; on a tie the row stored under
-/// the normalised id, then the smaller stored id, so the outcome never depends on read order)
-/// and puts the result in export order.
-pub fn finalize(mut candidates: Vec<Candidate>) -> Vec<Mapping> {
-    // The preferred candidate first within each id; `dedup_by` keeps the first of a run.
-    candidates.sort_unstable_by(|a, b| {
-        a.mapping
-            .id()
-            .cmp(b.mapping.id())
-            .then_with(|| preference(b, a))
-    });
-    candidates.dedup_by(|later, first| later.mapping.id() == first.mapping.id());
-    let mut out: Vec<Mapping> = candidates.into_iter().map(|c| c.mapping).collect();
-    sort_for_export(&mut out);
-    out
+/// De-duplicates by normalised id: the later `updated_at` wins; on a tie the row stored under
+/// the normalised id, then the smaller stored id, so the outcome never depends on read order.
+/// The order of the result is unspecified; see [`sort_for_export`].
+pub fn finalize(candidates: Vec<Candidate>) -> Vec<Arc<Mapping>> {
+    let mut winner: HashMap<&str, usize> = HashMap::with_capacity(candidates.len());
+    for (i, c) in candidates.iter().enumerate() {
+        winner
+            .entry(c.mapping.id())
+            .and_modify(|w| {
+                if preference(c, &candidates[*w]) == Ordering::Greater {
+                    *w = i;
+                }
+            })
+            .or_insert(i);
+    }
+    if winner.len() == candidates.len() {
+        return candidates.into_iter().map(|c| c.mapping).collect();
+    }
+    let mut keep = vec![false; candidates.len()];
+    winner.values().for_each(|&i| keep[i] = true);
+    candidates
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(c, k)| k.then_some(c.mapping))
+        .collect()
 }
 
 /// `Greater` when `a` should win over `b` for the same normalised id.
@@ -639,7 +669,7 @@ fn preference(a: &Candidate, b: &Candidate) -> Ordering {
 }
 
 /// Export order: prompt mappings first, then by `updated_at` descending (missing last), then id.
-pub fn sort_for_export(mappings: &mut [Mapping]) {
+pub fn sort_for_export(mappings: &mut [Arc<Mapping>]) {
     mappings.sort_by(|a, b| {
         let prompt_first = (a.source != Origin::Prompt).cmp(&(b.source != Origin::Prompt));
         prompt_first
@@ -653,35 +683,19 @@ pub fn sort_for_export(mappings: &mut [Mapping]) {
     });
 }
 
-/// A stable digest of a set of mappings (hex SHA-256 over every field, length-prefixed), used
-/// to tell whether anything changed since the newest snapshot.
-pub fn content_hash(mappings: &[Mapping]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    let mut field = |v: Option<&str>| match v {
-        Some(s) => {
-            hasher.update((s.len() as u64).to_le_bytes());
-            hasher.update(s.as_bytes());
-        }
-        None => hasher.update(u64::MAX.to_le_bytes()),
-    };
-    for m in mappings {
-        field(Some(m.id()));
-        field(m.name());
-        field(m.default_model());
-        field(Some(m.candidates_json()));
-        field(Some(if m.is_active { "t" } else { "f" }));
-        field(m.updated_at.as_ref().map(format_timestamp).as_deref());
-        field(Some(m.source.as_str()));
-        field(Some(m.metadata_json()));
-    }
-    hasher
-        .finalize()
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+/// A digest of a whole set of mappings, independent of their order: tells whether anything
+/// changed since the newest snapshot without comparing 100,000 mappings.
+pub fn digest<'a>(mappings: impl IntoIterator<Item = &'a Mapping>) -> u64 {
+    mappings
+        .into_iter()
+        .fold(0u64, |acc, m| acc.wrapping_add(mix(m.digest)))
+}
+
+/// SplitMix64's finaliser: spreads each digest over all 64 bits before they are summed.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Mapping {
@@ -968,7 +982,7 @@ mod tests {
 
     #[test]
     fn export_order_is_prompts_then_newest_then_id() {
-        let out = finalize(
+        let mut out = finalize(
             [
                 mapping("mapping:b", Some("2026-01-02T00:00:00Z"), Origin::Sqlite),
                 mapping("mapping:a", Some("2026-01-02T00:00:00Z"), Origin::Sqlite),
@@ -984,11 +998,12 @@ mod tests {
             .into_iter()
             .map(|m| Candidate {
                 stored_id: None,
-                mapping: m,
+                mapping: Arc::new(m),
             })
             .collect(),
         );
-        let ids: Vec<&str> = out.iter().map(Mapping::id).collect();
+        sort_for_export(&mut out);
+        let ids: Vec<&str> = out.iter().map(|m| m.id()).collect();
         assert_eq!(
             ids,
             [
@@ -1048,13 +1063,14 @@ mod tests {
     }
 
     #[test]
-    fn content_hash_changes_with_content_only() {
-        let a = vec![mapping("mapping:x", None, Origin::Sqlite)];
-        let mut b = a.clone();
-        assert_eq!(content_hash(&a), content_hash(&b));
-        b[0].is_active = false;
-        assert_ne!(content_hash(&a), content_hash(&b));
-        let renamed = vec![named(a[0].clone(), "x")];
-        assert_ne!(content_hash(&a), content_hash(&renamed));
+    fn digests_change_with_content_only() {
+        let x = mapping("mapping:x", None, Origin::Sqlite);
+        let y = mapping("mapping:y", None, Origin::Sqlite);
+        assert_eq!(digest([&x, &y]), digest([&y, &x]), "order does not matter");
+        assert_eq!(x.digest(), x.clone().digest());
+        let renamed = named(x.clone(), "x");
+        assert_ne!(digest([&x, &y]), digest([&renamed, &y]));
+        assert_ne!(digest([&x, &y]), digest([&x]));
+        assert_ne!(digest([&x, &y]), digest([&x, &y, &y]), "a duplicate counts");
     }
 }

@@ -15,6 +15,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Serialize;
@@ -67,14 +68,15 @@ impl SnapshotError {
 struct Document<'a> {
     exported_at: String,
     count: usize,
-    mappings: &'a [Mapping],
+    mappings: &'a [Arc<Mapping>],
 }
 
-/// Writes the export document for `mappings` (two-space indent, UTF-8, not ASCII-escaped, a
+/// Writes the export document for `mappings`, in the order given (callers sort with
+/// [`mapping::sort_for_export`]; two-space indent, UTF-8, not ASCII-escaped, a
 /// trailing newline) to `out`.
 pub fn write_document(
     out: impl Write,
-    mappings: &[Mapping],
+    mappings: &[Arc<Mapping>],
     exported_at: DateTime<Utc>,
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
@@ -168,7 +170,7 @@ pub struct SnapshotStore {
     keep: usize,
     redactor: Redactor,
     /// Digest of the newest snapshot's mappings; `None` until known.
-    newest_hash: Option<String>,
+    newest_digest: Option<u64>,
 }
 
 impl SnapshotStore {
@@ -177,7 +179,7 @@ impl SnapshotStore {
             dir: settings.dir.clone(),
             keep: settings.keep,
             redactor,
-            newest_hash: None,
+            newest_digest: None,
         }
     }
 
@@ -195,37 +197,38 @@ impl SnapshotStore {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        if self.newest_hash.is_none() {
-            self.newest_hash = self.hash_of_latest();
+        if self.newest_digest.is_none() {
+            self.newest_digest = self.digest_of_latest();
         }
         Ok(())
     }
 
     /// Digest of `model-mappings-latest.json`'s mappings, when it exists and parses.
-    fn hash_of_latest(&self) -> Option<String> {
+    fn digest_of_latest(&self) -> Option<u64> {
         let bytes = fs::read(self.dir.join(LATEST)).ok()?;
         let entries = parse_document(&bytes, &self.redactor).ok()?;
         let mappings: Vec<Mapping> = entries.into_iter().collect::<Result<_, _>>().ok()?;
-        Some(mapping::content_hash(&mappings))
+        Some(mapping::digest(&mappings))
     }
 
-    /// Writes a new snapshot of `mappings` (whose digest is `hash`) unless the newest one holds
-    /// the same content, points `-latest` at it, and applies retention.
+    /// Writes a new snapshot of `mappings` (in export order; their [`mapping::digest`] is
+    /// `digest`) unless the newest one holds the same content, points `-latest` at it, and
+    /// applies retention.
     pub fn write(
         &mut self,
-        mappings: &[Mapping],
-        hash: &str,
+        mappings: &[Arc<Mapping>],
+        digest: u64,
         now: DateTime<Utc>,
     ) -> Result<Written, SnapshotError> {
         self.prepare()?;
-        if self.newest_hash.as_deref() == Some(hash) {
+        if self.newest_digest == Some(digest) {
             return Ok(Written::Unchanged);
         }
         let name = format!("{PREFIX}{}{SUFFIX}", now.format(STAMP_FORMAT));
         let path = self.dir.join(&name);
         write_atomic(&path, |f| write_document(f, mappings, now))?;
         self.point_latest_at(&path)?;
-        self.newest_hash = Some(hash.to_string());
+        self.newest_digest = Some(digest);
         self.apply_retention();
         let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         Ok(Written::New(SnapshotInfo {

@@ -4,6 +4,7 @@
 //! does not decide *when* to run: that is the engine's job (`mapsync run`), or the user's
 //! (`mapsync sync`, `POST /sync`).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Serialize, Serializer};
@@ -116,7 +117,7 @@ impl SyncReport {
 pub async fn push(
     target: Option<&Target>,
     settings: &TargetSettings,
-    mappings: &[Mapping],
+    mappings: &[Arc<Mapping>],
     opts: SyncOptions,
     trigger: Trigger,
 ) -> Result<SyncReport, TargetError> {
@@ -143,8 +144,8 @@ pub async fn push(
             synced_count: 0,
             changed_count: 0,
             deleted_count: 0,
-            remote_before: outcome.remote_before,
-            remote_after: outcome.remote_before,
+            remote_before: outcome.remote_before.unwrap_or_default(),
+            remote_after: outcome.remote_before.unwrap_or_default(),
             duration_ms,
             trigger,
             dry_run: opts.dry_run,
@@ -155,8 +156,8 @@ pub async fn push(
             synced_count: mappings.len() as u64,
             changed_count: outcome.inserted + outcome.updated,
             deleted_count: outcome.deleted,
-            remote_before: outcome.remote_before,
-            remote_after: outcome.remote_after(),
+            remote_before: outcome.remote_before.unwrap_or_default(),
+            remote_after: outcome.remote_after().unwrap_or_default(),
             duration_ms,
             trigger,
             dry_run: opts.dry_run,

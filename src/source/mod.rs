@@ -9,18 +9,21 @@
 //! [`watcher`] turns file-system events on the database's directory into a debounced trigger.
 
 mod sqlite;
+pub mod watcher;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-pub use sqlite::SqliteSource;
+pub use sqlite::{ReadMode, SqliteSource};
 
 use crate::mapping::Mapping;
 
 /// What one read of the SQLite file produced.
 #[derive(Debug, Clone, Default)]
 pub struct SourceImage {
-    /// Normalised, de-duplicated, in export order.
-    pub mappings: Vec<Mapping>,
+    /// Normalised and de-duplicated, in no particular order ([`crate::mapping::sort_for_export`]
+    /// orders them). Shared: an incremental read reuses the mappings of unchanged rows.
+    pub mappings: Vec<Arc<Mapping>>,
     /// Rows of `llm_model_mappings` that could not be mappings (empty scope).
     pub skipped: usize,
 }

@@ -8,7 +8,8 @@
 //! connection reopened when it moved.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hasher;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +33,18 @@ pub struct SqliteSource {
     /// `data_version` as of the last successful read.
     read_version: Option<i64>,
     rules: Rules,
+    /// Hash of a row's stored bytes → the mapping built from them at the last read, so an
+    /// incremental read only normalises rows that changed.
+    memo: HashMap<u64, Candidate>,
+}
+
+/// Whether a read may reuse what the previous read built for unchanged rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Normalise every row afresh (start-up, scheduled reconcile, one-shot commands).
+    Full,
+    /// Reuse mappings of rows whose stored bytes are unchanged (file-watch runs).
+    Incremental,
 }
 
 /// Turns stored rows into mappings, and remembers which rows it already warned about, so a
@@ -52,6 +65,7 @@ impl SqliteSource {
             include_prompts: settings.include_prompt_mappings,
             conn: None,
             read_version: None,
+            memo: HashMap::new(),
             rules: Rules {
                 path: settings.sqlite_path.clone(),
                 redactor,
@@ -83,7 +97,7 @@ impl SqliteSource {
     }
 
     /// Reads every mapping in one short read transaction.
-    pub fn read(&mut self) -> Result<SourceImage, SourceError> {
+    pub fn read(&mut self, mode: ReadMode) -> Result<SourceImage, SourceError> {
         self.ensure_open()?;
         // Taken before the transaction: a commit that lands in between is read now and seen
         // again as a change next time (one extra read), never missed.
@@ -92,7 +106,14 @@ impl SqliteSource {
         let fail = |e| classify(&self.path, e);
         let tx = conn.unchecked_transaction().map_err(fail)?;
         let mut candidates = Vec::new();
-        let skipped = read_mapping_rows(&tx, &mut self.rules, &mut candidates).map_err(fail)?;
+        let previous = match mode {
+            ReadMode::Full => HashMap::new(),
+            ReadMode::Incremental => std::mem::take(&mut self.memo),
+        };
+        let mut memo = HashMap::with_capacity(previous.len());
+        let skipped = read_mapping_rows(&tx, &mut self.rules, previous, &mut memo, &mut candidates)
+            .map_err(fail)?;
+        self.memo = memo;
         if self.include_prompts {
             read_prompt_rows(&tx, &mut self.rules, &mut candidates).map_err(fail)?;
         }
@@ -243,10 +264,7 @@ impl Rules {
             source: Origin::Prompt,
             metadata: &metadata,
         });
-        Some(Candidate {
-            stored_id: None,
-            mapping: m,
-        })
+        Some(Candidate::new(&format!("prompt:{}", p.id), m))
     }
 }
 
@@ -294,10 +312,14 @@ fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     )
 }
 
-/// Streams `llm_model_mappings` into `out`; returns how many rows were skipped.
+/// Streams `llm_model_mappings` into `out`, reusing `previous` mappings of rows whose stored
+/// bytes are unchanged and recording every row's mapping in `memo`; returns how many rows were
+/// skipped.
 fn read_mapping_rows(
     conn: &Connection,
     rules: &mut Rules,
+    mut previous: HashMap<u64, Candidate>,
+    memo: &mut HashMap<u64, Candidate>,
     out: &mut Vec<Candidate>,
 ) -> rusqlite::Result<usize> {
     let mut stmt = conn.prepare(
@@ -307,6 +329,12 @@ fn read_mapping_rows(
     let mut rows = stmt.query([])?;
     let mut skipped = 0;
     while let Some(r) = rows.next()? {
+        let key = row_hash(r)?;
+        if let Some(c) = previous.remove(&key) {
+            memo.insert(key, c.clone());
+            out.push(c);
+            continue;
+        }
         let row = MappingRow {
             id: text(r.get_ref(0)?),
             scope_type: text(r.get_ref(1)?),
@@ -319,7 +347,10 @@ fn read_mapping_rows(
             metadata_json: text(r.get_ref(8)?),
         };
         match rules.mapping_row(&row) {
-            Some(c) => out.push(c),
+            Some(c) => {
+                memo.insert(key, c.clone());
+                out.push(c);
+            }
             None => skipped += 1,
         }
     }
@@ -351,6 +382,30 @@ fn read_prompt_rows(
         out.extend(rules.prompt_row(&row));
     }
     Ok(())
+}
+
+/// A hash of a row's stored bytes, column by column (type, length and content).
+fn row_hash(r: &rusqlite::Row<'_>) -> rusqlite::Result<u64> {
+    let mut h = std::hash::DefaultHasher::new();
+    for i in 0..9 {
+        match r.get_ref(i)? {
+            ValueRef::Null => h.write_u8(0),
+            ValueRef::Integer(v) => {
+                h.write_u8(1);
+                h.write_i64(v);
+            }
+            ValueRef::Real(v) => {
+                h.write_u8(2);
+                h.write_u64(v.to_bits());
+            }
+            ValueRef::Text(t) | ValueRef::Blob(t) => {
+                h.write_u8(3);
+                h.write_usize(t.len());
+                h.write(t);
+            }
+        }
+    }
+    Ok(h.finish())
 }
 
 /// A column as text, whatever SQLite stored: text borrowed as is, numbers as their decimal

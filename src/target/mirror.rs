@@ -18,6 +18,7 @@
 //! Either all of it commits or none of it does.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
@@ -58,7 +59,8 @@ pub struct MirrorOptions {
 /// What the run found and did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MirrorOutcome {
-    pub remote_before: u64,
+    /// Rows in the mirror before the run, when the run counted them.
+    pub remote_before: Option<u64>,
     /// Rows that were missing remotely (inserted, or to insert in a dry run).
     pub inserted: u64,
     /// Rows that differed remotely and were rewritten.
@@ -71,8 +73,9 @@ pub struct MirrorOutcome {
 }
 
 impl MirrorOutcome {
-    pub fn remote_after(&self) -> u64 {
-        self.remote_before + self.inserted - self.deleted
+    pub fn remote_after(&self) -> Option<u64> {
+        self.remote_before
+            .map(|n| (n + self.inserted).saturating_sub(self.deleted))
     }
 }
 
@@ -85,23 +88,16 @@ enum Remote {
 }
 
 impl Target {
-    /// Aligns the mirror with `mappings` (unique ids, as the source produces them).
+    /// A full run: aligns the mirror with `mappings` (unique ids, as the source produces
+    /// them), comparing every remote row. Repairs any drift.
     pub async fn mirror(
         &self,
-        mappings: &[Mapping],
+        mappings: &[Arc<Mapping>],
         opts: &MirrorOptions,
     ) -> Result<MirrorOutcome, TargetError> {
         let mut client = self.client().await?;
         let err = |e: tokio_postgres::Error| self.classify(&e);
-        let tx = client.transaction().await.map_err(err)?;
-        tx.batch_execute(&format!(
-            "SET LOCAL statement_timeout = {}; SELECT pg_advisory_xact_lock(hashtextextended('mapsync:{}', 0))",
-            self.statement_timeout.as_millis(),
-            self.table,
-        ))
-        .await
-        .map_err(err)?;
-        super::schema::check_columns(&tx, self).await?;
+        let tx = self.begin_run(&mut client).await?;
 
         // Compare.
         let index: HashMap<&str, usize> = mappings
@@ -111,7 +107,7 @@ impl Target {
             .collect();
         let mut remote = vec![Remote::Missing; mappings.len()];
         let mut extra: Vec<String> = Vec::new();
-        let mut outcome = MirrorOutcome::default();
+        let mut remote_before = 0;
         let stream = tx
             .copy_out(&format!(
                 "COPY (SELECT {COLUMNS} FROM {}) TO STDOUT (FORMAT binary)",
@@ -122,7 +118,7 @@ impl Target {
         let rows = BinaryCopyOutStream::new(stream, &COLUMN_TYPES);
         pin_mut!(rows);
         while let Some(row) = rows.try_next().await.map_err(err)? {
-            outcome.remote_before += 1;
+            remote_before += 1;
             let id: &str = row.try_get(0).map_err(err)?;
             match index.get(id) {
                 Some(&i) => {
@@ -140,15 +136,19 @@ impl Target {
                 .iter()
                 .zip(&remote)
                 .filter(|(_, r)| **r == state)
-                .map(|(m, _)| m)
+                .map(|(m, _)| m.as_ref())
                 .collect()
         };
         let (missing, differing) = (pick(Remote::Missing), pick(Remote::Differs));
-        outcome.extra = extra.len() as u64;
+        let mut outcome = MirrorOutcome {
+            remote_before: Some(remote_before),
+            extra: extra.len() as u64,
+            ..Default::default()
+        };
 
         // Guard.
         if opts.delete_missing && !opts.force {
-            if let Some(why) = mass_delete(outcome.extra, outcome.remote_before, opts) {
+            if let Some(why) = mass_delete(outcome.extra, remote_before, opts) {
                 outcome.refused = Some(why);
                 return Ok(outcome);
             }
@@ -171,21 +171,103 @@ impl Target {
                 .map_err(err)?;
         }
         if !differing.is_empty() {
-            outcome.updated = upsert_via_stage(&tx, &self.table.quoted(), &differing)
+            let (inserted, updated) = upsert_via_stage(&tx, &self.table.quoted(), &differing)
                 .await
                 .map_err(err)?;
+            outcome.inserted += inserted;
+            outcome.updated = updated;
         }
-        if opts.delete_missing && !extra.is_empty() {
-            outcome.deleted = tx
-                .execute(
-                    &format!("DELETE FROM {} WHERE id = ANY($1)", self.table.quoted()),
-                    &[&extra],
-                )
-                .await
-                .map_err(err)?;
+        if opts.delete_missing {
+            outcome.deleted = self.delete(&tx, &extra).await?;
         }
         tx.commit().await.map_err(err)?;
         Ok(outcome)
+    }
+
+    /// An incremental run: writes only `changed` (guarded, so a row that already matches is
+    /// left alone) and deletes `removed` (when delete propagation is on), without reading the
+    /// whole mirror. For runs triggered by the file watcher, where the caller knows what it
+    /// changed since its last successful run. `remote_before` is not known here.
+    pub async fn push_changes(
+        &self,
+        changed: &[&Mapping],
+        removed: &[&str],
+        opts: &MirrorOptions,
+    ) -> Result<MirrorOutcome, TargetError> {
+        let mut client = self.client().await?;
+        let err = |e: tokio_postgres::Error| self.classify(&e);
+        let tx = self.begin_run(&mut client).await?;
+        let mut outcome = MirrorOutcome {
+            extra: removed.len() as u64,
+            ..Default::default()
+        };
+        let deletes = if opts.delete_missing { removed } else { &[] };
+        // Only a large delete needs the remote count for the guard.
+        if !opts.force && deletes.len() as u64 > opts.max_delete_floor {
+            let row = tx
+                .query_one(
+                    &format!("SELECT count(*) FROM {}", self.table.quoted()),
+                    &[],
+                )
+                .await
+                .map_err(err)?;
+            let remote = row.get::<_, i64>(0) as u64;
+            outcome.remote_before = Some(remote);
+            if let Some(why) = mass_delete(deletes.len() as u64, remote, opts) {
+                outcome.refused = Some(why);
+                return Ok(outcome);
+            }
+        }
+        if opts.dry_run {
+            outcome.updated = changed.len() as u64;
+            outcome.deleted = deletes.len() as u64;
+            return Ok(outcome);
+        }
+        if !changed.is_empty() {
+            let (inserted, updated) = upsert_via_stage(&tx, &self.table.quoted(), changed)
+                .await
+                .map_err(err)?;
+            outcome.inserted = inserted;
+            outcome.updated = updated;
+        }
+        outcome.deleted = self.delete(&tx, deletes).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(outcome)
+    }
+
+    /// Starts a run's transaction: statement timeout, the advisory lock that keeps runs of
+    /// several mapsync instances apart, and the column check.
+    async fn begin_run<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Object,
+    ) -> Result<deadpool_postgres::Transaction<'c>, TargetError> {
+        let err = |e: tokio_postgres::Error| self.classify(&e);
+        let tx = client.transaction().await.map_err(err)?;
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}; SELECT pg_advisory_xact_lock(hashtextextended('mapsync:{}', 0))",
+            self.statement_timeout.as_millis(),
+            self.table,
+        ))
+        .await
+        .map_err(err)?;
+        super::schema::check_columns(&tx, self).await?;
+        Ok(tx)
+    }
+
+    async fn delete<S: AsRef<str> + Sync + ToSql>(
+        &self,
+        tx: &Transaction<'_>,
+        ids: &[S],
+    ) -> Result<u64, TargetError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &format!("DELETE FROM {} WHERE id = ANY($1)", self.table.quoted()),
+            &[&ids],
+        )
+        .await
+        .map_err(|e| self.classify(&e))
     }
 }
 
@@ -247,13 +329,14 @@ async fn copy_in(
     writer.finish().await
 }
 
-/// Rewrites rows that differ: COPY into a temporary table, then one guarded upsert. Returns the
-/// number of rows Postgres actually changed.
+/// Writes rows that may differ: COPY into a temporary table, then one guarded upsert. Returns
+/// how many rows Postgres inserted and how many it actually rewrote (a row that already
+/// matches is neither).
 async fn upsert_via_stage(
     tx: &Transaction<'_>,
     table: &str,
     rows: &[&Mapping],
-) -> Result<u64, tokio_postgres::Error> {
+) -> Result<(u64, u64), tokio_postgres::Error> {
     tx.batch_execute(
         "CREATE TEMP TABLE mapsync_stage (id text, scope_type text, scope_key text, name text, \
          default_model text, candidates jsonb, is_active boolean, updated_at timestamptz, \
@@ -276,17 +359,21 @@ async fn upsert_via_stage(
         .skip(1)
         .map(|c| format!("EXCLUDED.{c}"))
         .collect();
-    tx.execute(
-        &format!(
-            "INSERT INTO {table} AS t ({COLUMNS}) SELECT {COLUMNS} FROM mapsync_stage \
-             ON CONFLICT (id) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
-            set.join(", "),
-            current.join(", "),
-            incoming.join(", "),
-        ),
-        &[],
-    )
-    .await
+    let row = tx
+        .query_one(
+            &format!(
+                "WITH written AS (INSERT INTO {table} AS t ({COLUMNS}) SELECT {COLUMNS} FROM mapsync_stage \
+                 ON CONFLICT (id) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({}) \
+                 RETURNING (xmax = 0) AS inserted) \
+                 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written",
+                set.join(", "),
+                current.join(", "),
+                incoming.join(", "),
+            ),
+            &[],
+        )
+        .await?;
+    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
 }
 
 /// A `jsonb` value as its text, borrowed: sent and received without parsing.
