@@ -534,6 +534,14 @@ impl RawSettings {
             "http.admin_token_file",
             h.admin_token_file,
         )?;
+        if !listen.ip().is_loopback() && admin_token.is_none() {
+            return err(
+                "http.admin_token",
+                &format!(
+                    "must be set (or http.admin_token_file) when http.listen ({listen}) is not a loopback address"
+                ),
+            );
+        }
         let cors_origins: Vec<String> = h
             .cors_origins
             .iter()

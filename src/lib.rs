@@ -18,8 +18,14 @@
 
 pub mod commands;
 pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod engine;
+pub mod http;
 pub mod mapping;
+pub mod metrics;
 pub mod schedule;
+pub mod shutdown;
 pub mod snapshot;
 pub mod source;
 pub mod sync;

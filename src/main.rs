@@ -27,6 +27,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: watch the SQLite file, mirror it, snapshot it, serve the admin port.
+    Run,
+    /// Create ./demo/db.sqlite3 with sample mappings (once) and run the daemon on it.
+    Demo,
     /// Run one sync and print its result as JSON.
     Sync {
         /// Delete remote rows whose id is no longer in the source (guarded against mass deletes).
@@ -78,6 +82,18 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Error> {
     match command {
+        Command::Run => {
+            mapsync::daemon::run(settings).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            let db = mapsync::demo::create(&mapsync::demo::dir())?;
+            let settings =
+                mapsync::demo::settings(settings, db, std::env::var("MAPSYNC_TARGET__URL").ok());
+            println!("{}", mapsync::demo::banner(&settings));
+            mapsync::daemon::run(settings).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sync {
             delete_missing,
             force,
@@ -140,7 +156,14 @@ fn fail(e: &Error) -> ExitCode {
 }
 
 fn init_logging(settings: &Settings) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log.level)
+    // A bare level also quiets the scheduler crate, which logs its own start-up at info.
+    let level = &settings.log.level;
+    let directives = if level.contains('=') {
+        level.clone()
+    } else {
+        format!("{level},tokio_cron_scheduler=warn")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -213,9 +213,12 @@ fn write_candidates<'a>(out: &mut String, items: impl Iterator<Item = &'a str>) 
     out.push(']');
 }
 
-/// `2026-01-16T10:17:10+00:00`: RFC 3339, UTC written as `+00:00`, fractions only when present.
+/// `2026-01-16T10:17:10+00:00`: RFC 3339, UTC written as `+00:00`, fractions (at most
+/// microseconds) only when present.
 pub fn format_timestamp(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::AutoSi, false)
+    use chrono::SubsecRound;
+    t.trunc_subsecs(6)
+        .to_rfc3339_opts(SecondsFormat::AutoSi, false)
 }
 
 impl Serialize for Mapping {

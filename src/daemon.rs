@@ -1,0 +1,70 @@
+//! `mapsync run`: the long-running service. Binds the admin port, starts the engine, tells
+//! systemd when it is ready, and shuts everything down in order on SIGTERM or SIGINT.
+//!
+//! Shutdown order: stop accepting HTTP connections and new runs; let the run in progress
+//! commit or roll back within [`crate::engine::SHUTDOWN_GRACE`]; let open requests and the
+//! snapshot being written finish; exit 0 — all within [`STOP_DEADLINE`], well inside
+//! systemd's `TimeoutStopSec`.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::Error;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::target::Target;
+use crate::{engine, http, shutdown};
+
+/// The whole shutdown must fit in this (SPEC §9: within 10 s).
+pub const STOP_DEADLINE: Duration = Duration::from_secs(9);
+
+/// Runs the daemon until a signal asks it to stop.
+pub async fn run(settings: Settings) -> Result<(), Error> {
+    let listener = TcpListener::bind(settings.http.listen).await.map_err(|e| {
+        Error::Other(format!(
+            "cannot listen on {}: {e}: another process holds the port, or choose another http.listen",
+            settings.http.listen
+        ))
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Other(format!("cannot read the listening address: {e}")))?;
+    let target = Target::from_settings(&settings.target)?;
+    let metrics = Metrics::new(target.is_some());
+    let (stop, stopping) = shutdown::channel();
+    let (engine, engine_task) = engine::start(&settings, target, metrics, stopping.clone())
+        .await
+        .map_err(|e| Error::Other(e.to_string()))?;
+    let server = tokio::spawn({
+        let (http, engine, stopping) = (settings.http.clone(), engine.clone(), stopping.clone());
+        async move { http::serve(listener, &http, engine, stopping).await }
+    });
+    tracing::info!(
+        addr = %addr,
+        sqlite = %settings.source.sqlite_path.display(),
+        target = engine.shared().target.as_ref().map_or("none (snapshots only)", |t| t.display()),
+        "mapsync running: admin port listening"
+    );
+
+    let signalled = tokio::select! {
+        _ = engine.first_run_attempted() => false,
+        _ = shutdown::signal() => true,
+    };
+    if !signalled {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        shutdown::signal().await;
+    }
+    tracing::info!("shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    stop.send_replace(true);
+    let finished = tokio::time::timeout(STOP_DEADLINE, async {
+        let _ = server.await;
+        let _ = engine_task.await;
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!("shutdown took longer than {STOP_DEADLINE:?}; exiting anyway");
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! `mapsync demo`: the first command a newcomer runs. Creates `./demo/db.sqlite3` with the
+//! application's schema and a score of realistic mappings (when it does not exist yet), then
+//! runs the daemon on it: snapshots under `./demo/snapshots`, the admin page on
+//! `127.0.0.1:9187`, and a Postgres target only when `MAPSYNC_TARGET__URL` is set.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::Connection;
+
+use crate::Error;
+use crate::config::Settings;
+
+/// The application's SQLite schema (restated from the application; the tests use it too).
+const APP_SCHEMA: &str = include_str!("../tests/fixtures/app_sqlite_schema.sql");
+
+/// One demo row of `llm_model_mappings`, as the application stores it (its id is
+/// `scope_type:scope_key`).
+struct Row {
+    scope_type: &'static str,
+    scope_key: &'static str,
+    name: &'static str,
+    model: &'static str,
+    candidates: &'static str,
+    active: i64,
+    metadata: &'static str,
+}
+
+const fn row(
+    scope_type: &'static str,
+    scope_key: &'static str,
+    name: &'static str,
+    model: &'static str,
+    candidates: &'static str,
+    active: i64,
+    metadata: &'static str,
+) -> Row {
+    Row {
+        scope_type,
+        scope_key,
+        name,
+        model,
+        candidates,
+        active,
+        metadata,
+    }
+}
+
+#[rustfmt::skip]
+const MAPPINGS: &[Row] = &[
+    row("global", "global", "Global default", "gpt-4o-mini", r#"["gpt-4o-mini", "deepseek-chat", "gemini-2.5-flash"]"#, 1, r#"{"preferred_endpoint_id": 1, "temperature": 0.7}"#),
+    row("mapping", "xai", "xAI chat", "grok-4", r#"["grok-4", "gpt-4o"]"#, 1, r#"{"preferred_endpoint_id": 3, "type": "chat"}"#),
+    row("mapping", "coach", "Workout coach", "claude-sonnet-4-5", r#"["claude-sonnet-4-5", "gpt-4o", "qwen-max"]"#, 1, r#"{"preferred_endpoint_id": 2, "required_tier": "pro", "temperature": 0.4}"#),
+    row("mapping", "nutrition", "Nutrition planner", "gpt-4o", r#"["gpt-4o", "claude-opus-4-5-20251101"]"#, 1, r#"{"preferred_endpoint_id": 2, "max_tokens": 2048}"#),
+    row("mapping", "summary", "Session summary", "gemini-2.5-flash", r#"["gemini-2.5-flash", "gpt-4o-mini"]"#, 1, r#"{"preferred_endpoint_id": 4}"#),
+    row("mapping", "vision", "Form check (vision)", "gpt-4o", r#"["gpt-4o", "gemini-2.5-flash"]"#, 1, r#"{"preferred_endpoint_id": 2, "type": "vision"}"#),
+    row("mapping", "embeddings", "Embeddings", "text-embedding-3-small", r#"["text-embedding-3-small"]"#, 1, r#"{"type": "embedding"}"#),
+    row("mapping", "translate", "翻译 (translation)", "qwen-max", r#"["qwen-max", "glm-4.6", "deepseek-chat"]"#, 1, r#"{"preferred_endpoint_id": 5, "note": "映射名 translate"}"#),
+    row("mapping", "kimi", "Long context", "kimi-k2", r#"["kimi-k2", "claude-sonnet-4-5"]"#, 1, r#"{"preferred_endpoint_id": 6, "max_tokens": 8192}"#),
+    row("mapping", "reasoning", "Reasoning", "o4-mini", r#"["o4-mini", "deepseek-reasoner"]"#, 1, r#"{"required_tier": "pro", "api_key": "sk-demo-never-exported"}"#),
+    row("mapping", "legacy-beta", "Beta (disabled)", "gpt-4o-mini", r#"["gpt-4o-mini"]"#, 0, r#"{"env": "beta"}"#),
+    row("tenant", "acme", "Acme (legacy tenant row)", "gpt-4o", r#"["gpt-4o", "gpt-4o-mini"]"#, 1, r#"{"preferred_endpoint_id": 1, "source": "import"}"#),
+    row("user", "1001", "Alice's override", "claude-sonnet-4-5", r#"["claude-sonnet-4-5"]"#, 1, r#"{}"#),
+    row("user", "1002", "Bob's override", "deepseek-chat", r#"["deepseek-chat", "gpt-4o-mini"]"#, 1, r#"{"temperature": 0.2}"#),
+    row("user", "1003", "Carol's override", "gpt-4o", r#"["gpt-4o"]"#, 1, r#"{"preferred_endpoint_id": 2}"#),
+    row("premium_user", "gold", "Gold members", "claude-opus-4-5-20251101", r#"["claude-opus-4-5-20251101", "gpt-4o"]"#, 1, r#"{"required_tier": "gold"}"#),
+    row("premium_user", "silver", "Silver members", "claude-sonnet-4-5", r#"["claude-sonnet-4-5", "gpt-4o-mini"]"#, 1, r#"{"required_tier": "silver"}"#),
+    row("module", "planner", "Planner module", "gpt-4o", r#"["gpt-4o", "qwen-max"]"#, 1, r#"{"preferred_endpoint_id": 3}"#),
+    row("module", "chat", "Chat module", "gpt-4o-mini", r#"["gpt-4o-mini", "gemini-2.5-flash", "glm-4.6"]"#, 1, r#"{"preferred_endpoint_id": 1}"#),
+];
+
+/// Where the demo lives, relative to the working directory.
+pub fn dir() -> PathBuf {
+    PathBuf::from("demo")
+}
+
+/// Creates the demo database under `dir` unless it exists; returns its path.
+pub fn create(dir: &Path) -> Result<PathBuf, Error> {
+    let db = dir.join("db.sqlite3");
+    if db.exists() {
+        return Ok(db);
+    }
+    let fail = |e: &dyn std::fmt::Display| {
+        Error::Other(format!(
+            "cannot create the demo database {}: {e}",
+            db.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    let mut conn = Connection::open(&db).map_err(|e| fail(&e))?;
+    conn.execute_batch("PRAGMA journal_mode = WAL;")
+        .map_err(|e| fail(&e))?;
+    conn.execute_batch(APP_SCHEMA).map_err(|e| fail(&e))?;
+    let tx = conn.transaction().map_err(|e| fail(&e))?;
+    let base = chrono::Utc::now() - chrono::Duration::days(3);
+    for (i, r) in MAPPINGS.iter().enumerate() {
+        let updated_at = (base + chrono::Duration::minutes(37 * i as i64))
+            .format("%Y-%m-%dT%H:%M:%S+00:00")
+            .to_string();
+        tx.execute(
+            "INSERT INTO llm_model_mappings (id, scope_type, scope_key, name, default_model, candidates_json, is_active, updated_at, metadata_json) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            rusqlite::params![format!("{}:{}", r.scope_type, r.scope_key), r.scope_type, r.scope_key, r.name, r.model, r.candidates, r.active, updated_at, r.metadata],
+        )
+        .map_err(|e| fail(&e))?;
+    }
+    let tools = serde_json::json!({
+        "tools": [{"type": "function", "function": {"name": "log_workout"}}],
+        "__model_mapping": {
+            "default_model": "gpt-4o-mini",
+            "candidates": ["gpt-4o-mini", "claude-sonnet-4-5"],
+            "is_active": true,
+            "updated_at": base.format("%Y-%m-%dT%H:%M:%S+00:00").to_string(),
+        },
+    });
+    tx.execute(
+        "INSERT INTO ai_prompts (name, content, version, category, tools_json, prompt_type, is_active) \
+         VALUES ('Workout logger', 'You are GymBro. Log the workout the user describes.', 'v3', 'coaching', ?1, 'tools', 1)",
+        [tools.to_string()],
+    )
+    .map_err(|e| fail(&e))?;
+    tx.commit().map_err(|e| fail(&e))?;
+    Ok(db)
+}
+
+/// The demo's settings: the demo file and snapshot directory, the admin port on
+/// 127.0.0.1:9187, and a target only when `MAPSYNC_TARGET__URL` is set (a config file's
+/// target is ignored, so the demo never writes to a real mirror by accident).
+pub fn settings(base: Settings, db: PathBuf, target_url: Option<String>) -> Settings {
+    let mut s = base;
+    s.source.sqlite_path = db;
+    s.snapshot.dir = dir().join("snapshots");
+    s.target.url = target_url
+        .filter(|u| !u.trim().is_empty())
+        .map(crate::config::Secret::new);
+    s
+}
+
+/// What the demo prints before it starts.
+pub fn banner(settings: &Settings) -> String {
+    let addr = settings.http.listen;
+    let token = if settings.http.admin_token.is_some() {
+        " -H \"Authorization: Bearer $TOKEN\""
+    } else {
+        ""
+    };
+    format!(
+        "mapsync demo: {} mappings in {}, snapshots in {}, target: {}\n\
+         admin page:  http://{addr}/\n\
+         try:         curl -s{token} -X POST http://{addr}/api/v1/llm/model-groups/sync-to-supabase\n\
+         \x20            curl -s{token} -OJ http://{addr}/export\n\
+         stop with Ctrl-C",
+        MAPPINGS.len() + 1,
+        settings.source.sqlite_path.display(),
+        settings.snapshot.dir.display(),
+        if settings.target.url.is_some() {
+            "MAPSYNC_TARGET__URL"
+        } else {
+            "none (set MAPSYNC_TARGET__URL to mirror into Postgres)"
+        },
+    )
+}
