@@ -24,6 +24,7 @@ pub mod engine;
 pub mod http;
 pub mod mapping;
 pub mod metrics;
+pub mod restore;
 pub mod schedule;
 pub mod shutdown;
 pub mod snapshot;
@@ -43,6 +44,8 @@ pub enum Error {
     Target(#[from] target::TargetError),
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    #[error(transparent)]
+    Restore(#[from] restore::RestoreError),
     #[error("{0}")]
     Other(String),
 }

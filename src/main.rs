@@ -53,6 +53,14 @@ enum Command {
     Check,
     /// Apply the embedded sql/ scripts to the target (idempotent).
     Migrate,
+    /// Upsert a snapshot back into the SQLite file, the way the application's import does.
+    Restore {
+        /// A snapshot or an application export.
+        file: PathBuf,
+        /// Report what would change, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -135,6 +143,19 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
                 ExitCode::FAILURE
             })
         }
+        Command::Restore { file, dry_run } => {
+            let report = tokio::task::spawn_blocking(move || {
+                mapsync::restore::restore(&settings, &file, dry_run)
+            })
+            .await
+            .map_err(|e| Error::Other(format!("the restore stopped: {e}")))??;
+            print_json(&report);
+            Ok(if report.errors > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Migrate => {
             for name in commands::migrate(&settings).await? {
                 println!("applied {name}");
@@ -165,8 +186,11 @@ fn init_logging(settings: &Settings) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match settings.log.format {
         LogFormat::Json => builder.json().init(),

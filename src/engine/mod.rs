@@ -422,6 +422,7 @@ impl Loop {
             tokio::select! {
                 _ = crate::shutdown::stopped(&mut shutdown) => break,
                 Some(change) = changes.recv() => {
+                    tracing::debug!(?change, "file change");
                     self.shared.metrics.set_fs_events(fs_events.load(std::sync::atomic::Ordering::Relaxed));
                     self.pending.watch = Some(self.pending.watch.map_or(change, |c| c.merge(change)));
                 }

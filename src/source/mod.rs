@@ -14,6 +14,7 @@ pub mod watcher;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub(crate) use sqlite::{MAPPING_COLUMNS, MappingRow, mapping_of_row};
 pub use sqlite::{ReadMode, SqliteSource};
 
 use crate::mapping::Mapping;

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::{SourceError, SourceImage};
 use crate::config::SourceSettings;
-use crate::mapping::{self, Candidate, Fields, Mapping, Origin, Redactor};
+use crate::mapping::{self, Candidate, Fields, Mapping, Origin, Redactor, Warning};
 
 /// (device, inode): which file the connection has open.
 type FileId = (u64, u64);
@@ -184,35 +184,17 @@ impl Rules {
     /// scope is empty.
     fn mapping_row(&mut self, row: &MappingRow<'_>) -> Option<Candidate> {
         let stored_id = row.id.as_deref().unwrap_or_default();
-        let scope_type = mapping::normalize_scope_type(row.scope_type.as_deref().unwrap_or(""));
-        let scope_key = mapping::clean(row.scope_key.as_deref().unwrap_or("").trim());
-        if scope_type.is_empty() || scope_key.is_empty() {
+        let Some((m, warnings)) = mapping_of_row(row, &self.redactor) else {
             if self.reported.insert(format!("{stored_id}\u{0}skip")) {
                 self.skipped_seen += 1;
                 tracing::warn!(row = %stored_id, file = %self.path.display(),
                     "skipping row: scope_type or scope_key is empty after trimming");
             }
             return None;
-        }
-        let (candidates, w1) = mapping::parse_candidates(row.candidates_json.as_deref());
-        let (metadata, w2) = mapping::parse_metadata(row.metadata_json.as_deref(), &self.redactor);
-        let (updated_at, w3) = mapping::parse_timestamp(row.updated_at.as_deref());
-        for w in [w1, w2, w3].into_iter().flatten() {
+        };
+        for w in warnings {
             self.warn_once(stored_id, &w.to_string());
         }
-        let name = row.name.as_deref().map(mapping::clean);
-        let default_model = mapping::non_empty(row.default_model.as_deref());
-        let m = Mapping::new(Fields {
-            scope_type: &scope_type,
-            scope_key: &scope_key,
-            name: name.as_deref(),
-            default_model: default_model.as_deref(),
-            candidates: &candidates,
-            is_active: mapping::parse_active_int(row.is_active),
-            updated_at,
-            source: Origin::Sqlite,
-            metadata: &metadata,
-        });
         Some(Candidate::new(stored_id, m))
     }
 
@@ -284,16 +266,66 @@ fn model_mapping_of(tools: &Value) -> Option<&serde_json::Map<String, Value>> {
 
 /// One row of `llm_model_mappings`, borrowed from SQLite's row buffer. SQLite is dynamically
 /// typed, so every column is read leniently (see [`text`] and [`integer`]).
-struct MappingRow<'a> {
-    id: Option<Cow<'a, str>>,
-    scope_type: Option<Cow<'a, str>>,
-    scope_key: Option<Cow<'a, str>>,
-    name: Option<Cow<'a, str>>,
-    default_model: Option<Cow<'a, str>>,
-    candidates_json: Option<Cow<'a, str>>,
-    is_active: Option<i64>,
-    updated_at: Option<Cow<'a, str>>,
-    metadata_json: Option<Cow<'a, str>>,
+pub(crate) struct MappingRow<'a> {
+    pub id: Option<Cow<'a, str>>,
+    pub scope_type: Option<Cow<'a, str>>,
+    pub scope_key: Option<Cow<'a, str>>,
+    pub name: Option<Cow<'a, str>>,
+    pub default_model: Option<Cow<'a, str>>,
+    pub candidates_json: Option<Cow<'a, str>>,
+    pub is_active: Option<i64>,
+    pub updated_at: Option<Cow<'a, str>>,
+    pub metadata_json: Option<Cow<'a, str>>,
+}
+
+/// The columns [`MappingRow::read`] expects, in order.
+pub(crate) const MAPPING_COLUMNS: &str = "id, scope_type, scope_key, name, default_model, candidates_json, is_active, updated_at, metadata_json";
+
+impl<'a> MappingRow<'a> {
+    /// Reads [`MAPPING_COLUMNS`] from `r`, starting at column `first`.
+    pub(crate) fn read(r: &'a rusqlite::Row<'_>, first: usize) -> rusqlite::Result<MappingRow<'a>> {
+        Ok(MappingRow {
+            id: text(r.get_ref(first)?),
+            scope_type: text(r.get_ref(first + 1)?),
+            scope_key: text(r.get_ref(first + 2)?),
+            name: text(r.get_ref(first + 3)?),
+            default_model: text(r.get_ref(first + 4)?),
+            candidates_json: text(r.get_ref(first + 5)?),
+            is_active: integer(r.get_ref(first + 6)?),
+            updated_at: text(r.get_ref(first + 7)?),
+            metadata_json: text(r.get_ref(first + 8)?),
+        })
+    }
+}
+
+/// A row as a mapping, with every SPEC §1 rule, and the warnings its values raised; `None`
+/// when its scope is empty after trimming. (`mapsync restore` reads rows the same way.)
+pub(crate) fn mapping_of_row(
+    row: &MappingRow<'_>,
+    redactor: &Redactor,
+) -> Option<(Mapping, Vec<Warning>)> {
+    let scope_type = mapping::normalize_scope_type(row.scope_type.as_deref().unwrap_or(""));
+    let scope_key = mapping::clean(row.scope_key.as_deref().unwrap_or("").trim());
+    if scope_type.is_empty() || scope_key.is_empty() {
+        return None;
+    }
+    let (candidates, w1) = mapping::parse_candidates(row.candidates_json.as_deref());
+    let (metadata, w2) = mapping::parse_metadata(row.metadata_json.as_deref(), redactor);
+    let (updated_at, w3) = mapping::parse_timestamp(row.updated_at.as_deref());
+    let name = row.name.as_deref().map(mapping::clean);
+    let default_model = mapping::non_empty(row.default_model.as_deref());
+    let m = Mapping::new(Fields {
+        scope_type: &scope_type,
+        scope_key: &scope_key,
+        name: name.as_deref(),
+        default_model: default_model.as_deref(),
+        candidates: &candidates,
+        is_active: mapping::parse_active_int(row.is_active),
+        updated_at,
+        source: Origin::Sqlite,
+        metadata: &metadata,
+    });
+    Some((m, [w1, w2, w3].into_iter().flatten().collect()))
 }
 
 struct PromptRow<'a> {
@@ -322,10 +354,7 @@ fn read_mapping_rows(
     memo: &mut HashMap<u64, Candidate>,
     out: &mut Vec<Candidate>,
 ) -> rusqlite::Result<usize> {
-    let mut stmt = conn.prepare(
-        "SELECT id, scope_type, scope_key, name, default_model, candidates_json, is_active, \
-         updated_at, metadata_json FROM llm_model_mappings",
-    )?;
+    let mut stmt = conn.prepare(&format!("SELECT {MAPPING_COLUMNS} FROM llm_model_mappings"))?;
     let mut rows = stmt.query([])?;
     let mut skipped = 0;
     while let Some(r) = rows.next()? {
@@ -335,17 +364,7 @@ fn read_mapping_rows(
             out.push(c);
             continue;
         }
-        let row = MappingRow {
-            id: text(r.get_ref(0)?),
-            scope_type: text(r.get_ref(1)?),
-            scope_key: text(r.get_ref(2)?),
-            name: text(r.get_ref(3)?),
-            default_model: text(r.get_ref(4)?),
-            candidates_json: text(r.get_ref(5)?),
-            is_active: integer(r.get_ref(6)?),
-            updated_at: text(r.get_ref(7)?),
-            metadata_json: text(r.get_ref(8)?),
-        };
+        let row = MappingRow::read(r, 0)?;
         match rules.mapping_row(&row) {
             Some(c) => {
                 memo.insert(key, c.clone());

@@ -89,17 +89,23 @@ impl Workspace {
         ws
     }
 
-    /// Rewrites the config file.
+    /// Rewrites the config file: `[source] sqlite_path`, `[snapshot] dir` and `[target] url`
+    /// (when given) are added to `extra`'s sections of the same name, or as sections of their
+    /// own.
     pub fn write_config(&self, target_url: Option<&str>, extra: &str) {
-        let mut toml = format!(
-            "[source]\nsqlite_path = {:?}\n\n[snapshot]\ndir = {:?}\n\n",
-            self.db_path(),
-            self.snapshot_dir()
-        );
+        let mut toml = extra.to_string();
+        let mut put = |section: &str, line: String| {
+            let header = format!("[{section}]\n");
+            match toml.find(&header) {
+                Some(i) => toml.insert_str(i + header.len(), &format!("{line}\n")),
+                None => toml.push_str(&format!("\n{header}{line}\n")),
+            }
+        };
+        put("source", format!("sqlite_path = {:?}", self.db_path()));
+        put("snapshot", format!("dir = {:?}", self.snapshot_dir()));
         if let Some(url) = target_url {
-            toml.push_str(&format!("[target]\nurl = {url:?}\n\n"));
+            put("target", format!("url = {url:?}"));
         }
-        toml.push_str(extra);
         std::fs::write(&self.config, toml).expect("write config");
     }
 

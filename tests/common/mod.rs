@@ -9,7 +9,9 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod appdb;
+pub mod daemon;
 pub mod fixture;
+pub mod http;
 pub mod mapsync;
 pub mod pg;
 pub mod pgbouncer;

@@ -1,0 +1,1029 @@
+//! `mapsync restore FILE [--dry-run]` (SPEC §7): upserts a snapshot, an application export
+//! (`{"exported_at", "count", "mappings": [...]}`) or a bare list of mappings back into the
+//! application's SQLite file, the way the application's own "import local JSON" does. This is
+//! the only code in mapsync that writes to the SQLite file.
+//!
+//! Invariants:
+//! - Nothing is ever deleted, and no prompt is ever created.
+//! - All or nothing: one read-write connection (`busy_timeout` = `source.busy_timeout_ms`) and
+//!   ONE `BEGIN IMMEDIATE` transaction that reads the current rows, decides every entry, writes
+//!   and commits. Any failure rolls the whole restore back. `--dry-run` opens the file
+//!   read-only and decides in one read transaction: the same report, and it cannot write.
+//!   `journal_mode` (WAL) is the application's business and is never touched.
+//! - Entries are parsed one by one with [`Mapping::from_export`] (the SPEC §1 rules): a bad
+//!   entry is reported as `error` and the others go on. When two entries have the same
+//!   (normalised) id, the last one wins, as with the application's import, which upserts in
+//!   order; the earlier ones are `skipped`.
+//! - `unchanged`: what the row holds, read back through the reader's rules, already equals
+//!   the entry; nothing is written (no new row version, no file event for the daemon).
+//!
+//! Rows of `llm_model_mappings` (entries whose `source` is not `prompt`):
+//! - Existing rows are grouped by normalised id, exactly as the reader builds it (so the
+//!   legacy `tenant:x` row, or a row whose scope has stray spaces, is the row of `mapping:x`).
+//! - No row in the group: `INSERT` under the normalised id (`created_at` takes its default).
+//! - A row stored under the normalised id: `INSERT … ON CONFLICT(id) DO UPDATE` (scope columns
+//!   rewritten trimmed; `created_at` untouched).
+//! - A row stored under another id (legacy `tenant:x` for `mapping:x`): updated in place by
+//!   rowid; its `id`, `scope_type` and `scope_key` are kept and no duplicate is created.
+//! - Several rows normalising to the same id: every one that differs is updated, so whichever
+//!   the reader (or the application) picks shows the restored values.
+//! - A row stored under the normalised id whose scope reads as another id (or is empty) is
+//!   never overwritten: the entry is an `error` naming that row.
+//! - Text is written the way the application's Python writes it (`json.dumps`,
+//!   `ensure_ascii=False`): `candidates_json` as `["a", "b"]`, `metadata_json` as an object with
+//!   `", "` / `": "` separators; `is_active` 1/0; `updated_at` RFC 3339 with `+00:00`, or NULL.
+//!
+//! Secrets: snapshots are redacted (SPEC §1), so restoring one must not erase the secrets the
+//! row still holds. The metadata written is the entry's, plus every key of the row's current
+//! metadata that `snapshot.redact_keys` calls sensitive, at any depth, wherever its parent
+//! object still exists in the entry (objects are matched by key, lists by position). A
+//! sensitive key present in the file itself is dropped, as every export drops it. So a
+//! snapshot that differs from the row only by a redacted secret is `unchanged`.
+//!
+//! Prompt mappings (`source = "prompt"`, id `prompt:<id>`): the `ai_prompts` row `<id>` gets
+//! `default_model`, `candidates`, `is_active` and `updated_at` set in its `tools_json`'s
+//! `__model_mapping` object, found by the reader's rule (top level of an object, or the first
+//! object element of a list holding one); other keys of that object and everything else in
+//! `tools_json` are kept, objects in their stored key order. A prompt without one gets it
+//! added at the top level of an object, or as a new element `{"__model_mapping": …}` at the
+//! end of a list. The prompt's name, version and category are not restored (they belong to
+//! the prompt). A missing prompt is `skipped`; so are all prompt entries when
+//! `source.include_prompt_mappings` is false.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{Settings, SourceSettings};
+use crate::mapping::{self, Mapping, Origin, Redactor, format_timestamp};
+use crate::snapshot;
+use crate::source::{MAPPING_COLUMNS, MappingRow, mapping_of_row};
+
+/// Why a restore did not happen. Each message is one line naming the file and the fix; in
+/// every case nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(
+        "restore file {0} does not exist: pass a snapshot from snapshot.dir (e.g. model-mappings-latest.json) or an application export"
+    )]
+    FileMissing(PathBuf),
+    #[error("cannot read restore file {path}: {reason}: check the path and its permissions")]
+    FileUnreadable { path: PathBuf, reason: String },
+    #[error(
+        "restore file {path} is not a mapsync snapshot or application export ({reason}): nothing was restored; pick another file from snapshot.dir"
+    )]
+    NotAnExport { path: PathBuf, reason: String },
+    #[error(
+        "SQLite file {0} does not exist: check source.sqlite_path (restore never creates the application's database; start the application once)"
+    )]
+    SqliteMissing(PathBuf),
+    #[error(
+        "SQLite file {0} has no llm_model_mappings table: is source.sqlite_path the application's database? nothing was restored"
+    )]
+    NotAppDatabase(PathBuf),
+    #[error(
+        "SQLite file {path} is not a readable database ({reason}): check source.sqlite_path; nothing was restored"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "SQLite file {path} stayed locked for longer than source.busy_timeout_ms ({reason}): nothing was restored; retry when the application is idle or raise source.busy_timeout_ms"
+    )]
+    Busy { path: PathBuf, reason: String },
+    #[error(
+        "cannot write SQLite file {path} ({reason}): run restore as the application's user (it needs write access to the file and its directory); nothing was restored"
+    )]
+    ReadOnly { path: PathBuf, reason: String },
+    #[error("cannot restore into SQLite file {path}: {reason}; nothing was restored")]
+    Other { path: PathBuf, reason: String },
+}
+
+/// What a restore did (or, with `dry_run`, would do), entry by entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RestoreReport {
+    pub file: String,
+    pub dry_run: bool,
+    pub imported: usize,
+    pub unchanged: usize,
+    pub skipped: usize,
+    pub errors: usize,
+    pub entries: Vec<EntryReport>,
+}
+
+/// One entry of the file. `index` is its 0-based position in the `mappings` list; `id` is the
+/// normalised id (null when the entry could not be parsed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EntryReport {
+    pub index: usize,
+    pub id: Option<String>,
+    pub result: Outcome,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Imported,
+    Unchanged,
+    Skipped,
+    Error,
+}
+
+/// Restores `file` into `settings.source.sqlite_path` (blocking; async callers use
+/// `spawn_blocking`). With `dry_run`, computes the same report and writes nothing.
+pub fn restore(
+    settings: &Settings,
+    file: &Path,
+    dry_run: bool,
+) -> Result<RestoreReport, RestoreError> {
+    let redactor = Redactor::new(&settings.snapshot.redact_keys);
+    let entries = read_entries(file, &redactor)?;
+    let db = settings.source.sqlite_path.as_path();
+    let fail = |e| classify(db, e);
+    let mut conn = open(&settings.source, dry_run)?;
+    let behavior = if dry_run {
+        TransactionBehavior::Deferred
+    } else {
+        TransactionBehavior::Immediate
+    };
+    let tx = conn.transaction_with_behavior(behavior).map_err(fail)?;
+    if !table_exists(&tx, "llm_model_mappings").map_err(fail)? {
+        return Err(RestoreError::NotAppDatabase(db.to_path_buf()));
+    }
+    let rules = Rules {
+        redactor: &redactor,
+        include_prompts: settings.source.include_prompt_mappings,
+    };
+    let planned = plan(&tx, entries, &rules).map_err(fail)?;
+    if !dry_run {
+        apply(&tx, &planned).map_err(fail)?;
+        tx.commit().map_err(fail)?;
+    }
+    // A dry run's transaction is dropped here: rolled back, and it never wrote anyway.
+    let report = summarize(file, dry_run, planned);
+    tracing::info!(file = %file.display(), db = %db.display(), dry_run, imported = report.imported,
+        unchanged = report.unchanged, skipped = report.skipped, errors = report.errors,
+        "restore finished");
+    Ok(report)
+}
+
+/// The file's entries, each parsed on its own.
+fn read_entries(
+    file: &Path,
+    redactor: &Redactor,
+) -> Result<Vec<Result<Mapping, String>>, RestoreError> {
+    let bytes = std::fs::read(file).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => RestoreError::FileMissing(file.to_path_buf()),
+        _ => RestoreError::FileUnreadable {
+            path: file.to_path_buf(),
+            reason: one_line(&e.to_string()),
+        },
+    })?;
+    snapshot::parse_document(&bytes, redactor).map_err(|reason| RestoreError::NotAnExport {
+        path: file.to_path_buf(),
+        reason: one_line(&reason),
+    })
+}
+
+/// The application's file, read-write (read-only for a dry run), never created.
+fn open(source: &SourceSettings, dry_run: bool) -> Result<Connection, RestoreError> {
+    let path = source.sqlite_path.as_path();
+    match std::fs::metadata(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(RestoreError::SqliteMissing(path.to_path_buf()));
+        }
+        Err(e) => {
+            return Err(RestoreError::Other {
+                path: path.to_path_buf(),
+                reason: one_line(&e.to_string()),
+            });
+        }
+    }
+    let mode = if dry_run {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+    };
+    let conn = Connection::open_with_flags(path, mode | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| classify(path, e))?;
+    conn.busy_timeout(source.busy_timeout)
+        .map_err(|e| classify(path, e))?;
+    Ok(conn)
+}
+
+fn classify(path: &Path, e: rusqlite::Error) -> RestoreError {
+    let path = path.to_path_buf();
+    let reason = one_line(&e.to_string());
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
+            RestoreError::Corrupt { path, reason }
+        }
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            RestoreError::Busy { path, reason }
+        }
+        Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied | ErrorCode::CannotOpen) => {
+            RestoreError::ReadOnly { path, reason }
+        }
+        _ => RestoreError::Other { path, reason },
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deciding what to do with each entry.
+
+struct Rules<'a> {
+    redactor: &'a Redactor,
+    include_prompts: bool,
+}
+
+/// One entry's outcome and the writes it needs.
+struct Planned {
+    report: EntryReport,
+    writes: Vec<Write>,
+}
+
+impl Planned {
+    fn new(index: usize, id: Option<&str>, result: Outcome, reason: Option<String>) -> Planned {
+        Planned {
+            report: EntryReport {
+                index,
+                id: id.map(str::to_string),
+                result,
+                reason,
+            },
+            writes: Vec::new(),
+        }
+    }
+
+    fn imported(index: usize, id: &str, reason: String, writes: Vec<Write>) -> Planned {
+        Planned {
+            writes,
+            ..Planned::new(index, Some(id), Outcome::Imported, Some(reason))
+        }
+    }
+}
+
+/// One statement of the restore.
+enum Write {
+    /// `INSERT … ON CONFLICT(id) DO UPDATE` under the normalised id.
+    Upsert { mapping: Mapping, columns: Columns },
+    /// `UPDATE … WHERE rowid = ?` of a row stored under a legacy id; scope columns kept.
+    Update { rowid: i64, columns: Columns },
+    /// `UPDATE ai_prompts SET tools_json = ? WHERE id = ?`.
+    Prompt { id: i64, tools_json: String },
+}
+
+/// The values written to a `llm_model_mappings` row, as the application stores them.
+struct Columns {
+    name: Option<String>,
+    default_model: Option<String>,
+    candidates_json: String,
+    is_active: i64,
+    updated_at: Option<String>,
+    metadata_json: String,
+}
+
+impl Columns {
+    fn new(m: &Mapping, metadata: &Value) -> Columns {
+        Columns {
+            name: m.name().map(str::to_string),
+            default_model: m.default_model().map(str::to_string),
+            candidates_json: m.candidates_json().to_string(),
+            is_active: i64::from(m.is_active),
+            updated_at: m.updated_at.as_ref().map(format_timestamp),
+            metadata_json: python_json(metadata),
+        }
+    }
+}
+
+fn plan(
+    tx: &Transaction<'_>,
+    entries: Vec<Result<Mapping, String>>,
+    rules: &Rules<'_>,
+) -> rusqlite::Result<Vec<Planned>> {
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        if let Ok(m) = e {
+            last.insert(m.id().to_string(), i);
+        }
+    }
+    let index = Index::load(tx, rules.redactor)?;
+    let prompts_table = table_exists(tx, "ai_prompts")?;
+    let mut planned = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let m = match entry {
+            Ok(m) => m,
+            Err(reason) => {
+                planned.push(Planned::new(i, None, Outcome::Error, Some(reason)));
+                continue;
+            }
+        };
+        let winner = last[m.id()];
+        planned.push(if winner != i {
+            let why = format!("superseded by entry {winner}, which has the same id");
+            Planned::new(i, Some(m.id()), Outcome::Skipped, Some(why))
+        } else if m.source == Origin::Prompt {
+            plan_prompt(tx, i, &m, rules, prompts_table)?
+        } else {
+            index.plan_row(i, &m, rules.redactor)
+        });
+    }
+    Ok(planned)
+}
+
+/// One stored `llm_model_mappings` row.
+struct Existing {
+    rowid: i64,
+    stored_id: Option<String>,
+    /// As the reader builds it; `None` when its scope is empty (the reader skips the row).
+    mapping: Option<Mapping>,
+    metadata_json: Option<String>,
+}
+
+/// Every stored row, grouped by normalised id and by stored id.
+struct Index {
+    rows: Vec<Existing>,
+    by_id: HashMap<String, Vec<usize>>,
+    by_stored_id: HashMap<String, usize>,
+}
+
+impl Index {
+    fn load(conn: &Connection, redactor: &Redactor) -> rusqlite::Result<Index> {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT rowid, {MAPPING_COLUMNS} FROM llm_model_mappings"
+        ))?;
+        let mut rows = stmt.query([])?;
+        let mut index = Index {
+            rows: Vec::new(),
+            by_id: HashMap::new(),
+            by_stored_id: HashMap::new(),
+        };
+        while let Some(r) = rows.next()? {
+            let row = MappingRow::read(r, 1)?;
+            let existing = Existing {
+                rowid: r.get(0)?,
+                stored_id: row.id.as_deref().map(str::to_string),
+                mapping: mapping_of_row(&row, redactor).map(|(m, _)| m),
+                metadata_json: row.metadata_json.as_deref().map(str::to_string),
+            };
+            index.push(existing);
+        }
+        Ok(index)
+    }
+
+    fn push(&mut self, row: Existing) {
+        let i = self.rows.len();
+        if let Some(m) = &row.mapping {
+            self.by_id.entry(m.id().to_string()).or_default().push(i);
+        }
+        if let Some(id) = &row.stored_id {
+            self.by_stored_id.insert(id.clone(), i);
+        }
+        self.rows.push(row);
+    }
+
+    /// The rule for an `llm_model_mappings` entry (see the module doc).
+    fn plan_row(&self, index: usize, m: &Mapping, redactor: &Redactor) -> Planned {
+        let group = self.by_id.get(m.id()).map_or(&[][..], Vec::as_slice);
+        if group.is_empty() {
+            if let Some(&taken) = self.by_stored_id.get(m.id()) {
+                let reads_as = self.rows[taken]
+                    .mapping
+                    .as_ref()
+                    .map_or("an empty scope".to_string(), |o| format!("`{}`", o.id()));
+                let why = format!(
+                    "row `{}` exists but its scope reads as {reads_as}; fix that row in the application first",
+                    m.id()
+                );
+                return Planned::new(index, Some(m.id()), Outcome::Error, Some(why));
+            }
+            let columns = Columns::new(m, &m.metadata());
+            let write = Write::Upsert {
+                mapping: m.clone(),
+                columns,
+            };
+            return Planned::imported(index, m.id(), "inserted".into(), vec![write]);
+        }
+        let mut writes = Vec::new();
+        let mut legacy = Vec::new();
+        for row in group.iter().map(|&i| &self.rows[i]) {
+            if row.mapping.as_ref() == Some(m) {
+                continue;
+            }
+            let columns = Columns::new(m, &merged_metadata(m, row, redactor));
+            match row.stored_id.as_deref() {
+                Some(id) if id == m.id() => writes.push(Write::Upsert {
+                    mapping: m.clone(),
+                    columns,
+                }),
+                other => {
+                    legacy.push(format!("`{}`", other.unwrap_or("NULL")));
+                    writes.push(Write::Update {
+                        rowid: row.rowid,
+                        columns,
+                    });
+                }
+            }
+        }
+        if writes.is_empty() {
+            return Planned::new(index, Some(m.id()), Outcome::Unchanged, None);
+        }
+        let why = if legacy.is_empty() {
+            "updated".to_string()
+        } else {
+            format!("updated in place: row {}", legacy.join(", "))
+        };
+        Planned::imported(index, m.id(), why, writes)
+    }
+}
+
+/// The entry's metadata with the secrets the row still holds.
+fn merged_metadata(m: &Mapping, row: &Existing, redactor: &Redactor) -> Value {
+    let mut metadata = m.metadata();
+    let current = row
+        .metadata_json
+        .as_deref()
+        .and_then(|t| serde_json::from_str::<Value>(t).ok());
+    if let Some(current) = current {
+        keep_secrets(&mut metadata, &current, redactor);
+    }
+    metadata
+}
+
+/// Copies into `target` every key of `current` that `redactor` calls sensitive, at any depth,
+/// where the parent object exists in both (objects matched by key, lists by position).
+fn keep_secrets(target: &mut Value, current: &Value, redactor: &Redactor) {
+    match (target, current) {
+        (Value::Object(t), Value::Object(c)) => {
+            for (k, cv) in c {
+                if redactor.is_sensitive(k) {
+                    t.insert(k.clone(), cv.clone());
+                } else if let Some(tv) = t.get_mut(k) {
+                    keep_secrets(tv, cv, redactor);
+                }
+            }
+        }
+        (Value::Array(t), Value::Array(c)) => {
+            for (tv, cv) in t.iter_mut().zip(c) {
+                keep_secrets(tv, cv, redactor);
+            }
+        }
+        _ => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prompt mappings.
+
+const MODEL_MAPPING: &str = "__model_mapping";
+
+/// The four fields a prompt's `__model_mapping` carries, as the reader reads them.
+#[derive(Debug, PartialEq)]
+struct PromptFields {
+    default_model: Option<String>,
+    candidates: Vec<String>,
+    is_active: bool,
+    updated_at: Option<DateTime<Utc>>,
+}
+
+impl PromptFields {
+    fn of_entry(m: &Mapping) -> PromptFields {
+        PromptFields {
+            default_model: m.default_model().map(str::to_string),
+            candidates: m.candidates(),
+            is_active: m.is_active,
+            updated_at: m.updated_at,
+        }
+    }
+
+    /// The reader's rules over a stored `__model_mapping` object.
+    fn of_stored(mm: &Value) -> PromptFields {
+        let candidates = match mm.get("candidates") {
+            Some(Value::String(text)) => mapping::parse_candidates(Some(text)).0,
+            Some(v) => mapping::candidates_from_value(v),
+            None => Vec::new(),
+        };
+        let default_model = mapping::non_empty(mm.get("default_model").and_then(Value::as_str));
+        PromptFields {
+            default_model: default_model.map(|d| d.into_owned()),
+            candidates: candidates.into_iter().map(|c| c.into_owned()).collect(),
+            is_active: mapping::parse_active_json(mm.get("is_active")),
+            updated_at: mapping::parse_timestamp(mm.get("updated_at").and_then(Value::as_str)).0,
+        }
+    }
+
+    /// The keys written into `__model_mapping`.
+    fn to_json(&self) -> Vec<(String, Json)> {
+        let candidates = self
+            .candidates
+            .iter()
+            .map(|c| Json::Scalar(Value::from(c.as_str())))
+            .collect();
+        vec![
+            (
+                "default_model".into(),
+                Json::Scalar(Value::from(self.default_model.as_deref())),
+            ),
+            ("candidates".into(), Json::Array(candidates)),
+            (
+                "is_active".into(),
+                Json::Scalar(Value::Bool(self.is_active)),
+            ),
+            (
+                "updated_at".into(),
+                Json::Scalar(Value::from(self.updated_at.as_ref().map(format_timestamp))),
+            ),
+        ]
+    }
+}
+
+/// The rule for a prompt entry (see the module doc).
+fn plan_prompt(
+    tx: &Transaction<'_>,
+    index: usize,
+    m: &Mapping,
+    rules: &Rules<'_>,
+    prompts_table: bool,
+) -> rusqlite::Result<Planned> {
+    let id = m.id();
+    let skipped = |why: String| Planned::new(index, Some(id), Outcome::Skipped, Some(why));
+    let error = |why: String| Planned::new(index, Some(id), Outcome::Error, Some(why));
+    if !rules.include_prompts {
+        return Ok(skipped(
+            "prompt mappings are off (source.include_prompt_mappings = false)".into(),
+        ));
+    }
+    if m.scope_type() != "prompt" {
+        return Ok(error(
+            "source is `prompt` but scope_type is not `prompt`".into(),
+        ));
+    }
+    let key = m.scope_key();
+    let stored = match key.parse::<i64>() {
+        Ok(prompt_id) if prompts_table => tx
+            .query_row(
+                "SELECT tools_json FROM ai_prompts WHERE id = ?1",
+                [prompt_id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .map(|tools| Some((prompt_id, tools)))
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?,
+        _ => None,
+    };
+    let Some((prompt_id, tools)) = stored else {
+        return Ok(skipped(format!("prompt {key} does not exist")));
+    };
+    let mut tools = match parse_tools(tools.as_deref()) {
+        Ok(t) => t,
+        Err(why) => return Ok(error(format!("prompt {key}: {why}; restore left it alone"))),
+    };
+    let wanted = PromptFields::of_entry(m);
+    let stored = model_mapping(&tools).map(|mm| PromptFields::of_stored(&mm.to_value()));
+    if stored.as_ref() == Some(&wanted) {
+        return Ok(Planned::new(index, Some(id), Outcome::Unchanged, None));
+    }
+    if let Err(why) = put_model_mapping(&mut tools, wanted.to_json()) {
+        return Ok(error(format!("prompt {key}: {why}; restore left it alone")));
+    }
+    let write = Write::Prompt {
+        id: prompt_id,
+        tools_json: tools.to_python(),
+    };
+    Ok(Planned::imported(
+        index,
+        id,
+        format!("updated tools_json of prompt {key}"),
+        vec![write],
+    ))
+}
+
+/// A prompt's stored `tools_json`; NULL or empty is an empty object.
+fn parse_tools(stored: Option<&str>) -> Result<Json, String> {
+    let text = stored.map(str::trim).unwrap_or("");
+    if text.is_empty() {
+        return Ok(Json::Object(Vec::new()));
+    }
+    serde_json::from_str(text).map_err(|e| format!("tools_json is not valid JSON ({e})"))
+}
+
+/// Where a `tools_json` holds its `__model_mapping` object, by the reader's rule: at the top
+/// level of an object, or in the first object element of a list that holds one.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Top,
+    Element(usize),
+}
+
+fn slot(tools: &Json) -> Option<Slot> {
+    let holds = |item: &Json| match item {
+        Json::Object(fields) => get(fields, MODEL_MAPPING).is_some_and(Json::is_object),
+        _ => false,
+    };
+    match tools {
+        Json::Object(_) => holds(tools).then_some(Slot::Top),
+        Json::Array(items) => items.iter().position(holds).map(Slot::Element),
+        Json::Scalar(_) => None,
+    }
+}
+
+/// The `__model_mapping` object (see [`slot`]).
+fn model_mapping(tools: &Json) -> Option<&Json> {
+    let holder = match (slot(tools)?, tools) {
+        (Slot::Element(i), Json::Array(items)) => &items[i],
+        (_, top) => top,
+    };
+    match holder {
+        Json::Object(fields) => get(fields, MODEL_MAPPING),
+        _ => None,
+    }
+}
+
+/// Sets `fields` in the `__model_mapping` object (keeping its other keys), adding the object
+/// when there is none.
+fn put_model_mapping(tools: &mut Json, fields: Vec<(String, Json)>) -> Result<(), &'static str> {
+    let holder = match (slot(tools), &mut *tools) {
+        (Some(Slot::Element(i)), Json::Array(items)) => Some(&mut items[i]),
+        (Some(Slot::Top), top) => Some(top),
+        _ => None,
+    };
+    if let Some(Json::Object(holder)) = holder {
+        if let Some(Json::Object(mm)) = get_mut(holder, MODEL_MAPPING) {
+            for (k, v) in fields {
+                set(mm, k, v);
+            }
+            return Ok(());
+        }
+    }
+    match tools {
+        Json::Object(top) => set(top, MODEL_MAPPING.into(), Json::Object(fields)),
+        Json::Array(items) => items.push(Json::Object(vec![(
+            MODEL_MAPPING.into(),
+            Json::Object(fields),
+        )])),
+        Json::Scalar(_) => return Err("tools_json is neither a JSON object nor a list"),
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing.
+
+fn apply(tx: &Transaction<'_>, planned: &[Planned]) -> rusqlite::Result<()> {
+    for write in planned.iter().flat_map(|p| &p.writes) {
+        let changed = match write {
+            Write::Upsert {
+                mapping: m,
+                columns: c,
+            } => tx
+                .prepare_cached(
+                    "INSERT INTO llm_model_mappings (id, scope_type, scope_key, name, \
+                     default_model, candidates_json, is_active, updated_at, metadata_json) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                     ON CONFLICT(id) DO UPDATE SET scope_type = excluded.scope_type, \
+                     scope_key = excluded.scope_key, name = excluded.name, \
+                     default_model = excluded.default_model, \
+                     candidates_json = excluded.candidates_json, is_active = excluded.is_active, \
+                     updated_at = excluded.updated_at, metadata_json = excluded.metadata_json",
+                )?
+                .execute(params![
+                    m.id(),
+                    m.scope_type(),
+                    m.scope_key(),
+                    c.name,
+                    c.default_model,
+                    c.candidates_json,
+                    c.is_active,
+                    c.updated_at,
+                    c.metadata_json
+                ])?,
+            Write::Update { rowid, columns: c } => tx
+                .prepare_cached(
+                    "UPDATE llm_model_mappings SET name = ?2, default_model = ?3, \
+                     candidates_json = ?4, is_active = ?5, updated_at = ?6, metadata_json = ?7 \
+                     WHERE rowid = ?1",
+                )?
+                .execute(params![
+                    rowid,
+                    c.name,
+                    c.default_model,
+                    c.candidates_json,
+                    c.is_active,
+                    c.updated_at,
+                    c.metadata_json
+                ])?,
+            Write::Prompt { id, tools_json } => tx
+                .prepare_cached("UPDATE ai_prompts SET tools_json = ?2 WHERE id = ?1")?
+                .execute(params![id, tools_json])?,
+        };
+        if changed != 1 {
+            // The rows were read in this same transaction; anything else is a bug. Roll back.
+            return Err(rusqlite::Error::StatementChangedRows(changed));
+        }
+    }
+    Ok(())
+}
+
+fn summarize(file: &Path, dry_run: bool, planned: Vec<Planned>) -> RestoreReport {
+    let entries: Vec<EntryReport> = planned.into_iter().map(|p| p.report).collect();
+    let count = |o: Outcome| entries.iter().filter(|e| e.result == o).count();
+    RestoreReport {
+        file: file.display().to_string(),
+        dry_run,
+        imported: count(Outcome::Imported),
+        unchanged: count(Outcome::Unchanged),
+        skipped: count(Outcome::Skipped),
+        errors: count(Outcome::Error),
+        entries,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON text the way the application's Python writes it.
+
+/// `json.dumps(v, ensure_ascii=False)`: `", "` and `": "` separators, non-ASCII kept.
+fn python_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_value(&mut out, v);
+    out
+}
+
+fn write_value(out: &mut String, v: &Value) {
+    match v {
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_value(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                mapping::write_json_string(out, k);
+                out.push_str(": ");
+                write_value(out, item);
+            }
+            out.push('}');
+        }
+        Value::String(s) => mapping::write_json_string(out, s),
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+/// A JSON value that keeps object keys in their stored order (serde_json's `Value` sorts
+/// them), so rewriting a prompt's `tools_json` changes nothing but `__model_mapping`.
+#[derive(Debug, Clone, PartialEq)]
+enum Json {
+    /// Null, boolean, number or string.
+    Scalar(Value),
+    Array(Vec<Json>),
+    Object(Vec<(String, Json)>),
+}
+
+/// The value of `key` (the last one, as JSON parsers read duplicate keys).
+fn get<'a>(fields: &'a [(String, Json)], key: &str) -> Option<&'a Json> {
+    fields.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+fn get_mut<'a>(fields: &'a mut [(String, Json)], key: &str) -> Option<&'a mut Json> {
+    fields
+        .iter_mut()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// Replaces the value of `key` where it stands, or appends it.
+fn set(fields: &mut Vec<(String, Json)>, key: String, value: Json) {
+    match get_mut(fields, &key) {
+        Some(slot) => *slot = value,
+        None => fields.push((key, value)),
+    }
+}
+
+impl Json {
+    fn is_object(&self) -> bool {
+        matches!(self, Json::Object(_))
+    }
+
+    fn to_value(&self) -> Value {
+        match self {
+            Json::Scalar(v) => v.clone(),
+            Json::Array(items) => Value::Array(items.iter().map(Json::to_value).collect()),
+            Json::Object(fields) => Value::Object(
+                fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_value()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// `json.dumps(…, ensure_ascii=False)` text, keys in their order.
+    fn to_python(&self) -> String {
+        let mut out = String::new();
+        self.write(&mut out);
+        out
+    }
+
+    fn write(&self, out: &mut String) {
+        match self {
+            Json::Scalar(v) => write_value(out, v),
+            Json::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    item.write(out);
+                }
+                out.push(']');
+            }
+            Json::Object(fields) => {
+                out.push('{');
+                for (i, (k, item)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    mapping::write_json_string(out, k);
+                    out.push_str(": ");
+                    item.write(out);
+                }
+                out.push('}');
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Json;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Json, E> {
+                Ok(Json::Scalar(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Json, E> {
+                Ok(Json::Scalar(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Json, E> {
+                Ok(Json::Scalar(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Json, E> {
+                Ok(Json::Scalar(Value::from(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Json, E> {
+                Ok(Json::Scalar(Value::from(v)))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Json, E> {
+                Ok(Json::Scalar(Value::String(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Json, E> {
+                Ok(Json::Scalar(Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Json::Array(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    fields.push(entry);
+                }
+                Ok(Json::Object(fields))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn entry(v: Value) -> Mapping {
+        Mapping::from_export(&v, &Redactor::default()).unwrap()
+    }
+
+    #[test]
+    fn secrets_of_the_row_are_kept_at_any_depth_where_their_parent_survives() {
+        let r = Redactor::default();
+        let mut snapshot = json!({
+            "temperature": 0.2,
+            "auth": {"region": "eu"},
+            "hosts": [{"name": "a"}, {"name": "b"}],
+        });
+        let current = json!({
+            "apiKey": "sk-1",
+            "temperature": 0.9,
+            "auth": {"client-secret": "cs", "region": "us"},
+            "hosts": [{"name": "x", "token": "t0"}, {"name": "y"}, {"name": "z", "token": "t2"}],
+            "gone": {"password": "p"},
+        });
+        keep_secrets(&mut snapshot, &current, &r);
+        assert_eq!(
+            snapshot,
+            json!({
+                "apiKey": "sk-1",
+                "temperature": 0.2,
+                "auth": {"client-secret": "cs", "region": "eu"},
+                "hosts": [{"name": "a", "token": "t0"}, {"name": "b"}],
+            })
+        );
+    }
+
+    #[test]
+    fn text_is_written_like_python_json_dumps_without_ascii_escapes() {
+        let v = json!({"b": [1, 2.5, null, true], "a": "映射 \"x\"\n", "c": {}, "d": []});
+        assert_eq!(
+            python_json(&v),
+            r#"{"a": "映射 \"x\"\n", "b": [1, 2.5, null, true], "c": {}, "d": []}"#
+        );
+    }
+
+    #[test]
+    fn tools_json_keeps_its_key_order_and_everything_else() {
+        let text = r#"{"zeta": 1, "tools": [{"type": "function", "b": 2, "a": 1}], "__model_mapping": {"metadata": {}, "default_model": "old", "extra": "kept"}, "alpha": "模型"}"#;
+        let mut tools: Json = serde_json::from_str(text).unwrap();
+        let m = entry(
+            json!({"scope_type": "prompt", "scope_key": "3", "default_model": "new",
+            "candidates": ["new", "b"], "is_active": false, "source": "prompt",
+            "updated_at": "2026-01-16T10:17:10Z"}),
+        );
+        put_model_mapping(&mut tools, PromptFields::of_entry(&m).to_json()).unwrap();
+        assert_eq!(
+            tools.to_python(),
+            r#"{"zeta": 1, "tools": [{"type": "function", "b": 2, "a": 1}], "__model_mapping": {"metadata": {}, "default_model": "new", "extra": "kept", "candidates": ["new", "b"], "is_active": false, "updated_at": "2026-01-16T10:17:10+00:00"}, "alpha": "模型"}"#
+        );
+        let back = PromptFields::of_stored(&model_mapping(&tools).unwrap().to_value());
+        assert_eq!(back, PromptFields::of_entry(&m));
+    }
+
+    #[test]
+    fn a_model_mapping_is_found_or_added_by_the_readers_rule() {
+        let m = entry(
+            json!({"scope_type": "prompt", "scope_key": "3", "default_model": "x",
+            "source": "prompt"}),
+        );
+        let fields = || PromptFields::of_entry(&m).to_json();
+        let put = |text: &str| {
+            let mut t = parse_tools(Some(text)).unwrap();
+            put_model_mapping(&mut t, fields()).map(|()| t.to_python())
+        };
+        let mm =
+            r#"{"default_model": "x", "candidates": [], "is_active": true, "updated_at": null}"#;
+        // A list: the first object element that holds one is updated in place.
+        assert_eq!(
+            put(r#"[1, {"__model_mapping": null}, {"k": 1, "__model_mapping": {"default_model": "y"}}, {"__model_mapping": {}}]"#).unwrap(),
+            format!(r#"[1, {{"__model_mapping": null}}, {{"k": 1, "__model_mapping": {mm}}}, {{"__model_mapping": {{}}}}]"#)
+        );
+        // A list without one: a new element at the end.
+        assert_eq!(
+            put(r#"[{"type": "function"}]"#).unwrap(),
+            format!(r#"[{{"type": "function"}}, {{"__model_mapping": {mm}}}]"#)
+        );
+        // An object without one (or with a non-object one): set at the top level.
+        assert_eq!(
+            put(r#"{"tools": [], "__model_mapping": "junk"}"#).unwrap(),
+            format!(r#"{{"tools": [], "__model_mapping": {mm}}}"#)
+        );
+        assert_eq!(
+            put("  ").unwrap(),
+            format!(r#"{{"__model_mapping": {mm}}}"#)
+        );
+        assert!(put(r#""text""#).is_err());
+        assert!(parse_tools(Some("{oops")).is_err());
+    }
+}
