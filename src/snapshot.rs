@@ -279,6 +279,7 @@ impl SnapshotStore {
             .map(|entries| {
                 entries
                     .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
                     .filter_map(|e| e.file_name().into_string().ok())
                     .filter(|n| stamp_of(n).is_some())
                     .collect()

@@ -73,7 +73,7 @@ impl App {
     /// Answers one request.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let origin = self.allowed_origin(req.headers());
-        let (route, mut res) = self.route(req).await;
+        let (route, mut res) = self.route(req, origin.is_some()).await;
         let h = res.headers_mut();
         h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         if let Some(origin) = origin {
@@ -97,7 +97,7 @@ impl App {
     }
 
     /// Dispatches on path and method; returns the route's label for the metrics.
-    async fn route(&self, req: Request<Incoming>) -> (&'static str, Response<Body>) {
+    async fn route(&self, req: Request<Incoming>, cors: bool) -> (&'static str, Response<Body>) {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
         let (route, methods, access): (&'static str, &[Method], Access) = match path.as_str() {
@@ -132,7 +132,7 @@ impl App {
             }
         };
         if method == Method::OPTIONS {
-            return (route, self.preflight(methods));
+            return (route, preflight(methods, cors));
         }
         let allowed =
             methods.contains(&method) || (method == Method::HEAD && methods.contains(&Method::GET));
@@ -155,6 +155,14 @@ impl App {
                 reply::envelope_error(StatusCode::UNAUTHORIZED, "unauthorized"),
             );
         }
+        // Every body is read (and capped) here, whether the route uses it or not: a request
+        // over the limit is refused before it can start anything.
+        let query = req.uri().query().map(str::to_string);
+        let query = query.as_deref();
+        let body = match read_body(req).await {
+            Ok(b) => b,
+            Err(res) => return (route, res),
+        };
         let res = match (route, method) {
             ("/", _) => admin_page(),
             ("/livez" | "/healthz", _) => {
@@ -163,14 +171,14 @@ impl App {
             ("/readyz", _) => self.readyz().await,
             ("/metrics", _) => self.metrics(),
             ("/status", _) => reply::ok(&self.engine.shared().board.snapshot()),
-            ("/mappings", _) => self.mappings(req.uri().query()).await,
+            ("/mappings", _) => self.mappings(query).await,
             ("/sync" | "/api/v1/llm/model-groups/sync-to-supabase", _) => {
-                match sync_options(req.uri().query(), self.engine.deletes_by_default()) {
+                match sync_options(query, self.engine.deletes_by_default()) {
                     Ok(opts) => self.sync(opts, false).await,
                     Err(msg) => reply::envelope_error(StatusCode::BAD_REQUEST, &msg),
                 }
             }
-            ("/api/v1/llm/model-groups/sync", _) => self.sync_with_direction(req).await,
+            ("/api/v1/llm/model-groups/sync", _) => self.sync_with_direction(&body).await,
             ("/export", _) => self.export().await,
             ("/snapshots", Method::POST) => self.write_snapshot().await,
             ("/snapshots", _) => self.list_snapshots().await,
@@ -184,11 +192,13 @@ impl App {
         let Some(token) = &self.token else {
             return true;
         };
+        // The scheme is case-insensitive (RFC 7235).
         let given = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token);
         reply::constant_time_eq(given.trim().as_bytes(), token.expose().as_bytes())
     }
 
@@ -199,24 +209,6 @@ impl App {
             .iter()
             .any(|o| o == "*" || o == origin)
             .then(|| reply::header(origin))
-    }
-
-    fn preflight(&self, methods: &[Method]) -> Response<Body> {
-        let mut res = reply::bytes(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
-        let allow = methods
-            .iter()
-            .map(Method::as_str)
-            .chain(["OPTIONS"])
-            .collect::<Vec<_>>()
-            .join(", ");
-        let h = res.headers_mut();
-        h.insert(ACCESS_CONTROL_ALLOW_METHODS, reply::header(&allow));
-        h.insert(
-            ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("Authorization, Content-Type"),
-        );
-        h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-        res
     }
 
     async fn readyz(&self) -> Response<Body> {
@@ -349,15 +341,11 @@ impl App {
     }
 
     /// `POST /api/v1/llm/model-groups/sync` with `{"direction": "push", "delete_missing": bool}`.
-    async fn sync_with_direction(&self, req: Request<Incoming>) -> Response<Body> {
-        let body = match read_body(req).await {
-            Ok(b) => b,
-            Err(res) => return res,
-        };
+    async fn sync_with_direction(&self, body: &[u8]) -> Response<Body> {
         let value: Value = if body.is_empty() {
             Value::Object(Default::default())
         } else {
-            match serde_json::from_slice(&body) {
+            match serde_json::from_slice(body) {
                 Ok(v) => v,
                 Err(e) => {
                     return reply::envelope_error(
@@ -484,6 +472,28 @@ impl App {
     fn store(&self) -> snapshot::SnapshotStore {
         self.engine.snapshot_store()
     }
+}
+
+/// Answers an `OPTIONS` preflight: 204, with the CORS headers only for an allowed origin.
+fn preflight(methods: &[Method], cors: bool) -> Response<Body> {
+    let mut res = reply::bytes(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
+    if !cors {
+        return res;
+    }
+    let allow = methods
+        .iter()
+        .map(Method::as_str)
+        .chain(["OPTIONS"])
+        .collect::<Vec<_>>()
+        .join(", ");
+    let h = res.headers_mut();
+    h.insert(ACCESS_CONTROL_ALLOW_METHODS, reply::header(&allow));
+    h.insert(
+        ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Authorization, Content-Type"),
+    );
+    h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    res
 }
 
 fn admin_page() -> Response<Body> {
