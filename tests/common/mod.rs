@@ -9,14 +9,17 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod appdb;
+pub mod browser;
 pub mod daemon;
 pub mod fixture;
 pub mod http;
 pub mod mapsync;
 pub mod pg;
 pub mod pgbouncer;
+pub mod prometheus;
 pub mod sys;
 pub mod tls;
+pub mod websocket;
 
 pub use appdb::{AppDb, Row};
 pub use fixture::generate;

@@ -1,0 +1,552 @@
+//! The admin page (`GET /`, src/http/admin.html) in a real headless Chromium, served by the
+//! real daemon: the token form, the status panel, the mappings table with paging and search,
+//! the sync button's three outcomes (ok, warning, error) and the export download. Clicks are
+//! real mouse events on the element's box; no test may see a JavaScript exception.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use chrono::Timelike;
+
+use common::browser::{Browser, Page, chromium_path};
+use common::daemon::Daemon;
+use common::mapsync::{Workspace, supabase_db};
+use common::websocket::WebSocket;
+use common::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+const TOKEN: &str = "page-token-7f3a9c";
+
+/// Rows `p000…`: the first `sonnet` use claude-sonnet-4-5, the others gpt-4o-mini.
+fn rows(n: usize, sonnet: usize) -> Vec<Row> {
+    (0..n)
+        .map(|i| {
+            let model = if i < sonnet {
+                "claude-sonnet-4-5"
+            } else {
+                "gpt-4o-mini"
+            };
+            Row::mapping(&format!("p{i:03}"), model)
+        })
+        .collect()
+}
+
+/// The ids shown in `#mappings`, in order.
+fn table_ids(page: &Page) -> Vec<String> {
+    let v = page.eval(
+        "Array.from(document.querySelectorAll('#mappings tr')).map(function(tr){return tr.cells[0].textContent})",
+    );
+    serde_json::from_value(v).expect("a list of ids")
+}
+
+fn row_count(page: &Page) -> u64 {
+    page.eval("document.querySelectorAll('#mappings tr').length")
+        .as_u64()
+        .unwrap()
+}
+
+/// Waits until `#mappings` has exactly `n` rows (and, with `contains`, every row mentions it).
+#[track_caller]
+fn wait_rows(page: &Page, n: usize, contains: &str) {
+    page.wait_for(
+        &format!(
+            "(function(){{var r=document.querySelectorAll('#mappings tr');\
+             return r.length==={n} && Array.from(r).every(function(tr){{return tr.textContent.indexOf({c})>=0}})}})()",
+            c = Value::from(contains)
+        ),
+        WAIT,
+        &format!("{n} rows in #mappings containing {contains:?}"),
+    );
+}
+
+/// Clicks `#sync-btn` and waits for the answer in `#sync-result`; returns (data-kind, text).
+#[track_caller]
+fn click_sync(page: &Page) -> (String, String) {
+    page.eval("var r=document.getElementById('sync-result');r.hidden=true;r.removeAttribute('data-kind');");
+    page.click("#sync-btn");
+    page.wait_for(
+        "!document.getElementById('sync-result').hidden && !document.getElementById('sync-btn').disabled",
+        WAIT,
+        "the sync result",
+    );
+    let kind = page
+        .eval("document.getElementById('sync-result').dataset.kind")
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    (kind, page.text("#sync-result"))
+}
+
+#[track_caller]
+fn assert_no_exceptions(page: &Page) {
+    let ex = page.exceptions();
+    assert!(ex.is_empty(), "JavaScript exceptions on the page: {ex:#?}");
+}
+
+/// `model-mappings-YYYYMMDD-HHMMSS.json` → the UTC time in the name.
+fn parse_export_name(name: &str) -> Option<chrono::NaiveDateTime> {
+    let stamp = name
+        .strip_prefix("model-mappings-")?
+        .strip_suffix(".json")?;
+    let b = stamp.as_bytes();
+    let shape_ok = b.len() == 15
+        && b[8] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 8 || c.is_ascii_digit());
+    if !shape_ok {
+        return None;
+    }
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%d-%H%M%S").ok()
+}
+
+#[test]
+fn token_status_mappings_search_sync_and_export_work_in_a_real_browser() {
+    chromium_path(); // fails with the install command before anything is started
+    let db = supabase_db();
+    let ws = Workspace::new(Some(&db.url), "");
+    for r in rows(130, 7) {
+        ws.app.upsert(&r);
+    }
+    ws.mapsync(&["migrate"]).expect_code(0);
+    let daemon = Daemon::start(
+        &ws,
+        Some(&db.url),
+        // The watcher stays quiet during the test: the sync button does the pushing.
+        &format!(
+            "[watch]\ndebounce_ms = 600000\nmax_delay_ms = 600000\n\n\
+             [http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\n"
+        ),
+    );
+    let status = daemon.wait_first_run();
+    assert_eq!(status["last_run"]["status"], "synced", "{status:#}");
+    let target_name = status["target"]["name"].as_str().unwrap().to_string();
+
+    let browser = Browser::launch();
+    let page = browser.open(&format!("http://{}/", daemon.addr));
+
+    // Without the token the page says so and never claims to be ready.
+    page.wait_for(
+        "document.getElementById('error').textContent.indexOf('Token required')>=0",
+        WAIT,
+        "the token-required message",
+    );
+    assert_ne!(page.eval("document.body.dataset.ready || ''"), "1");
+    assert_eq!(row_count(&page), 0, "no mappings shown without the token");
+
+    // A wrong token is refused and said so.
+    page.type_into("#token", "not-the-token");
+    page.click("#save-token");
+    page.wait_for(
+        "document.getElementById('error').textContent.indexOf('Wrong token')>=0",
+        WAIT,
+        "the wrong-token message",
+    );
+    assert_ne!(page.eval("document.body.dataset.ready || ''"), "1");
+
+    page.type_into("#token", TOKEN);
+    page.click("#save-token");
+    page.wait_for(
+        "document.body.dataset.ready === '1'",
+        WAIT,
+        "the page to load with the token",
+    );
+    assert_eq!(page.text("#error"), "", "no error once the token is saved");
+    assert_eq!(
+        page.eval("sessionStorage.getItem('mapsync_token')"),
+        TOKEN,
+        "the token is kept for the session"
+    );
+
+    // The status panel.
+    let target_state = page.text("#target-state");
+    assert!(
+        target_state.contains("configured") && target_state.contains(&target_name),
+        "#target-state = {target_state:?}, expected the target {target_name}"
+    );
+    assert!(
+        !target_state.contains(
+            db.url
+                .split('@')
+                .next()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+        ),
+        "the password is never shown: {target_state:?}"
+    );
+    page.wait_for(
+        "document.getElementById('target-up').textContent === 'up'",
+        WAIT,
+        "the target shown as up",
+    );
+    assert_eq!(page.text("#lag"), "0 s");
+    assert_eq!(page.text("#pending"), "0");
+    assert_eq!(
+        page.text("#version"),
+        format!("v{}", env!("CARGO_PKG_VERSION"))
+    );
+    let last_run = page.text("#last-run");
+    assert!(
+        last_run.contains("synced")
+            && last_run.contains("startup")
+            && last_run.contains("130 synced"),
+        "#last-run = {last_run:?}"
+    );
+    assert!(
+        page.text("#source").contains("130 rows"),
+        "{}",
+        page.text("#source")
+    );
+
+    // The mappings table: the first page is the first 100 in export order.
+    wait_rows(&page, 100, "");
+    let api: Vec<String> = daemon.get("/mappings?limit=100").json()["data"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(table_ids(&page), api);
+    assert_eq!(page.text("#page-info"), "1\u{2013}100 of 130");
+    page.click("#next-page");
+    wait_rows(&page, 30, "");
+    assert_eq!(page.text("#page-info"), "101\u{2013}130 of 130");
+    page.click("#prev-page");
+    wait_rows(&page, 100, "");
+
+    // A search narrows the table (by model here), and a miss says so.
+    page.type_into("#search", "sonnet");
+    wait_rows(&page, 7, "claude-sonnet-4-5");
+    assert_eq!(page.text("#page-info"), "1\u{2013}7 of 7");
+    let ids: BTreeSet<String> = table_ids(&page).into_iter().collect();
+    let expected: BTreeSet<String> = (0..7).map(|i| format!("mapping:p{i:03}")).collect();
+    assert_eq!(ids, expected);
+    page.type_into("#search", "p12");
+    wait_rows(&page, 10, "mapping:p12");
+    page.type_into("#search", "no-such-mapping");
+    wait_rows(&page, 1, "No mapping matches");
+
+    // The sync button pushes an application change the watcher has not acted on.
+    ws.app.upsert(&Row::mapping("p005", "o4-mini"));
+    let (kind, text) = click_sync(&page);
+    assert_eq!(kind, "ok", "{text}");
+    assert_eq!(
+        text, "Synced 130 mappings (1 changed, 0 deleted)",
+        "#sync-result"
+    );
+    let status = daemon.status();
+    assert_eq!(status["last_run"]["trigger"], "manual", "{status:#}");
+    assert_eq!(status["last_run"]["synced_count"], 130);
+    let mirrored =
+        db.psql("SELECT default_model FROM public.model_mappings WHERE id = 'mapping:p005'");
+    assert_eq!(mirrored.trim(), "o4-mini");
+    page.wait_for(
+        "document.getElementById('last-run').textContent.indexOf('manual') >= 0",
+        WAIT,
+        "the status panel to show the manual run",
+    );
+
+    // The export button downloads the current mappings under the server's file name.
+    let downloads = browser.scratch_dir("downloads");
+    browser.allow_downloads(&downloads);
+    let before = chrono::Utc::now().naive_utc();
+    page.click("#export-btn");
+    let begun = browser.wait_event("Browser.downloadWillBegin", WAIT, |_| true);
+    let guid = begun["guid"].as_str().unwrap().to_string();
+    let done = browser.wait_event("Browser.downloadProgress", WAIT, |p| {
+        p["guid"] == guid.as_str() && p["state"] != "inProgress"
+    });
+    assert_eq!(done["state"], "completed", "{done}");
+    let after = chrono::Utc::now().naive_utc();
+    let files: Vec<String> = std::fs::read_dir(&downloads)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = &files[0];
+    assert_eq!(begun["suggestedFilename"], name.as_str());
+    let stamp = parse_export_name(name)
+        .unwrap_or_else(|| panic!("{name} is not model-mappings-YYYYMMDD-HHMMSS.json"));
+    let slack = chrono::Duration::seconds(2);
+    assert!(
+        stamp >= (before - slack).with_nanosecond(0).unwrap() && stamp <= after + slack,
+        "the name's time {stamp} is the UTC time of the export ({before} … {after})"
+    );
+    let doc: Value = serde_json::from_slice(&std::fs::read(downloads.join(name)).unwrap())
+        .expect("the download is JSON");
+    assert_eq!(doc["count"], 130);
+    let mappings = doc["mappings"].as_array().expect("mappings list");
+    assert_eq!(mappings.len(), 130);
+    assert!(mappings.iter().any(|m| m["id"] == "mapping:p129"));
+    let p005 = mappings.iter().find(|m| m["id"] == "mapping:p005").unwrap();
+    assert_eq!(p005["default_model"], "o4-mini", "the export is current");
+    page.wait_for(
+        "document.getElementById('export-result').dataset.kind === 'ok'",
+        WAIT,
+        "the export result",
+    );
+    assert!(
+        page.text("#export-result")
+            .starts_with(&format!("Downloaded {name}")),
+        "{}",
+        page.text("#export-result")
+    );
+
+    // "Forget token" drops it: the page asks for it again.
+    page.click("#forget-token");
+    page.wait_for(
+        "document.getElementById('error').textContent.indexOf('Token required')>=0",
+        WAIT,
+        "the token-required message after forgetting the token",
+    );
+    assert_eq!(
+        page.eval("sessionStorage.getItem('mapsync_token')"),
+        Value::Null
+    );
+    assert_eq!(page.eval("document.getElementById('token').value"), "");
+
+    assert_no_exceptions(&page);
+}
+
+#[test]
+fn without_a_target_the_sync_button_warns_that_nothing_was_pushed() {
+    chromium_path();
+    let ws = Workspace::new(None, "");
+    for r in rows(12, 0) {
+        ws.app.upsert(&r);
+    }
+    let daemon = Daemon::start(&ws, None, "");
+    daemon.wait_first_run();
+
+    let browser = Browser::launch();
+    let page = browser.open(&format!("http://{}/", daemon.addr));
+    // No token configured: the page works without one.
+    page.wait_for(
+        "document.body.dataset.ready === '1'",
+        WAIT,
+        "the page to load",
+    );
+    assert!(
+        page.text("#target-state").contains("not configured"),
+        "{}",
+        page.text("#target-state")
+    );
+    assert_eq!(page.text("#target-up"), "n/a");
+    wait_rows(&page, 12, "gpt-4o-mini");
+
+    let (kind, text) = click_sync(&page);
+    assert_eq!(kind, "warning", "{text}");
+    assert_eq!(text, "Supabase is not configured: nothing was pushed");
+    assert_eq!(page.text("#error"), "");
+    assert_no_exceptions(&page);
+}
+
+#[test]
+fn a_postgres_failure_shows_the_error_box_with_the_message() {
+    chromium_path();
+    let ws = Workspace::new(None, "");
+    for r in rows(5, 0) {
+        ws.app.upsert(&r);
+    }
+    // Nothing listens there: every attempt is refused.
+    let password = "pw-never-shown-41c2";
+    let url = format!(
+        "postgres://mapsync:{password}@127.0.0.1:{}/app",
+        free_port()
+    );
+    let daemon = Daemon::start(&ws, Some(&url), "");
+    let status = daemon.wait_first_run();
+    assert_eq!(status["last_run"]["status"], "error", "{status:#}");
+    // What the API answers, for comparison with what the page shows.
+    let api = daemon.post("/api/v1/llm/model-groups/sync-to-supabase", b"");
+    assert_eq!(api.status, 503, "{}", api.text());
+    let msg = api.json()["msg"].as_str().unwrap().to_string();
+    assert!(!msg.is_empty() && !msg.contains(password), "{msg}");
+
+    let browser = Browser::launch();
+    let page = browser.open(&format!("http://{}/", daemon.addr));
+    page.wait_for(
+        "document.body.dataset.ready === '1'",
+        WAIT,
+        "the page to load",
+    );
+    page.wait_for(
+        "document.getElementById('target-up').textContent === 'down'",
+        WAIT,
+        "the target shown as down",
+    );
+    assert!(
+        page.text("#last-run").contains("error"),
+        "{}",
+        page.text("#last-run")
+    );
+
+    let (kind, text) = click_sync(&page);
+    assert_eq!(kind, "error", "{text}");
+    assert_eq!(text, format!("Sync failed: {msg}"));
+    assert!(!page.text("body").contains(password));
+    assert_no_exceptions(&page);
+}
+
+/// The WebSocket client against a scripted loopback server: masked client frames, 16- and
+/// 64-bit lengths both ways, a fragmented message with a ping in the middle, and close.
+#[test]
+fn the_websocket_client_speaks_rfc6455() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut out = stream.try_clone().unwrap();
+        let mut input = BufReader::new(stream);
+        let mut key = String::new();
+        loop {
+            let mut line = String::new();
+            input.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(k) = line.strip_prefix("Sec-WebSocket-Key: ") {
+                key = k.trim().to_string();
+            }
+        }
+        assert_eq!(key, "dGhlIHNhbXBsZSBub25jZQ==");
+        out.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+        )
+        .unwrap();
+        // Reads one client frame: it must be masked; returns (opcode, payload).
+        let read_frame = |input: &mut BufReader<std::net::TcpStream>| {
+            let mut h = [0u8; 2];
+            input.read_exact(&mut h).unwrap();
+            assert!(h[1] & 0x80 != 0, "client frames are masked");
+            let len = match h[1] & 0x7f {
+                126 => {
+                    let mut b = [0u8; 2];
+                    input.read_exact(&mut b).unwrap();
+                    u16::from_be_bytes(b) as usize
+                }
+                127 => {
+                    let mut b = [0u8; 8];
+                    input.read_exact(&mut b).unwrap();
+                    u64::from_be_bytes(b) as usize
+                }
+                n => n as usize,
+            };
+            let mut mask = [0u8; 4];
+            input.read_exact(&mut mask).unwrap();
+            let mut p = vec![0u8; len];
+            input.read_exact(&mut p).unwrap();
+            p.iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b ^= mask[i % 4]);
+            (h[0] & 0x0f, p)
+        };
+        // Echo three client messages (short, 16-bit, 64-bit lengths) back unmasked.
+        for _ in 0..3 {
+            let (op, p) = read_frame(&mut input);
+            assert_eq!(op, 1);
+            let mut f = vec![0x81u8];
+            if p.len() < 126 {
+                f.push(p.len() as u8);
+            } else if p.len() <= 0xffff {
+                f.push(126);
+                f.extend_from_slice(&(p.len() as u16).to_be_bytes());
+            } else {
+                f.push(127);
+                f.extend_from_slice(&(p.len() as u64).to_be_bytes());
+            }
+            f.extend_from_slice(&p);
+            out.write_all(&f).unwrap();
+        }
+        // A fragmented message with a ping between the fragments.
+        out.write_all(&[0x01, 3]).unwrap();
+        out.write_all(b"hel").unwrap();
+        out.write_all(&[0x89, 2]).unwrap();
+        out.write_all(b"hi").unwrap();
+        out.write_all(&[0x00, 2]).unwrap();
+        out.write_all(b"lo").unwrap();
+        out.write_all(&[0x80, 3]).unwrap();
+        out.write_all(b"!!!").unwrap();
+        let (op, p) = read_frame(&mut input);
+        assert_eq!(
+            (op, p.as_slice()),
+            (0xA, b"hi".as_slice()),
+            "the ping is answered"
+        );
+        out.write_all(&[0x88, 2, 0x03, 0xe8]).unwrap();
+    });
+
+    let mut ws = WebSocket::connect(&format!("ws://{addr}/devtools/x")).unwrap();
+    let tx = ws.sender();
+    for len in [5usize, 300, 70_000] {
+        let text: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+        tx.send_text(&text).unwrap();
+        assert_eq!(ws.recv_text().unwrap(), text, "echo of {len} bytes");
+    }
+    assert_eq!(ws.recv_text().unwrap(), "hello!!!");
+    let closed = ws.recv_text().unwrap_err();
+    assert_eq!(closed.kind(), std::io::ErrorKind::ConnectionAborted);
+    server.join().unwrap();
+}
+
+#[test]
+fn chromium_leaves_nothing_running_after_drop() {
+    let browser = Browser::launch();
+    let answer = browser.call(None, "Browser.getVersion", json!({}));
+    assert!(
+        answer["product"].as_str().unwrap_or("").contains("Chrome"),
+        "{answer}"
+    );
+    // A message over 64 KiB each way through the DevTools socket.
+    let page = browser.open("about:blank");
+    let big = "x".repeat(100_000);
+    let v = page.eval(&format!("{}.length", Value::from(big.as_str())));
+    assert_eq!(v, 100_000);
+    let v = page.eval("'y'.repeat(200000)");
+    assert_eq!(v.as_str().map(str::len), Some(200_000));
+    let pgid = browser.pgid();
+    let profile = browser.profile_dir().to_string_lossy().into_owned();
+    drop(browser);
+    // Live (not zombie) processes in Chromium's process group, or naming its profile.
+    let in_group = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        // pid (comm) state ppid pgrp …
+                        let after: Vec<String> = s[s.rfind(')')? + 2..]
+                            .split_whitespace()
+                            .take(3)
+                            .map(str::to_string)
+                            .collect();
+                        let cmdline =
+                            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                        let names_profile =
+                            String::from_utf8_lossy(&cmdline).contains(profile.as_str());
+                        Some(
+                            after[0] != "Z"
+                                && (after[2].parse::<u32>().ok()? == pgid || names_profile),
+                        )
+                    })
+                    .unwrap_or(false)
+            })
+            .collect()
+    };
+    let mut left = Vec::new();
+    let gone = common::sys::poll_until(Duration::from_secs(10), || {
+        left = in_group();
+        left.is_empty()
+    });
+    assert!(gone, "Chromium processes left running: {left:?}");
+}
