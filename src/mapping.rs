@@ -1,6 +1,7 @@
 //! The [`Mapping`] type and every rule that turns the application's stored values into one
 //! (SPEC §1): trimming, the `tenant` alias, candidate lists, timestamps, redaction of secrets,
-//! de-duplication by id, the export order and the canonical JSON text.
+//! de-duplication by id, the export order, and JSON text in PostgreSQL's `jsonb` form (or, for
+//! `mapsync restore`, the application's Python form; see [`KeyOrder`]).
 //!
 //! Everything here is pure: no I/O, no clock. The SQLite reader feeds raw column values in, and
 //! the snapshot writer and the Postgres mirror consume the result. Invariants of a [`Mapping`]:
@@ -539,18 +540,32 @@ impl Default for Redactor {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Canonical JSON text.
+// JSON text.
 
-/// The text PostgreSQL's `jsonb` prints for `v`: object keys ordered by length, then bytes;
-/// `", "` and `": "` separators; only `"`, `\` and control characters escaped. The mirror is
-/// compared byte for byte against this form, and content hashes are taken over it.
+/// The order [`write_json`] gives an object's keys. Both orders share everything else: `", "`
+/// and `": "` separators, non-ASCII kept as it is, and only `"`, `\` and control characters
+/// escaped (see [`write_json_string`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrder {
+    /// By length, then bytes: what PostgreSQL's `jsonb` prints (`'{"b": 1, "aa": 2}'::jsonb`
+    /// is `{"b": 1, "aa": 2}`). The mirror is compared byte for byte against this form, and
+    /// content hashes are taken over it.
+    Canonical,
+    /// The map's own order (serde_json's `preserve_order`: the order the text was parsed or the
+    /// keys inserted in): what the application's Python writes with
+    /// `json.dumps(v, ensure_ascii=False)`.
+    AsGiven,
+}
+
+/// [`write_json`] with [`KeyOrder::Canonical`]: the text PostgreSQL's `jsonb` prints for `v`.
 pub fn canonical_json(v: &Value) -> String {
     let mut out = String::new();
-    write_canonical(&mut out, v);
+    write_json(&mut out, v, KeyOrder::Canonical);
     out
 }
 
-fn write_canonical(out: &mut String, v: &Value) {
+/// Appends the JSON text of `v` to `out`, object keys in `keys` order, at every depth.
+pub fn write_json(out: &mut String, v: &Value, keys: KeyOrder) {
     match v {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -564,25 +579,27 @@ fn write_canonical(out: &mut String, v: &Value) {
                 if i > 0 {
                     out.push_str(", ");
                 }
-                write_canonical(out, item);
+                write_json(out, item, keys);
             }
             out.push(']');
         }
         Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort_by(|a, b| {
-                a.len()
-                    .cmp(&b.len())
-                    .then_with(|| a.as_bytes().cmp(b.as_bytes()))
-            });
+            let mut fields: Vec<(&String, &Value)> = map.iter().collect();
+            if keys == KeyOrder::Canonical {
+                fields.sort_by(|(a, _), (b, _)| {
+                    a.len()
+                        .cmp(&b.len())
+                        .then_with(|| a.as_bytes().cmp(b.as_bytes()))
+                });
+            }
             out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
+            for (i, (k, item)) in fields.into_iter().enumerate() {
                 if i > 0 {
                     out.push_str(", ");
                 }
                 write_json_string(out, k);
                 out.push_str(": ");
-                write_canonical(out, &map[k]);
+                write_json(out, item, keys);
             }
             out.push('}');
         }
@@ -930,6 +947,20 @@ mod tests {
         );
         assert_eq!(canonical_json(&json!({})), "{}");
         assert_eq!(canonical_json(&json!([])), "[]");
+    }
+
+    #[test]
+    fn as_given_keeps_each_objects_own_key_order_like_python_json_dumps() {
+        // Python 3's `json.dumps(json.loads(text), ensure_ascii=False)` gives back `text`.
+        let text = r#"{"zeta": 1, "b": [1, 2.5, null, true, {"y": {}, "x": []}], "a": "映射 \"x\"\n\u0001", "aa": {}}"#;
+        let v: Value = serde_json::from_str(text).unwrap();
+        let mut out = String::new();
+        write_json(&mut out, &v, KeyOrder::AsGiven);
+        assert_eq!(out, text);
+        assert_eq!(
+            canonical_json(&v),
+            r#"{"a": "映射 \"x\"\n\u0001", "b": [1, 2.5, null, true, {"x": [], "y": {}}], "aa": {}, "zeta": 1}"#
+        );
     }
 
     #[test]

@@ -31,7 +31,8 @@
 //!   never overwritten: the entry is an `error` naming that row.
 //! - Text is written the way the application's Python writes it (`json.dumps`,
 //!   `ensure_ascii=False`): `candidates_json` as `["a", "b"]`, `metadata_json` as an object with
-//!   `", "` / `": "` separators; `is_active` 1/0; `updated_at` RFC 3339 with `+00:00`, or NULL.
+//!   `", "` / `": "` separators and its keys sorted at every depth; `is_active` 1/0;
+//!   `updated_at` RFC 3339 with `+00:00`, or NULL.
 //!
 //! Secrets: snapshots are redacted (SPEC §1), so restoring one must not erase the secrets the
 //! row still holds. The metadata written is the entry's, plus every key of the row's current
@@ -44,7 +45,9 @@
 //! `default_model`, `candidates`, `is_active` and `updated_at` set in its `tools_json`'s
 //! `__model_mapping` object, found by the reader's rule (top level of an object, or the first
 //! object element of a list holding one); other keys of that object and everything else in
-//! `tools_json` are kept, objects in their stored key order. A prompt without one gets it
+//! `tools_json` are kept, objects in their stored key order (serde_json's `preserve_order`; a
+//! key stored twice in one object is written once, with its last value, where it first stood,
+//! as Python's `json.loads` then `json.dumps` would do). A prompt without one gets it
 //! added at the top level of an object, or as a new element `{"__model_mapping": …}` at the
 //! end of a list. The prompt's name, version and category are not restored (they belong to
 //! the prompt). A missing prompt is `skipped`; so are all prompt entries when
@@ -55,11 +58,11 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior, params};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::config::{Settings, SourceSettings};
-use crate::mapping::{self, Mapping, Origin, Redactor, format_timestamp};
+use crate::mapping::{self, KeyOrder, Mapping, Origin, Redactor, format_timestamp};
 use crate::snapshot;
 use crate::source::{MAPPING_COLUMNS, MappingRow, mapping_of_row};
 
@@ -300,14 +303,17 @@ struct Columns {
 }
 
 impl Columns {
-    fn new(m: &Mapping, metadata: &Value) -> Columns {
+    /// `metadata` is written with its keys sorted at every depth, as restore always has (the
+    /// file's own key order is not kept: [`Mapping`] holds metadata in canonical order).
+    fn new(m: &Mapping, mut metadata: Value) -> Columns {
+        metadata.sort_all_objects();
         Columns {
             name: m.name().map(str::to_string),
             default_model: m.default_model().map(str::to_string),
             candidates_json: m.candidates_json().to_string(),
             is_active: i64::from(m.is_active),
             updated_at: m.updated_at.as_ref().map(format_timestamp),
-            metadata_json: python_json(metadata),
+            metadata_json: python_json(&metadata),
         }
     }
 }
@@ -413,7 +419,7 @@ impl Index {
                 );
                 return Planned::new(index, Some(m.id()), Outcome::Error, Some(why));
             }
-            let columns = Columns::new(m, &m.metadata());
+            let columns = Columns::new(m, m.metadata());
             let write = Write::Upsert {
                 mapping: m.clone(),
                 columns,
@@ -426,7 +432,7 @@ impl Index {
             if row.mapping.as_ref() == Some(m) {
                 continue;
             }
-            let columns = Columns::new(m, &merged_metadata(m, row, redactor));
+            let columns = Columns::new(m, merged_metadata(m, row, redactor));
             match row.stored_id.as_deref() {
                 Some(id) if id == m.id() => writes.push(Write::Upsert {
                     mapping: m.clone(),
@@ -528,28 +534,20 @@ impl PromptFields {
         }
     }
 
-    /// The keys written into `__model_mapping`.
-    fn to_json(&self) -> Vec<(String, Json)> {
-        let candidates = self
-            .candidates
-            .iter()
-            .map(|c| Json::Scalar(Value::from(c.as_str())))
-            .collect();
-        vec![
+    /// The keys written into `__model_mapping`, in this order.
+    fn to_json(&self) -> Map<String, Value> {
+        Map::from_iter([
             (
                 "default_model".into(),
-                Json::Scalar(Value::from(self.default_model.as_deref())),
+                Value::from(self.default_model.as_deref()),
             ),
-            ("candidates".into(), Json::Array(candidates)),
-            (
-                "is_active".into(),
-                Json::Scalar(Value::Bool(self.is_active)),
-            ),
+            ("candidates".into(), Value::from(self.candidates.clone())),
+            ("is_active".into(), Value::Bool(self.is_active)),
             (
                 "updated_at".into(),
-                Json::Scalar(Value::from(self.updated_at.as_ref().map(format_timestamp))),
+                Value::from(self.updated_at.as_ref().map(format_timestamp)),
             ),
-        ]
+        ])
     }
 }
 
@@ -597,7 +595,7 @@ fn plan_prompt(
         Err(why) => return Ok(error(format!("prompt {key}: {why}; restore left it alone"))),
     };
     let wanted = PromptFields::of_entry(m);
-    let stored = model_mapping(&tools).map(|mm| PromptFields::of_stored(&mm.to_value()));
+    let stored = model_mapping(&tools).map(PromptFields::of_stored);
     if stored.as_ref() == Some(&wanted) {
         return Ok(Planned::new(index, Some(id), Outcome::Unchanged, None));
     }
@@ -606,7 +604,7 @@ fn plan_prompt(
     }
     let write = Write::Prompt {
         id: prompt_id,
-        tools_json: tools.to_python(),
+        tools_json: python_json(&tools),
     };
     Ok(Planned::imported(
         index,
@@ -617,10 +615,10 @@ fn plan_prompt(
 }
 
 /// A prompt's stored `tools_json`; NULL or empty is an empty object.
-fn parse_tools(stored: Option<&str>) -> Result<Json, String> {
+fn parse_tools(stored: Option<&str>) -> Result<Value, String> {
     let text = stored.map(str::trim).unwrap_or("");
     if text.is_empty() {
-        return Ok(Json::Object(Vec::new()));
+        return Ok(Value::Object(Map::new()));
     }
     serde_json::from_str(text).map_err(|e| format!("tools_json is not valid JSON ({e})"))
 }
@@ -633,53 +631,44 @@ enum Slot {
     Element(usize),
 }
 
-fn slot(tools: &Json) -> Option<Slot> {
-    let holds = |item: &Json| match item {
-        Json::Object(fields) => get(fields, MODEL_MAPPING).is_some_and(Json::is_object),
-        _ => false,
-    };
+fn slot(tools: &Value) -> Option<Slot> {
+    let holds = |item: &Value| item.get(MODEL_MAPPING).is_some_and(Value::is_object);
     match tools {
-        Json::Object(_) => holds(tools).then_some(Slot::Top),
-        Json::Array(items) => items.iter().position(holds).map(Slot::Element),
-        Json::Scalar(_) => None,
+        Value::Object(_) => holds(tools).then_some(Slot::Top),
+        Value::Array(items) => items.iter().position(holds).map(Slot::Element),
+        _ => None,
     }
 }
 
 /// The `__model_mapping` object (see [`slot`]).
-fn model_mapping(tools: &Json) -> Option<&Json> {
-    let holder = match (slot(tools)?, tools) {
-        (Slot::Element(i), Json::Array(items)) => &items[i],
-        (_, top) => top,
-    };
-    match holder {
-        Json::Object(fields) => get(fields, MODEL_MAPPING),
-        _ => None,
+fn model_mapping(tools: &Value) -> Option<&Value> {
+    match slot(tools)? {
+        Slot::Top => tools.get(MODEL_MAPPING),
+        Slot::Element(i) => tools[i].get(MODEL_MAPPING),
     }
 }
 
 /// Sets `fields` in the `__model_mapping` object (keeping its other keys), adding the object
-/// when there is none.
-fn put_model_mapping(tools: &mut Json, fields: Vec<(String, Json)>) -> Result<(), &'static str> {
-    let holder = match (slot(tools), &mut *tools) {
-        (Some(Slot::Element(i)), Json::Array(items)) => Some(&mut items[i]),
-        (Some(Slot::Top), top) => Some(top),
-        _ => None,
+/// when there is none. A key that is already there keeps its place; new keys go at the end.
+fn put_model_mapping(tools: &mut Value, fields: Map<String, Value>) -> Result<(), &'static str> {
+    let holder = match slot(tools) {
+        Some(Slot::Top) => Some(&mut *tools),
+        Some(Slot::Element(i)) => Some(&mut tools[i]),
+        None => None,
     };
-    if let Some(Json::Object(holder)) = holder {
-        if let Some(Json::Object(mm)) = get_mut(holder, MODEL_MAPPING) {
-            for (k, v) in fields {
-                set(mm, k, v);
-            }
-            return Ok(());
-        }
+    if let Some(Value::Object(mm)) = holder.and_then(|h| h.get_mut(MODEL_MAPPING)) {
+        mm.extend(fields);
+        return Ok(());
     }
+    let mm = Value::Object(fields);
     match tools {
-        Json::Object(top) => set(top, MODEL_MAPPING.into(), Json::Object(fields)),
-        Json::Array(items) => items.push(Json::Object(vec![(
-            MODEL_MAPPING.into(),
-            Json::Object(fields),
-        )])),
-        Json::Scalar(_) => return Err("tools_json is neither a JSON object nor a list"),
+        Value::Object(top) => {
+            top.insert(MODEL_MAPPING.into(), mm);
+        }
+        Value::Array(items) => {
+            items.push(Value::Object(Map::from_iter([(MODEL_MAPPING.into(), mm)])))
+        }
+        _ => return Err("tools_json is neither a JSON object nor a list"),
     }
     Ok(())
 }
@@ -756,176 +745,12 @@ fn summarize(file: &Path, dry_run: bool, planned: Vec<Planned>) -> RestoreReport
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// JSON text the way the application's Python writes it.
-
-/// `json.dumps(v, ensure_ascii=False)`: `", "` and `": "` separators, non-ASCII kept.
+/// `json.dumps(v, ensure_ascii=False)`: the text the application's Python writes, keys in the
+/// order `v` holds them.
 fn python_json(v: &Value) -> String {
     let mut out = String::new();
-    write_value(&mut out, v);
+    mapping::write_json(&mut out, v, KeyOrder::AsGiven);
     out
-}
-
-fn write_value(out: &mut String, v: &Value) {
-    match v {
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_value(out, item);
-            }
-            out.push(']');
-        }
-        Value::Object(map) => {
-            out.push('{');
-            for (i, (k, item)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                mapping::write_json_string(out, k);
-                out.push_str(": ");
-                write_value(out, item);
-            }
-            out.push('}');
-        }
-        Value::String(s) => mapping::write_json_string(out, s),
-        scalar => out.push_str(&scalar.to_string()),
-    }
-}
-
-/// A JSON value that keeps object keys in their stored order (serde_json's `Value` sorts
-/// them), so rewriting a prompt's `tools_json` changes nothing but `__model_mapping`.
-#[derive(Debug, Clone, PartialEq)]
-enum Json {
-    /// Null, boolean, number or string.
-    Scalar(Value),
-    Array(Vec<Json>),
-    Object(Vec<(String, Json)>),
-}
-
-/// The value of `key` (the last one, as JSON parsers read duplicate keys).
-fn get<'a>(fields: &'a [(String, Json)], key: &str) -> Option<&'a Json> {
-    fields.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
-}
-
-fn get_mut<'a>(fields: &'a mut [(String, Json)], key: &str) -> Option<&'a mut Json> {
-    fields
-        .iter_mut()
-        .rev()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v)
-}
-
-/// Replaces the value of `key` where it stands, or appends it.
-fn set(fields: &mut Vec<(String, Json)>, key: String, value: Json) {
-    match get_mut(fields, &key) {
-        Some(slot) => *slot = value,
-        None => fields.push((key, value)),
-    }
-}
-
-impl Json {
-    fn is_object(&self) -> bool {
-        matches!(self, Json::Object(_))
-    }
-
-    fn to_value(&self) -> Value {
-        match self {
-            Json::Scalar(v) => v.clone(),
-            Json::Array(items) => Value::Array(items.iter().map(Json::to_value).collect()),
-            Json::Object(fields) => Value::Object(
-                fields
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.to_value()))
-                    .collect(),
-            ),
-        }
-    }
-
-    /// `json.dumps(…, ensure_ascii=False)` text, keys in their order.
-    fn to_python(&self) -> String {
-        let mut out = String::new();
-        self.write(&mut out);
-        out
-    }
-
-    fn write(&self, out: &mut String) {
-        match self {
-            Json::Scalar(v) => write_value(out, v),
-            Json::Array(items) => {
-                out.push('[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(", ");
-                    }
-                    item.write(out);
-                }
-                out.push(']');
-            }
-            Json::Object(fields) => {
-                out.push('{');
-                for (i, (k, item)) in fields.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(", ");
-                    }
-                    mapping::write_json_string(out, k);
-                    out.push_str(": ");
-                    item.write(out);
-                }
-                out.push('}');
-            }
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Json {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Json;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Json, E> {
-                Ok(Json::Scalar(Value::Bool(v)))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Json, E> {
-                Ok(Json::Scalar(Value::from(v)))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Json, E> {
-                Ok(Json::Scalar(Value::from(v)))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Json, E> {
-                Ok(Json::Scalar(Value::from(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Json, E> {
-                Ok(Json::Scalar(Value::from(v)))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Json, E> {
-                Ok(Json::Scalar(Value::String(v)))
-            }
-            fn visit_unit<E>(self) -> Result<Json, E> {
-                Ok(Json::Scalar(Value::Null))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = seq.next_element()? {
-                    items.push(item);
-                }
-                Ok(Json::Array(items))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
-                let mut fields = Vec::new();
-                while let Some(entry) = map.next_entry()? {
-                    fields.push(entry);
-                }
-                Ok(Json::Object(fields))
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
 }
 
 #[cfg(test)]
@@ -966,17 +791,22 @@ mod tests {
 
     #[test]
     fn text_is_written_like_python_json_dumps_without_ascii_escapes() {
-        let v = json!({"b": [1, 2.5, null, true], "a": "映射 \"x\"\n", "c": {}, "d": []});
+        let m = entry(json!({"scope_type": "mapping", "scope_key": "x", "candidates": ["模型-β"]}));
+        let v =
+            json!({"b": [1, 2.5, null, true], "a": "映射 \"x\"\n", "d": [], "c": {"z": 1, "y": 2}});
+        let columns = Columns::new(&m, v);
         assert_eq!(
-            python_json(&v),
-            r#"{"a": "映射 \"x\"\n", "b": [1, 2.5, null, true], "c": {}, "d": []}"#
+            columns.metadata_json,
+            r#"{"a": "映射 \"x\"\n", "b": [1, 2.5, null, true], "c": {"y": 2, "z": 1}, "d": []}"#,
+            "keys sorted at every depth"
         );
+        assert_eq!(columns.candidates_json, r#"["模型-β"]"#);
     }
 
     #[test]
     fn tools_json_keeps_its_key_order_and_everything_else() {
         let text = r#"{"zeta": 1, "tools": [{"type": "function", "b": 2, "a": 1}], "__model_mapping": {"metadata": {}, "default_model": "old", "extra": "kept"}, "alpha": "模型"}"#;
-        let mut tools: Json = serde_json::from_str(text).unwrap();
+        let mut tools: Value = serde_json::from_str(text).unwrap();
         let m = entry(
             json!({"scope_type": "prompt", "scope_key": "3", "default_model": "new",
             "candidates": ["new", "b"], "is_active": false, "source": "prompt",
@@ -984,10 +814,10 @@ mod tests {
         );
         put_model_mapping(&mut tools, PromptFields::of_entry(&m).to_json()).unwrap();
         assert_eq!(
-            tools.to_python(),
+            python_json(&tools),
             r#"{"zeta": 1, "tools": [{"type": "function", "b": 2, "a": 1}], "__model_mapping": {"metadata": {}, "default_model": "new", "extra": "kept", "candidates": ["new", "b"], "is_active": false, "updated_at": "2026-01-16T10:17:10+00:00"}, "alpha": "模型"}"#
         );
-        let back = PromptFields::of_stored(&model_mapping(&tools).unwrap().to_value());
+        let back = PromptFields::of_stored(model_mapping(&tools).unwrap());
         assert_eq!(back, PromptFields::of_entry(&m));
     }
 
@@ -1000,7 +830,7 @@ mod tests {
         let fields = || PromptFields::of_entry(&m).to_json();
         let put = |text: &str| {
             let mut t = parse_tools(Some(text)).unwrap();
-            put_model_mapping(&mut t, fields()).map(|()| t.to_python())
+            put_model_mapping(&mut t, fields()).map(|()| python_json(&t))
         };
         let mm =
             r#"{"default_model": "x", "candidates": [], "is_active": true, "updated_at": null}"#;
