@@ -725,3 +725,42 @@ fn a_database_locked_beyond_busy_timeout_fails_and_writes_nothing() {
     assert_eq!(outcome(&report, "mapping:a").0, Outcome::Imported);
     assert_eq!(outcome(&report, "mapping:b").0, Outcome::Imported);
 }
+
+#[test]
+fn the_restore_command_prints_its_report_and_exits_by_its_result() {
+    let ws = populated();
+    let snapshot = export(&ws, "snap.json");
+    ws.app.delete("mapping:a");
+
+    let dry = ws.mapsync(&["restore", snapshot.to_str().unwrap(), "--dry-run"]);
+    dry.expect_code(0);
+    assert_eq!(dry.json()["dry_run"], true);
+    assert_eq!(dry.json()["imported"], 1);
+    assert!(
+        stored(&ws.app, "mapping:a").is_none(),
+        "a dry run writes nothing"
+    );
+
+    let real = ws.mapsync(&["restore", snapshot.to_str().unwrap()]);
+    real.expect_code(0);
+    assert_eq!(real.json()["imported"], 1);
+    assert!(stored(&ws.app, "mapping:a").is_some());
+
+    // An entry that cannot be restored makes the exit code 1; the report still says why.
+    let bad = write_json(
+        &ws,
+        "bad.json",
+        &json!({"mappings": [{"scope_type": "", "scope_key": ""}]}),
+    );
+    let run = ws.mapsync(&["restore", bad.to_str().unwrap()]);
+    run.expect_code(1);
+    assert_eq!(run.json()["errors"], 1);
+
+    // A file that is not an export: one line on stderr, exit 1.
+    let junk = ws.path().join("junk.json");
+    std::fs::write(&junk, "{ not json").unwrap();
+    let run = ws.mapsync(&["restore", junk.to_str().unwrap()]);
+    run.expect_code(1);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{run:?}");
+    assert!(run.stdout.is_empty());
+}
