@@ -556,3 +556,34 @@ fn reading_works_while_the_application_holds_a_write_transaction() {
     assert_eq!(ws.sync(&[])["synced_count"], 4);
     assert!(remote_rows(&db).contains_key("mapping:uncommitted"));
 }
+
+#[test]
+fn concurrent_runs_against_one_table_take_turns() {
+    let db = supabase_db();
+    let ws = Workspace::new(Some(&db.url), "");
+    generate(&ws.db_path(), 5_000, 3, true);
+    ws.mapsync(&["migrate"]).expect_code(0);
+    // Two instances start a cold sync at once: without the advisory lock both would COPY the
+    // same new ids and one would fail on the primary key.
+    let spawn = || {
+        let mut cmd = common::mapsync::command();
+        cmd.arg("--config").arg(&ws.config).arg("sync");
+        std::thread::spawn(move || common::mapsync::run(cmd))
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    a.expect_code(0);
+    b.expect_code(0);
+    let changed = [
+        a.json()["changed_count"].as_u64(),
+        b.json()["changed_count"].as_u64(),
+    ];
+    let mut changed: Vec<u64> = changed.into_iter().flatten().collect();
+    changed.sort();
+    assert_eq!(
+        changed,
+        [0, 5_003],
+        "one run wrote everything, the other found it done"
+    );
+    assert_eq!(remote_count(&db), 5_003);
+}
