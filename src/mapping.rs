@@ -12,7 +12,7 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -46,7 +46,7 @@ impl Origin {
 /// canonical JSON and the metadata as canonical JSON, back to back, with their end offsets.
 /// That is about 200 bytes a mapping instead of 600 for one `String` per field. Build one
 /// with [`Mapping::new`]; read it through the accessors.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Mapping {
     text: Box<str>,
     /// End offsets in `text` of: id, name, default_model, candidates, metadata.
@@ -59,8 +59,6 @@ pub struct Mapping {
     pub source: Origin,
     /// Microsecond precision, as Postgres stores it.
     pub updated_at: Option<DateTime<Utc>>,
-    /// Hash of every field, computed once: cheap change detection (see [`digest`]).
-    digest: u64,
 }
 
 /// The parts of a [`Mapping`], already normalised by the caller (see the functions below).
@@ -124,13 +122,15 @@ impl Mapping {
             is_active: f.is_active,
             source: f.source,
             updated_at: f.updated_at,
-            digest: hasher.finish(),
         }
     }
 
-    /// A 64-bit hash of every field: equal mappings have equal digests.
+    /// A 64-bit hash of every field: equal mappings have equal digests. Computed on demand
+    /// (only snapshot decisions need it), so reading 100,000 rows does not pay for it.
     pub fn digest(&self) -> u64 {
-        self.digest
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.hash(&mut hasher);
+        hasher.finish()
     }
 
     fn part(&self, i: usize) -> &str {
@@ -499,25 +499,27 @@ fn round_to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
 /// once lower-cased and stripped of `_` and `-`: `api_key` catches `apiKey` and `API-KEY`.
 #[derive(Debug, Clone)]
 pub struct Redactor {
-    folded: HashSet<String>,
+    folded: Vec<String>,
 }
 
-fn fold_key(k: &str) -> String {
+/// A key as the redactor compares it: lower-case, without `_` and `-`.
+fn folded(k: &str) -> impl Iterator<Item = char> + '_ {
     k.chars()
         .filter(|c| *c != '_' && *c != '-')
         .flat_map(char::to_lowercase)
-        .collect()
 }
 
 impl Redactor {
     pub fn new<S: AsRef<str>>(keys: &[S]) -> Self {
         Redactor {
-            folded: keys.iter().map(|k| fold_key(k.as_ref())).collect(),
+            folded: keys.iter().map(|k| folded(k.as_ref()).collect()).collect(),
         }
     }
 
+    /// Compares without building the folded key: this runs for every metadata key of every
+    /// row.
     pub fn is_sensitive(&self, key: &str) -> bool {
-        self.folded.contains(&fold_key(key))
+        self.folded.iter().any(|f| folded(key).eq(f.chars()))
     }
 
     /// Removes every sensitive key from objects anywhere inside `v` (arrays included).
@@ -609,6 +611,11 @@ pub fn write_json(out: &mut String, v: &Value, keys: KeyOrder) {
 /// A JSON string literal with PostgreSQL's escaping (which matches serde_json's).
 pub fn write_json_string(out: &mut String, s: &str) {
     out.push('"');
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -708,7 +715,7 @@ pub fn sort_for_export(mappings: &mut [Arc<Mapping>]) {
 pub fn digest<'a>(mappings: impl IntoIterator<Item = &'a Mapping>) -> u64 {
     mappings
         .into_iter()
-        .fold(0u64, |acc, m| acc.wrapping_add(mix(m.digest)))
+        .fold(0u64, |acc, m| acc.wrapping_add(mix(m.digest())))
 }
 
 /// SplitMix64's finaliser: spreads each digest over all 64 bits before they are summed.

@@ -106,7 +106,11 @@ fn ok_data(r: &Reply) -> Value {
     assert_eq!(r.header("content-type"), Some(JSON_TYPE));
     let v = r.json();
     let keys: Vec<&String> = v.as_object().expect("an object").keys().collect();
-    assert_eq!(keys, ["code", "msg", "data"], "the envelope, in wire order: {v}");
+    assert_eq!(
+        keys,
+        ["code", "msg", "data"],
+        "the envelope, in wire order: {v}"
+    );
     assert_eq!(v["code"], 200, "{v}");
     assert_eq!(v["msg"], "ok", "{v}");
     v["data"].clone()
@@ -120,7 +124,11 @@ fn error_msg(r: &Reply, status: u16) -> String {
     assert_eq!(r.header("content-type"), Some(JSON_TYPE), "{}", r.text());
     let v = r.json();
     let keys: Vec<&String> = v.as_object().expect("an object").keys().collect();
-    assert_eq!(keys, ["code", "msg", "data"], "the envelope, in wire order: {v}");
+    assert_eq!(
+        keys,
+        ["code", "msg", "data"],
+        "the envelope, in wire order: {v}"
+    );
     assert_eq!(v["code"], status, "{v}");
     assert_eq!(v["data"], Value::Null, "{v}");
     let msg = v["msg"].as_str().expect("msg is a string").to_string();

@@ -120,7 +120,7 @@ pub struct Shared {
 
 impl Shared {
     fn new_source(&self) -> SqliteSource {
-        SqliteSource::new(&self.source_settings, self.redactor.clone())
+        SqliteSource::new(&self.source_settings, self.redactor.clone()).memoizing()
     }
 
     /// Makes `image` the current one (for `/mappings`, `/export`, metrics).

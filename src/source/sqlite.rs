@@ -34,8 +34,9 @@ pub struct SqliteSource {
     read_version: Option<i64>,
     rules: Rules,
     /// Hash of a row's stored bytes → the mapping built from them at the last read, so an
-    /// incremental read only normalises rows that changed.
-    memo: HashMap<u64, Candidate>,
+    /// incremental read only normalises rows that changed. `None` for one-shot readers,
+    /// which never read twice.
+    memo: Option<HashMap<u64, Candidate>>,
 }
 
 /// Whether a read may reuse what the previous read built for unchanged rows.
@@ -65,7 +66,7 @@ impl SqliteSource {
             include_prompts: settings.include_prompt_mappings,
             conn: None,
             read_version: None,
-            memo: HashMap::new(),
+            memo: None,
             rules: Rules {
                 path: settings.sqlite_path.clone(),
                 redactor,
@@ -73,6 +74,13 @@ impl SqliteSource {
                 skipped_seen: 0,
             },
         }
+    }
+
+    /// Keeps what each read built, so that [`ReadMode::Incremental`] reads can reuse it
+    /// (the daemon's readers; a one-shot command has no use for it).
+    pub fn memoizing(mut self) -> Self {
+        self.memo = Some(HashMap::new());
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -106,14 +114,16 @@ impl SqliteSource {
         let fail = |e| classify(&self.path, e);
         let tx = conn.unchecked_transaction().map_err(fail)?;
         let mut candidates = Vec::new();
-        let previous = match mode {
-            ReadMode::Full => HashMap::new(),
-            ReadMode::Incremental => std::mem::take(&mut self.memo),
-        };
-        let mut memo = HashMap::with_capacity(previous.len());
-        let skipped = read_mapping_rows(&tx, &mut self.rules, previous, &mut memo, &mut candidates)
-            .map_err(fail)?;
-        self.memo = memo;
+        let memo = self.memo.take().map(|previous| Memo {
+            previous: match mode {
+                ReadMode::Full => HashMap::new(),
+                ReadMode::Incremental => previous,
+            },
+            next: HashMap::new(),
+        });
+        let (skipped, memo) =
+            read_mapping_rows(&tx, &mut self.rules, memo, &mut candidates).map_err(fail)?;
+        self.memo = memo.map(|m| m.next);
         if self.include_prompts {
             read_prompt_rows(&tx, &mut self.rules, &mut candidates).map_err(fail)?;
         }
@@ -344,36 +354,49 @@ fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     )
 }
 
-/// Streams `llm_model_mappings` into `out`, reusing `previous` mappings of rows whose stored
-/// bytes are unchanged and recording every row's mapping in `memo`; returns how many rows were
-/// skipped.
+/// Mappings by the hash of their row's stored bytes: those of the previous read, and those
+/// of this one.
+struct Memo {
+    previous: HashMap<u64, Candidate>,
+    next: HashMap<u64, Candidate>,
+}
+
+/// Streams `llm_model_mappings` into `out`; with a memo, reuses the previous read's mappings
+/// of rows whose stored bytes are unchanged and records this read's. Returns how many rows
+/// were skipped, and the memo.
 fn read_mapping_rows(
     conn: &Connection,
     rules: &mut Rules,
-    mut previous: HashMap<u64, Candidate>,
-    memo: &mut HashMap<u64, Candidate>,
+    mut memo: Option<Memo>,
     out: &mut Vec<Candidate>,
-) -> rusqlite::Result<usize> {
+) -> rusqlite::Result<(usize, Option<Memo>)> {
     let mut stmt = conn.prepare(&format!("SELECT {MAPPING_COLUMNS} FROM llm_model_mappings"))?;
     let mut rows = stmt.query([])?;
     let mut skipped = 0;
     while let Some(r) = rows.next()? {
-        let key = row_hash(r)?;
-        if let Some(c) = previous.remove(&key) {
-            memo.insert(key, c.clone());
-            out.push(c);
-            continue;
-        }
-        let row = MappingRow::read(r, 0)?;
-        match rules.mapping_row(&row) {
+        let key = match &mut memo {
+            Some(m) => {
+                let key = row_hash(r)?;
+                if let Some(c) = m.previous.remove(&key) {
+                    m.next.insert(key, c.clone());
+                    out.push(c);
+                    continue;
+                }
+                Some(key)
+            }
+            None => None,
+        };
+        match rules.mapping_row(&MappingRow::read(r, 0)?) {
             Some(c) => {
-                memo.insert(key, c.clone());
+                if let (Some(m), Some(key)) = (&mut memo, key) {
+                    m.next.insert(key, c.clone());
+                }
                 out.push(c);
             }
             None => skipped += 1,
         }
     }
-    Ok(skipped)
+    Ok((skipped, memo))
 }
 
 /// Streams the prompts that hold a mapping into `out`. A missing `ai_prompts` table is fine.
@@ -434,7 +457,10 @@ fn text(v: ValueRef<'_>) -> Option<Cow<'_, str>> {
         ValueRef::Null => None,
         ValueRef::Integer(i) => Some(Cow::Owned(i.to_string())),
         ValueRef::Real(f) => Some(Cow::Owned(f.to_string())),
-        ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t)),
+        ValueRef::Text(t) | ValueRef::Blob(t) => Some(match std::str::from_utf8(t) {
+            Ok(s) => Cow::Borrowed(s),
+            Err(_) => String::from_utf8_lossy(t),
+        }),
     }
 }
 
