@@ -1,6 +1,7 @@
 //! What each one-shot subcommand does (`sync`, `export`, `check`, `migrate`). `main.rs` parses
 //! the command line and prints; everything with behaviour lives here, testable as a library.
 
+use std::future::Future;
 use std::io::Write;
 use std::path::Path;
 
@@ -12,32 +13,43 @@ use crate::mapping::{self, Redactor};
 use crate::snapshot;
 use crate::source::{ReadMode, SourceImage, SqliteSource};
 use crate::sync::{self, SyncOptions, SyncReport, Trigger};
-use crate::target::Target;
+use crate::target::{MirrorError, Target};
 
-/// Reads the source once, on the blocking pool.
-pub async fn read_source(settings: &Settings) -> Result<SourceImage, Error> {
+/// Reads the source once on the blocking pool. The read starts at once, before the
+/// returned future is first polled, so the caller can do other work meanwhile.
+pub fn read_source(
+    settings: &Settings,
+) -> impl Future<Output = Result<SourceImage, Error>> + use<> {
     let mut source = SqliteSource::new(
         &settings.source,
         Redactor::new(&settings.snapshot.redact_keys),
     );
-    tokio::task::spawn_blocking(move || source.read(ReadMode::Full))
-        .await
-        .map_err(|e| Error::Other(format!("reading the SQLite file stopped: {e}")))?
-        .map_err(Error::from)
+    let reading = tokio::task::spawn_blocking(move || source.read(ReadMode::Full));
+    async move {
+        reading
+            .await
+            .map_err(|e| Error::Other(format!("reading the SQLite file stopped: {e}")))?
+            .map_err(Error::from)
+    }
 }
 
-/// `mapsync sync`: one run, trigger `manual`.
+/// `mapsync sync`: one run, trigger `manual`. Postgres is scanned while SQLite is read.
 pub async fn sync(settings: &Settings, opts: SyncOptions) -> Result<SyncReport, Error> {
+    let reading = read_source(settings);
     let target = Target::from_settings(&settings.target)?;
-    let image = read_source(settings).await?;
-    Ok(sync::push(
+    let local = async { reading.await.map(|image| image.mappings) };
+    sync::push(
         target.as_ref(),
         &settings.target,
-        &image.mappings,
+        local,
         opts,
         Trigger::Manual,
     )
-    .await?)
+    .await
+    .map_err(|e| match e {
+        MirrorError::Source(e) => e,
+        MirrorError::Target(e) => Error::Target(e),
+    })
 }
 
 /// `mapsync export`: the snapshot document, to `output` (atomically) or to `stdout`.

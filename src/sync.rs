@@ -4,14 +4,15 @@
 //! does not decide *when* to run: that is the engine's job (`mapsync run`), or the user's
 //! (`mapsync sync`, `POST /sync`).
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Serialize, Serializer};
 
 use crate::config::TargetSettings;
 use crate::mapping::Mapping;
-use crate::target::{MirrorOptions, Target, TargetError};
+use crate::target::{MirrorError, MirrorOptions, MirrorOutcome, Target};
 
 /// What started a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -113,60 +114,89 @@ impl SyncReport {
     }
 }
 
-/// Aligns `target` with `mappings`. With no target, reports `skipped:supabase_not_configured`.
-pub async fn push(
+impl SyncReport {
+    /// The report of a run that reached the target. `synced_count` is the source's mapping
+    /// count; `remote_known` stands in for the mirror's row count when the run did not count
+    /// it (incremental runs).
+    pub fn of_outcome(
+        outcome: &MirrorOutcome,
+        synced_count: u64,
+        remote_known: u64,
+        opts: SyncOptions,
+        trigger: Trigger,
+        duration: Duration,
+    ) -> SyncReport {
+        let remote_before = outcome.remote_before.unwrap_or(remote_known);
+        let duration_ms = duration.as_millis() as u64;
+        match &outcome.refused {
+            Some(why) => SyncReport {
+                status: SyncStatus::RefusedMassDelete,
+                synced_count: 0,
+                changed_count: 0,
+                deleted_count: 0,
+                remote_before,
+                remote_after: remote_before,
+                duration_ms,
+                trigger,
+                dry_run: opts.dry_run,
+                detail: Some(why.clone()),
+            },
+            None => SyncReport {
+                status: SyncStatus::Synced,
+                synced_count,
+                changed_count: outcome.inserted + outcome.updated,
+                deleted_count: outcome.deleted,
+                remote_before,
+                remote_after: (remote_before + outcome.inserted).saturating_sub(outcome.deleted),
+                duration_ms,
+                trigger,
+                dry_run: opts.dry_run,
+                detail: (!opts.delete_missing && outcome.extra > 0).then(|| {
+                    format!(
+                        "{} remote rows are not in the source; delete propagation is off (target.delete_missing)",
+                        outcome.extra
+                    )
+                }),
+            },
+        }
+    }
+}
+
+/// What the target needs to know of a run's options.
+pub fn mirror_options(opts: SyncOptions, settings: &TargetSettings) -> MirrorOptions {
+    MirrorOptions {
+        delete_missing: opts.delete_missing,
+        force: opts.force,
+        dry_run: opts.dry_run,
+        max_delete_fraction: settings.max_delete_fraction,
+        max_delete_floor: settings.max_delete_floor,
+    }
+}
+
+/// A full run: aligns `target` with the mappings `local` produces (the mirror is scanned
+/// while `local` is still running). With no target, waits for `local` (its errors still
+/// count) and reports `skipped:supabase_not_configured`.
+pub async fn push<E>(
     target: Option<&Target>,
     settings: &TargetSettings,
-    mappings: &[Arc<Mapping>],
+    local: impl Future<Output = Result<Vec<Arc<Mapping>>, E>>,
     opts: SyncOptions,
     trigger: Trigger,
-) -> Result<SyncReport, TargetError> {
+) -> Result<SyncReport, MirrorError<E>> {
     let Some(target) = target else {
+        local.await.map_err(MirrorError::Source)?;
         return Ok(SyncReport::skipped(trigger));
     };
     let started = Instant::now();
-    let outcome = target
-        .mirror(
-            mappings,
-            &MirrorOptions {
-                delete_missing: opts.delete_missing,
-                force: opts.force,
-                dry_run: opts.dry_run,
-                max_delete_fraction: settings.max_delete_fraction,
-                max_delete_floor: settings.max_delete_floor,
-            },
-        )
+    let (outcome, mappings) = target
+        .mirror(local, &mirror_options(opts, settings))
         .await?;
-    let duration_ms = started.elapsed().as_millis() as u64;
-    Ok(match outcome.refused {
-        Some(why) => SyncReport {
-            status: SyncStatus::RefusedMassDelete,
-            synced_count: 0,
-            changed_count: 0,
-            deleted_count: 0,
-            remote_before: outcome.remote_before.unwrap_or_default(),
-            remote_after: outcome.remote_before.unwrap_or_default(),
-            duration_ms,
-            trigger,
-            dry_run: opts.dry_run,
-            detail: Some(why),
-        },
-        None => SyncReport {
-            status: SyncStatus::Synced,
-            synced_count: mappings.len() as u64,
-            changed_count: outcome.inserted + outcome.updated,
-            deleted_count: outcome.deleted,
-            remote_before: outcome.remote_before.unwrap_or_default(),
-            remote_after: outcome.remote_after().unwrap_or_default(),
-            duration_ms,
-            trigger,
-            dry_run: opts.dry_run,
-            detail: (!opts.delete_missing && outcome.extra > 0).then(|| {
-                format!(
-                    "{} remote rows are not in the source; delete propagation is off (target.delete_missing)",
-                    outcome.extra
-                )
-            }),
-        },
-    })
+    Ok(SyncReport::of_outcome(
+        &outcome,
+        mappings.len() as u64,
+        0,
+        opts,
+        trigger,
+        started.elapsed(),
+    ))
 }

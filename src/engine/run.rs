@@ -24,7 +24,7 @@ use super::{RunError, Shared};
 use crate::mapping::Mapping;
 use crate::source::{ReadMode, SourceImage, SqliteSource};
 use crate::sync::{SyncOptions, SyncReport, SyncStatus, Trigger};
-use crate::target::{MirrorOptions, MirrorOutcome};
+use crate::target::{MirrorError, MirrorOutcome};
 
 /// What runs carry from one to the next.
 pub(super) struct RunState {
@@ -105,13 +105,7 @@ pub(super) async fn run(
         return (state, Outcome::ReadOnly);
     }
 
-    let opts = MirrorOptions {
-        delete_missing: delete,
-        force: plan.opts.force,
-        dry_run: false,
-        max_delete_fraction: shared.target_settings.max_delete_fraction,
-        max_delete_floor: shared.target_settings.max_delete_floor,
-    };
+    let opts = crate::sync::mirror_options(plan.opts, &shared.target_settings);
     let pushed = match (&diff, plan.full) {
         (Some(d), false) if d.changed.is_empty() && (!delete || d.removed.is_empty()) => {
             Ok(MirrorOutcome::default())
@@ -121,7 +115,17 @@ pub(super) async fn run(
             let removed: Vec<&str> = d.removed.iter().map(|m| m.id()).collect();
             target.push_changes(&changed, &removed, &opts).await
         }
-        _ => target.mirror(&image.mappings, &opts).await,
+        _ => {
+            let local = std::future::ready(Ok::<_, std::convert::Infallible>(&image.mappings));
+            target
+                .mirror(local, &opts)
+                .await
+                .map(|(o, _)| o)
+                .map_err(|e| match e {
+                    MirrorError::Target(e) => e,
+                    MirrorError::Source(never) => match never {},
+                })
+        }
     };
     let elapsed = started.elapsed();
     let outcome = match pushed {
@@ -195,7 +199,7 @@ async fn read(
     }
 }
 
-/// The run's report, and the mirror's new state.
+/// The run's report; records what the mirror now holds.
 fn report(
     state: &mut RunState,
     plan: &Plan,
@@ -204,36 +208,22 @@ fn report(
     outcome: &MirrorOutcome,
     elapsed: Duration,
 ) -> SyncReport {
-    let remote_before = outcome.remote_before.unwrap_or(state.remote_rows);
-    let remote_after = (remote_before + outcome.inserted).saturating_sub(outcome.deleted);
-    let refused = outcome.refused.is_some();
-    if !refused {
-        state.remote_rows = remote_after;
+    let report = SyncReport::of_outcome(
+        outcome,
+        image.mappings.len() as u64,
+        state.remote_rows,
+        plan.opts,
+        plan.trigger,
+        elapsed,
+    );
+    if outcome.refused.is_none() {
+        state.remote_rows = report.remote_after;
         match (&mut state.mirrored, diff, plan.full) {
             (Some(mirrored), Some(diff), false) => mirrored.apply(diff, plan.opts.delete_missing),
             _ => state.mirrored = Some(Mirrored::of(&image.mappings)),
         }
     }
-    SyncReport {
-        status: if refused {
-            SyncStatus::RefusedMassDelete
-        } else {
-            SyncStatus::Synced
-        },
-        synced_count: if refused {
-            0
-        } else {
-            image.mappings.len() as u64
-        },
-        changed_count: outcome.inserted + outcome.updated,
-        deleted_count: outcome.deleted,
-        remote_before,
-        remote_after: if refused { remote_before } else { remote_after },
-        duration_ms: elapsed.as_millis() as u64,
-        trigger: plan.trigger,
-        dry_run: false,
-        detail: outcome.refused.clone(),
-    }
+    report
 }
 
 /// The mappings the mirror holds, by id (as far as this process knows: rows added by hand

@@ -3,10 +3,11 @@
 //! 1. `BEGIN`, `SET LOCAL statement_timeout`, and a transaction-scoped advisory lock on the
 //!    table, so runs from several mapsync instances never interleave.
 //! 2. Check the table's columns (a missing migration is reported as such, not as a SQL error).
-//! 3. Stream the remote rows with `COPY … TO STDOUT (FORMAT binary)` and compare each with the
-//!    source, field by field; `jsonb` columns are compared as text against the canonical form
-//!    the source already holds (see [`crate::mapping::canonical_json`]). Nothing remote is kept
-//!    in memory but the ids that no longer exist in the source.
+//! 3. Stream the remote rows with `COPY … TO STDOUT (FORMAT binary)` — while the source is
+//!    still being read — keeping only a digest of each row's ten fields per id; `jsonb`
+//!    columns arrive as text, which is the canonical form the source already holds (see
+//!    [`crate::mapping::canonical_json`]), so a source mapping and its remote row digest alike
+//!    exactly when every field is equal.
 //! 4. Refuse a mass delete (unless forced) before anything is written.
 //! 5. Rows missing remotely go in with `COPY … FROM STDIN (FORMAT binary)` straight into the
 //!    table; rows that differ go through a temporary staging table and one
@@ -18,6 +19,7 @@
 //! Either all of it commits or none of it does.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
@@ -79,67 +81,64 @@ impl MirrorOutcome {
     }
 }
 
-/// Whether a remote row matches, is different from, or is missing for a source mapping.
-#[derive(Clone, Copy, PartialEq)]
-enum Remote {
-    Missing,
-    Same,
-    Differs,
+/// Why a full run failed: producing the source's mappings, or Postgres.
+#[derive(Debug)]
+pub enum MirrorError<E> {
+    Source(E),
+    Target(TargetError),
 }
 
+impl<E> From<TargetError> for MirrorError<E> {
+    fn from(e: TargetError) -> Self {
+        MirrorError::Target(e)
+    }
+}
+
+/// The mirror's rows as a digest per id: enough to tell which source mappings differ, at a
+/// fraction of the rows' memory.
+type RemoteDigests = HashMap<String, u64>;
+
 impl Target {
-    /// A full run: aligns the mirror with `mappings` (unique ids, as the source produces
-    /// them), comparing every remote row. Repairs any drift.
-    pub async fn mirror(
+    /// A full run: aligns the mirror with the mappings `local` produces (unique ids, as the
+    /// source produces them), comparing every remote row, which repairs any drift.
+    ///
+    /// The mirror is read while `local` is still being produced (the SQLite read and the
+    /// remote scan take about as long as each other), inside the run's transaction, so the
+    /// comparison is with what the transaction will write over. Returns what `local`
+    /// produced along with the outcome.
+    pub async fn mirror<L, E>(
         &self,
-        mappings: &[Arc<Mapping>],
+        local: impl Future<Output = Result<L, E>>,
         opts: &MirrorOptions,
-    ) -> Result<MirrorOutcome, TargetError> {
+    ) -> Result<(MirrorOutcome, L), MirrorError<E>>
+    where
+        L: AsRef<[Arc<Mapping>]>,
+    {
         let mut client = self.client().await?;
         let err = |e: tokio_postgres::Error| self.classify(&e);
-        let tx = self.begin_run(&mut client).await?;
+        let remote_side = async {
+            let tx = self.begin_run(&mut client).await?;
+            let remote = self.remote_digests(&tx).await?;
+            Ok::<_, TargetError>((tx, remote))
+        };
+        let (local, remote_side) = tokio::join!(local, remote_side);
+        // A failure on either side drops the transaction: nothing is written.
+        let local = local.map_err(MirrorError::Source)?;
+        let (tx, mut remote) = remote_side?;
+        let mappings = local.as_ref();
 
         // Compare.
-        let index: HashMap<&str, usize> = mappings
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.id(), i))
-            .collect();
-        let mut remote = vec![Remote::Missing; mappings.len()];
-        let mut extra: Vec<String> = Vec::new();
-        let mut remote_before = 0;
-        let stream = tx
-            .copy_out(&format!(
-                "COPY (SELECT {COLUMNS} FROM {}) TO STDOUT (FORMAT binary)",
-                self.table.quoted()
-            ))
-            .await
-            .map_err(err)?;
-        let rows = BinaryCopyOutStream::new(stream, &COLUMN_TYPES);
-        pin_mut!(rows);
-        while let Some(row) = rows.try_next().await.map_err(err)? {
-            remote_before += 1;
-            let id: &str = row.try_get(0).map_err(err)?;
-            match index.get(id) {
-                Some(&i) => {
-                    remote[i] = if same(&mappings[i], &row).map_err(err)? {
-                        Remote::Same
-                    } else {
-                        Remote::Differs
-                    };
-                }
-                None => extra.push(id.to_string()),
+        let remote_before = remote.len() as u64;
+        let mut missing = Vec::new();
+        let mut differing = Vec::new();
+        for m in mappings {
+            match remote.remove(m.id()) {
+                None => missing.push(m.as_ref()),
+                Some(d) if d != row_digest(&Row::of(m)) => differing.push(m.as_ref()),
+                Some(_) => {}
             }
         }
-        let pick = |state: Remote| -> Vec<&Mapping> {
-            mappings
-                .iter()
-                .zip(&remote)
-                .filter(|(_, r)| **r == state)
-                .map(|(m, _)| m.as_ref())
-                .collect()
-        };
-        let (missing, differing) = (pick(Remote::Missing), pick(Remote::Differs));
+        let extra: Vec<String> = remote.into_keys().collect();
         let mut outcome = MirrorOutcome {
             remote_before: Some(remote_before),
             extra: extra.len() as u64,
@@ -150,7 +149,7 @@ impl Target {
         if opts.delete_missing && !opts.force {
             if let Some(why) = mass_delete(outcome.extra, remote_before, opts) {
                 outcome.refused = Some(why);
-                return Ok(outcome);
+                return Ok((outcome, local));
             }
         }
         if opts.dry_run {
@@ -161,7 +160,7 @@ impl Target {
             } else {
                 0
             };
-            return Ok(outcome);
+            return Ok((outcome, local));
         }
 
         // Write.
@@ -181,7 +180,27 @@ impl Target {
             outcome.deleted = self.delete(&tx, &extra).await?;
         }
         tx.commit().await.map_err(err)?;
-        Ok(outcome)
+        Ok((outcome, local))
+    }
+
+    /// Streams the mirror's rows (binary COPY) into a digest per id.
+    async fn remote_digests(&self, tx: &Transaction<'_>) -> Result<RemoteDigests, TargetError> {
+        let err = |e: tokio_postgres::Error| self.classify(&e);
+        let stream = tx
+            .copy_out(&format!(
+                "COPY (SELECT {COLUMNS} FROM {}) TO STDOUT (FORMAT binary)",
+                self.table.quoted()
+            ))
+            .await
+            .map_err(err)?;
+        let rows = BinaryCopyOutStream::new(stream, &COLUMN_TYPES);
+        pin_mut!(rows);
+        let mut digests = HashMap::new();
+        while let Some(row) = rows.try_next().await.map_err(err)? {
+            let remote = Row::read(&row).map_err(err)?;
+            digests.insert(remote.id.to_string(), row_digest(&remote));
+        }
+        Ok(digests)
     }
 
     /// An incremental run: writes only `changed` (guarded, so a row that already matches is
@@ -283,17 +302,66 @@ fn mass_delete(extra: u64, remote: u64, opts: &MirrorOptions) -> Option<String> 
     })
 }
 
-/// Field-by-field comparison of a source mapping with a remote row (id already equal).
-fn same(m: &Mapping, r: &BinaryCopyOutRow) -> Result<bool, tokio_postgres::Error> {
-    Ok(r.try_get::<&str>(1)? == m.scope_type()
-        && r.try_get::<&str>(2)? == m.scope_key()
-        && r.try_get::<Option<&str>>(3)? == m.name()
-        && r.try_get::<Option<&str>>(4)? == m.default_model()
-        && r.try_get::<Option<bool>>(6)? == Some(m.is_active)
-        && r.try_get::<Option<DateTime<Utc>>>(7)? == m.updated_at
-        && r.try_get::<Option<&str>>(8)? == Some(m.source.as_str())
-        && r.try_get::<Option<Jsonb>>(5)?.map(|j| j.0) == Some(m.candidates_json())
-        && r.try_get::<Option<Jsonb>>(9)?.map(|j| j.0) == Some(m.metadata_json()))
+/// The ten mirrored fields of a row, as the mirror stores them: read from a remote row, or
+/// taken from a source mapping, and compared through [`row_digest`].
+#[derive(Hash)]
+struct Row<'a> {
+    id: &'a str,
+    scope_type: &'a str,
+    scope_key: &'a str,
+    name: Option<&'a str>,
+    default_model: Option<&'a str>,
+    candidates: Option<&'a str>,
+    is_active: Option<bool>,
+    /// Microseconds since the Unix epoch.
+    updated_at: Option<i64>,
+    source: Option<&'a str>,
+    metadata: Option<&'a str>,
+}
+
+impl<'a> Row<'a> {
+    fn of(m: &'a Mapping) -> Row<'a> {
+        Row {
+            id: m.id(),
+            scope_type: m.scope_type(),
+            scope_key: m.scope_key(),
+            name: m.name(),
+            default_model: m.default_model(),
+            candidates: Some(m.candidates_json()),
+            is_active: Some(m.is_active),
+            updated_at: m.updated_at.map(|t| t.timestamp_micros()),
+            source: Some(m.source.as_str()),
+            metadata: Some(m.metadata_json()),
+        }
+    }
+
+    /// `jsonb` columns arrive as their text, which is the canonical text the source holds.
+    fn read(r: &'a BinaryCopyOutRow) -> Result<Row<'a>, tokio_postgres::Error> {
+        Ok(Row {
+            id: r.try_get(0)?,
+            scope_type: r.try_get(1)?,
+            scope_key: r.try_get(2)?,
+            name: r.try_get(3)?,
+            default_model: r.try_get(4)?,
+            candidates: r.try_get::<Option<Jsonb>>(5)?.map(|j| j.0),
+            is_active: r.try_get(6)?,
+            updated_at: r
+                .try_get::<Option<DateTime<Utc>>>(7)?
+                .map(|t| t.timestamp_micros()),
+            source: r.try_get(8)?,
+            metadata: r.try_get::<Option<Jsonb>>(9)?.map(|j| j.0),
+        })
+    }
+}
+
+/// A 64-bit hash of a row's fields: equal rows have equal digests, and a differing row
+/// collides with probability 2⁻⁶⁴. (Should that ever happen, the row is rewritten by the
+/// next change to it.)
+fn row_digest(row: &Row<'_>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    row.hash(&mut h);
+    h.finish()
 }
 
 /// Streams `rows` into `table` with binary COPY. Returns the number of rows written.

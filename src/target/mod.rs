@@ -19,7 +19,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 
-pub use mirror::{MirrorOptions, MirrorOutcome};
+pub use mirror::{MirrorError, MirrorOptions, MirrorOutcome};
 pub use tls::SslMode;
 
 use crate::config::{TableName, TargetSettings};
