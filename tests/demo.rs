@@ -10,11 +10,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::http;
 use common::mapsync::{command, remote_count, remote_rows, supabase_db};
-use common::sys::{poll_until, which};
+use common::sys::{poll_until, signal_and_wait, which};
 use common::*;
 use serde_json::Value;
 
@@ -128,25 +128,12 @@ impl Demo {
 
     /// Sends `signal`; the exit status and how long it took (panics after 10 s).
     fn terminate(&mut self, signal: i32) -> (ExitStatus, Duration) {
-        let started = Instant::now();
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, signal);
-        }
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "mapsync demo did not exit within 10 s of signal {signal}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        signal_and_wait(&mut self.child, signal, Duration::from_secs(10)).unwrap_or_else(|_| {
+            panic!(
+                "mapsync demo did not exit within 10 s of signal {signal}; stderr:\n{}",
+                self.stderr()
+            )
+        })
     }
 
     /// SIGTERM (or SIGINT: Ctrl-C), and asserts a clean exit (code 0) within 10 s.
@@ -165,19 +152,7 @@ impl Demo {
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(self.child.id() as i32, libc::SIGTERM);
-            }
-            let child = &mut self.child;
-            if !poll_until(Duration::from_secs(10), || {
-                matches!(child.try_wait(), Ok(Some(_)))
-            }) {
-                let _ = self.child.kill();
-            }
-        }
-        let _ = self.child.wait();
+        let _ = signal_and_wait(&mut self.child, libc::SIGTERM, Duration::from_secs(10));
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::http::{self, Reply};
-use common::mapsync::{Workspace, command, remote_count, supabase_db};
+use common::mapsync::{SYNC_FIELDS, Workspace, command, remote_count, supabase_db};
 use common::sys::poll_until;
 use common::*;
 use serde_json::{Value, json};
@@ -22,17 +22,6 @@ const JSON_TYPE: &str = "application/json; charset=utf-8";
 const METRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const SYNC_PATH: &str = "/api/v1/llm/model-groups/sync-to-supabase";
 const PUSH_PATH: &str = "/api/v1/llm/model-groups/sync";
-/// The eight fields of a sync result (SPEC §4).
-const SYNC_FIELDS: [&str; 8] = [
-    "status",
-    "synced_count",
-    "changed_count",
-    "deleted_count",
-    "remote_before",
-    "remote_after",
-    "duration_ms",
-    "trigger",
-];
 /// The ten fields of an exported mapping, in order (SPEC §1).
 const MAPPING_FIELDS: [&str; 10] = [
     "id",

@@ -40,16 +40,7 @@ fn first_sync_mirrors_exactly_what_export_shows() {
     assert_eq!(report["remote_before"], 0);
     assert_eq!(report["remote_after"], 503);
     assert_eq!(report["deleted_count"], 0);
-    for key in [
-        "status",
-        "synced_count",
-        "changed_count",
-        "deleted_count",
-        "remote_before",
-        "remote_after",
-        "duration_ms",
-        "trigger",
-    ] {
+    for key in common::mapsync::SYNC_FIELDS {
         assert!(report.get(key).is_some(), "result lacks {key}: {report}");
     }
 

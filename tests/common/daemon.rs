@@ -6,13 +6,13 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use super::http::{self, Reply};
 use super::mapsync::{Workspace, command};
-use super::sys::poll_until;
+use super::sys::{poll_until, signal_and_wait};
 
 pub struct Daemon {
     pub child: Child,
@@ -166,37 +166,17 @@ impl Daemon {
     /// SIGTERM, then waits up to `timeout` for the exit; returns the status and how long it
     /// took, or panics.
     pub fn stop(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
-        let started = Instant::now();
-        self.signal(libc::SIGTERM);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return (status, started.elapsed());
-            }
-            if started.elapsed() > timeout {
-                let _ = self.child.kill();
-                panic!(
-                    "mapsync did not exit within {timeout:?} of SIGTERM; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        signal_and_wait(&mut self.child, libc::SIGTERM, timeout).unwrap_or_else(|_| {
+            panic!(
+                "mapsync did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                self.log()
+            )
+        })
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        let _ = signal_and_wait(&mut self.child, libc::SIGTERM, Duration::from_secs(10));
     }
 }

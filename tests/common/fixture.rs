@@ -1,4 +1,4 @@
-//! A Rust port of /work/shared/tools/gen_fixture.py: a SQLite file shaped like the
+//! A Rust port of the application team's `gen_fixture.py`: a SQLite file shaped like the
 //! application's, with `rows` realistic model mappings and `prompts` prompt-scoped mappings.
 //!
 //! Deterministic (splitmix64, fixed seed), same shape as the Python generator, not the same

@@ -16,6 +16,18 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mapsync"))
 }
 
+/// The eight fields of a sync result (SPEC §4).
+pub const SYNC_FIELDS: [&str; 8] = [
+    "status",
+    "synced_count",
+    "changed_count",
+    "deleted_count",
+    "remote_before",
+    "remote_after",
+    "duration_ms",
+    "trigger",
+];
+
 /// A `Command` for the binary with every inherited `MAPSYNC_*` variable removed.
 pub fn command() -> Command {
     let mut cmd = Command::new(bin());

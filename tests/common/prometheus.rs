@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::http;
-use super::sys::{free_port, is_executable, poll_until, url_encode, which};
+use super::sys::{free_port, is_executable, poll_until, signal_and_wait, url_encode, which};
 
 const NOT_FOUND: &str = "prometheus not found (/usr/bin/prometheus or on PATH): install it with `apt-get install -y prometheus`";
 
@@ -206,18 +206,6 @@ impl Prometheus {
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(self.child.id() as i32, libc::SIGTERM);
-            }
-            let child = &mut self.child;
-            if !poll_until(Duration::from_secs(10), || {
-                matches!(child.try_wait(), Ok(Some(_)))
-            }) {
-                let _ = self.child.kill();
-            }
-        }
-        let _ = self.child.wait();
+        let _ = signal_and_wait(&mut self.child, libc::SIGTERM, Duration::from_secs(10));
     }
 }

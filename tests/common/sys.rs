@@ -251,3 +251,34 @@ pub fn url_encode(s: &str) -> String {
     }
     out
 }
+
+/// Sends `signal` to `child` and waits up to `grace` for it to exit: its status and how long
+/// it took. If it is still running after `grace`, it is killed (SIGKILL), reaped, and the
+/// time waited is the error.
+pub fn signal_and_wait(
+    child: &mut std::process::Child,
+    signal: i32,
+    grace: Duration,
+) -> Result<(std::process::ExitStatus, Duration), Duration> {
+    let started = Instant::now();
+    if let Ok(Some(status)) = child.try_wait() {
+        return Ok((status, Duration::ZERO));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+    let mut status = None;
+    poll_until(grace, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    match status {
+        Some(status) => Ok((status, started.elapsed())),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(started.elapsed())
+        }
+    }
+}
