@@ -106,6 +106,9 @@ pub struct SnapshotSettings {
     pub dir: PathBuf,
     pub keep: usize,
     pub redact_keys: Vec<String>,
+    /// The least time between two snapshot writes after sync runs (later changes wait for
+    /// it and are written together).
+    pub min_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -287,6 +290,7 @@ struct RawSnapshot {
     dir: PathBuf,
     keep: usize,
     redact_keys: Vec<String>,
+    min_interval_s: u64,
 }
 
 impl Default for RawSnapshot {
@@ -295,6 +299,7 @@ impl Default for RawSnapshot {
             dir: PathBuf::from("data/ai_runtime/mapping_snapshots"),
             keep: 48,
             redact_keys: DEFAULT_REDACT_KEYS.iter().map(|k| k.to_string()).collect(),
+            min_interval_s: 10,
         }
     }
 }
@@ -599,6 +604,7 @@ impl RawSettings {
                 dir: self.snapshot.dir,
                 keep: self.snapshot.keep,
                 redact_keys: self.snapshot.redact_keys,
+                min_interval: Duration::from_secs(self.snapshot.min_interval_s),
             },
             http: HttpSettings {
                 listen,

@@ -21,6 +21,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod engine;
+pub mod fxhash;
 pub mod http;
 pub mod mapping;
 pub mod metrics;

@@ -10,9 +10,9 @@
 //! every sensitive key already removed; `updated_at` has microsecond precision (what Postgres
 //! stores), so a value read back from the mirror compares equal.
 
+use crate::fxhash::FxHashMap;
 use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -662,7 +662,8 @@ impl Candidate {
 /// the normalised id, then the smaller stored id, so the outcome never depends on read order.
 /// The order of the result is unspecified; see [`sort_for_export`].
 pub fn finalize(candidates: Vec<Candidate>) -> Vec<Arc<Mapping>> {
-    let mut winner: HashMap<&str, usize> = HashMap::with_capacity(candidates.len());
+    let mut winner: FxHashMap<&str, usize> =
+        FxHashMap::with_capacity_and_hasher(candidates.len(), Default::default());
     for (i, c) in candidates.iter().enumerate() {
         winner
             .entry(c.mapping.id())

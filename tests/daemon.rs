@@ -14,7 +14,7 @@ use serde_json::Value;
 
 /// Short debounce so tests run fast; the reconcile schedule is far away so only the watcher
 /// and the start-up run act.
-const FAST: &str = "[log]\nlevel = \"info,mapsync=debug\"\n\n[watch]\ndebounce_ms = 50\nmax_delay_ms = 500\n\n[schedule]\nreconcile = \"0 0 0 1 1 *\"\nsnapshot = \"0 0 0 1 1 *\"\n";
+const FAST: &str = "[log]\nlevel = \"info,mapsync=debug\"\n\n[snapshot]\nmin_interval_s = 0\n\n[watch]\ndebounce_ms = 50\nmax_delay_ms = 500\n\n[schedule]\nreconcile = \"0 0 0 1 1 *\"\nsnapshot = \"0 0 0 1 1 *\"\n";
 
 fn rows(prefix: &str, n: usize) -> Vec<Row> {
     (0..n)
@@ -351,7 +351,11 @@ fn snapshots_rotate_and_skip_unchanged_content() {
     for r in rows("m", 3) {
         ws.app.upsert(&r);
     }
-    let d = Daemon::start(&ws, None, &format!("{FAST}\n[snapshot]\nkeep = 3\n"));
+    let d = Daemon::start(
+        &ws,
+        None,
+        &FAST.replace("[snapshot]\n", "[snapshot]\nkeep = 3\n"),
+    );
     d.wait_first_run();
     d.wait(Duration::from_secs(10), "the first snapshot", || {
         snapshot_files(&ws.snapshot_dir()).len() == 1
@@ -485,4 +489,54 @@ fn an_idle_daemon_sends_postgres_nothing() {
     // Give the daemon time in which it would have talked to Postgres if it were going to.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(activity(), before, "no statement reached Postgres");
+}
+
+#[test]
+fn snapshots_after_runs_are_spaced_by_min_interval_and_flushed_at_shutdown() {
+    let ws = Workspace::new(None, "");
+    for r in rows("m", 3) {
+        ws.app.upsert(&r);
+    }
+    let mut d = Daemon::start(
+        &ws,
+        None,
+        &FAST.replace("min_interval_s = 0", "min_interval_s = 3"),
+    );
+    d.wait_first_run();
+    d.wait(Duration::from_secs(10), "the start-up snapshot", || {
+        snapshot_files(&ws.snapshot_dir()).len() == 1
+    });
+    ws.app.upsert(&Row::mapping("a", "gpt-4o"));
+    d.wait_status(Duration::from_secs(10), "change a read", |s| {
+        s["source"]["rows"] == 4
+    });
+    ws.app.upsert(&Row::mapping("b", "gpt-4o"));
+    d.wait_status(Duration::from_secs(10), "change b read", |s| {
+        s["source"]["rows"] == 5
+    });
+    assert_eq!(
+        snapshot_files(&ws.snapshot_dir()).len(),
+        1,
+        "within min_interval_s of the last write, changes wait"
+    );
+    d.wait(Duration::from_secs(10), "the deferred snapshot", || {
+        snapshot_files(&ws.snapshot_dir()).len() == 2
+    });
+    let latest = || -> Value {
+        serde_json::from_slice(
+            &std::fs::read(ws.snapshot_dir().join("model-mappings-latest.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(latest()["count"], 5, "one snapshot holds both changes");
+
+    // A change still waiting for its turn is written at shutdown.
+    ws.app.upsert(&Row::mapping("c", "gpt-4o"));
+    d.wait_status(Duration::from_secs(10), "change c read", |s| {
+        s["source"]["rows"] == 6
+    });
+    let (status, _) = d.stop(Duration::from_secs(10));
+    assert!(status.success());
+    assert_eq!(snapshot_files(&ws.snapshot_dir()).len(), 3);
+    assert_eq!(latest()["count"], 6);
 }

@@ -303,7 +303,12 @@ pub async fn start(
     let scheduler = start_scheduler(settings, ticks_tx)
         .await
         .map_err(EngineError::Scheduler)?;
-    let (writer, writer_task) = SnapshotWriter::start(store, shared.clone(), shutdown.clone());
+    let (writer, writer_task) = SnapshotWriter::start(
+        store,
+        settings.snapshot.min_interval,
+        shared.clone(),
+        shutdown.clone(),
+    );
     let (requests, inbox) = mpsc::channel(64);
     let (first_run_tx, first_run) = watch::channel(false);
 

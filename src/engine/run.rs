@@ -13,7 +13,6 @@
 //! The run owns its [`RunState`] while it runs and hands it back, so no lock guards it.
 
 use std::borrow::Borrow;
-use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use super::{RunError, Shared};
+use crate::fxhash::FxHashSet;
 use crate::mapping::Mapping;
 use crate::source::{ReadMode, SourceImage, SqliteSource};
 use crate::sync::{SyncOptions, SyncReport, SyncStatus, Trigger};
@@ -228,7 +228,7 @@ fn report(
 
 /// The mappings the mirror holds, by id (as far as this process knows: rows added by hand
 /// are only seen by full runs).
-pub(super) struct Mirrored(HashSet<ById>);
+pub(super) struct Mirrored(FxHashSet<ById>);
 
 /// What a source image changes relative to the mirror.
 pub(super) struct Diff {
@@ -262,7 +262,7 @@ impl Mirrored {
         let removed = if present == self.0.len() {
             Vec::new()
         } else {
-            let ids: HashSet<&str> = local.iter().map(|m| m.id()).collect();
+            let ids: FxHashSet<&str> = local.iter().map(|m| m.id()).collect();
             self.0
                 .iter()
                 .filter(|ById(m)| !ids.contains(m.id()))

@@ -6,17 +6,20 @@
 //! snapshot schedule tries again. Writes happen on the blocking pool.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
 
 use super::Shared;
 use crate::mapping::{self, Mapping};
 use crate::snapshot::{SnapshotInfo, SnapshotStore, Written};
 use crate::source::SourceImage;
 
-/// An explicit request: `POST /snapshots` (with a reply) or the snapshot schedule (without).
+/// An explicit request to write now: `POST /snapshots` (with a reply) or the snapshot
+/// schedule (without).
 pub(super) type Request = Option<oneshot::Sender<Result<Written, String>>>;
 
 /// The writer's inbox for explicit requests; images arrive through [`Shared`]'s image channel.
@@ -26,10 +29,13 @@ pub(super) struct SnapshotWriter {
 }
 
 impl SnapshotWriter {
-    /// Starts the writer task. It stops when `shutdown` turns true, after the write in
-    /// progress (a write is atomic either way).
+    /// Starts the writer task. Images offered by runs are written at most once per
+    /// `min_interval` (the newest one then); requests are written at once. It stops when
+    /// `shutdown` turns true, after the write in progress, and writes an image still waiting
+    /// for its turn first (a write is atomic either way).
     pub(super) fn start(
         store: SnapshotStore,
+        min_interval: Duration,
         shared: Arc<Shared>,
         mut shutdown: watch::Receiver<bool>,
     ) -> (SnapshotWriter, JoinHandle<()>) {
@@ -37,25 +43,40 @@ impl SnapshotWriter {
         let (requests, mut inbox) = mpsc::channel::<Request>(16);
         let task = tokio::spawn(async move {
             let mut store = Some(store);
+            // When an offered image may be written next, and whether one is waiting.
+            let mut not_before = Instant::now();
+            let mut waiting = false;
             loop {
-                let reply = tokio::select! {
+                let mut reply = tokio::select! {
                     _ = crate::shutdown::stopped(&mut shutdown) => break,
                     changed = offered.changed() => {
                         if changed.is_err() {
                             break;
                         }
+                        waiting = true;
                         None
                     }
-                    Some(request) = inbox.recv() => request,
+                    Some(request) = inbox.recv() => Some(request),
                 };
-                let image = offered.borrow_and_update().clone();
-                let result = match image {
-                    Some(image) => write(&mut store, image, &shared).await,
-                    None => Err("no mappings have been read yet".to_string()),
-                };
-                if let Some(reply) = reply {
+                if reply.is_none() {
+                    // An offer: wait for its turn (a request meanwhile is served at once).
+                    tokio::select! {
+                        _ = crate::shutdown::stopped(&mut shutdown) => break,
+                        _ = sleep_until(not_before) => {}
+                        Some(request) = inbox.recv() => reply = Some(request),
+                    }
+                }
+                let result = write_newest(&mut store, &mut offered, &shared).await;
+                waiting = false;
+                if matches!(result, Ok(Written::New(_))) {
+                    not_before = Instant::now() + min_interval;
+                }
+                if let Some(Some(reply)) = reply {
                     let _ = reply.send(result);
                 }
+            }
+            if waiting || offered.has_changed().unwrap_or(false) {
+                let _ = write_newest(&mut store, &mut offered, &shared).await;
             }
         });
         (SnapshotWriter { requests }, task)
@@ -64,6 +85,19 @@ impl SnapshotWriter {
     /// Asks for a write of the current image now (written only if its content is new).
     pub(super) async fn request(&self, reply: Request) {
         let _ = self.requests.send(reply).await;
+    }
+}
+
+/// Writes the newest image offered, if there is one yet.
+async fn write_newest(
+    store: &mut Option<SnapshotStore>,
+    offered: &mut watch::Receiver<Option<Arc<SourceImage>>>,
+    shared: &Shared,
+) -> Result<Written, String> {
+    let image = offered.borrow_and_update().clone();
+    match image {
+        Some(image) => write(store, image, shared).await,
+        None => Err("no mappings have been read yet".to_string()),
     }
 }
 

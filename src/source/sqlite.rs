@@ -8,7 +8,7 @@
 //! connection reopened when it moved.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::hash::Hasher;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use super::{SourceError, SourceImage};
 use crate::config::SourceSettings;
+use crate::fxhash::{FxHashMap, FxHasher};
 use crate::mapping::{self, Candidate, Fields, Mapping, Origin, Redactor, Warning};
 
 /// (device, inode): which file the connection has open.
@@ -33,10 +34,9 @@ pub struct SqliteSource {
     /// `data_version` as of the last successful read.
     read_version: Option<i64>,
     rules: Rules,
-    /// Hash of a row's stored bytes → the mapping built from them at the last read, so an
-    /// incremental read only normalises rows that changed. `None` for one-shot readers,
-    /// which never read twice.
-    memo: Option<HashMap<u64, Candidate>>,
+    /// What earlier reads built, so an incremental read only normalises rows that changed.
+    /// `None` for one-shot readers, which never read twice.
+    memo: Option<Memo>,
 }
 
 /// Whether a read may reuse what the previous read built for unchanged rows.
@@ -79,7 +79,7 @@ impl SqliteSource {
     /// Keeps what each read built, so that [`ReadMode::Incremental`] reads can reuse it
     /// (the daemon's readers; a one-shot command has no use for it).
     pub fn memoizing(mut self) -> Self {
-        self.memo = Some(HashMap::new());
+        self.memo = Some(Memo::default());
         self
     }
 
@@ -114,16 +114,14 @@ impl SqliteSource {
         let fail = |e| classify(&self.path, e);
         let tx = conn.unchecked_transaction().map_err(fail)?;
         let mut candidates = Vec::new();
-        let memo = self.memo.take().map(|previous| Memo {
-            previous: match mode {
-                ReadMode::Full => HashMap::new(),
-                ReadMode::Incremental => previous,
-            },
-            next: HashMap::new(),
-        });
-        let (skipped, memo) =
-            read_mapping_rows(&tx, &mut self.rules, memo, &mut candidates).map_err(fail)?;
-        self.memo = memo.map(|m| m.next);
+        if let Some(memo) = &mut self.memo {
+            memo.begin(mode);
+        }
+        let skipped = read_mapping_rows(&tx, &mut self.rules, self.memo.as_mut(), &mut candidates)
+            .map_err(fail)?;
+        if let Some(memo) = &mut self.memo {
+            memo.end();
+        }
         if self.include_prompts {
             read_prompt_rows(&tx, &mut self.rules, &mut candidates).map_err(fail)?;
         }
@@ -354,31 +352,62 @@ fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     )
 }
 
-/// Mappings by the hash of their row's stored bytes: those of the previous read, and those
-/// of this one.
+/// Mappings by the hash of their row's stored bytes. The memo is content-addressed, so an
+/// entry is never wrong, only unused: each read marks what it used with its `epoch`, and
+/// drops the rest at its end.
+#[derive(Default)]
 struct Memo {
-    previous: HashMap<u64, Candidate>,
-    next: HashMap<u64, Candidate>,
+    rows: FxHashMap<u64, (Candidate, u32)>,
+    epoch: u32,
+    /// Whether this read may take mappings from the memo (incremental reads).
+    reuse: bool,
 }
 
-/// Streams `llm_model_mappings` into `out`; with a memo, reuses the previous read's mappings
-/// of rows whose stored bytes are unchanged and records this read's. Returns how many rows
-/// were skipped, and the memo.
+impl Memo {
+    fn begin(&mut self, mode: ReadMode) {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.reuse = mode == ReadMode::Incremental;
+        if !self.reuse {
+            self.rows.clear();
+        }
+    }
+
+    /// The mapping built earlier from a row whose stored bytes hash to `key`.
+    fn take(&mut self, key: u64) -> Option<Candidate> {
+        if !self.reuse {
+            return None;
+        }
+        let (c, seen) = self.rows.get_mut(&key)?;
+        *seen = self.epoch;
+        Some(c.clone())
+    }
+
+    fn put(&mut self, key: u64, c: &Candidate) {
+        self.rows.insert(key, (c.clone(), self.epoch));
+    }
+
+    fn end(&mut self) {
+        let epoch = self.epoch;
+        self.rows.retain(|_, (_, seen)| *seen == epoch);
+    }
+}
+
+/// Streams `llm_model_mappings` into `out`; with a memo, reuses the mappings of rows whose
+/// stored bytes are unchanged and records the others. Returns how many rows were skipped.
 fn read_mapping_rows(
     conn: &Connection,
     rules: &mut Rules,
-    mut memo: Option<Memo>,
+    mut memo: Option<&mut Memo>,
     out: &mut Vec<Candidate>,
-) -> rusqlite::Result<(usize, Option<Memo>)> {
+) -> rusqlite::Result<usize> {
     let mut stmt = conn.prepare(&format!("SELECT {MAPPING_COLUMNS} FROM llm_model_mappings"))?;
     let mut rows = stmt.query([])?;
     let mut skipped = 0;
     while let Some(r) = rows.next()? {
-        let key = match &mut memo {
+        let key = match memo.as_deref_mut() {
             Some(m) => {
                 let key = row_hash(r)?;
-                if let Some(c) = m.previous.remove(&key) {
-                    m.next.insert(key, c.clone());
+                if let Some(c) = m.take(key) {
                     out.push(c);
                     continue;
                 }
@@ -388,15 +417,15 @@ fn read_mapping_rows(
         };
         match rules.mapping_row(&MappingRow::read(r, 0)?) {
             Some(c) => {
-                if let (Some(m), Some(key)) = (&mut memo, key) {
-                    m.next.insert(key, c.clone());
+                if let (Some(m), Some(key)) = (memo.as_deref_mut(), key) {
+                    m.put(key, &c);
                 }
                 out.push(c);
             }
             None => skipped += 1,
         }
     }
-    Ok((skipped, memo))
+    Ok(skipped)
 }
 
 /// Streams the prompts that hold a mapping into `out`. A missing `ai_prompts` table is fine.
@@ -428,7 +457,7 @@ fn read_prompt_rows(
 
 /// A hash of a row's stored bytes, column by column (type, length and content).
 fn row_hash(r: &rusqlite::Row<'_>) -> rusqlite::Result<u64> {
-    let mut h = std::hash::DefaultHasher::new();
+    let mut h = FxHasher::default();
     for i in 0..9 {
         match r.get_ref(i)? {
             ValueRef::Null => h.write_u8(0),
