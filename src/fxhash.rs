@@ -49,8 +49,10 @@ impl Hasher for FxHasher {
         self.add(i as u64);
     }
 
+    /// The multiply leaves the best-mixed bits at the top, and hash tables index buckets
+    /// by the low bits: rotate the top bits down (as rustc-hash 2 does).
     fn finish(&self) -> u64 {
-        self.hash
+        self.hash.rotate_left(26)
     }
 }
 

@@ -64,6 +64,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
@@ -195,5 +196,17 @@ fn init_logging(settings: &Settings) {
     match settings.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// glibc gives every thread that allocates its own malloc arena, and memory freed in one is
+/// not reused by another: with the runtime's workers and the blocking pool each building or
+/// dropping 100,000 mappings in turn, the daemon's RSS grows by a fifth over its real use.
+/// Two arenas keep it near what is held.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

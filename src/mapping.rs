@@ -10,7 +10,7 @@
 //! every sensitive key already removed; `updated_at` has microsecond precision (what Postgres
 //! stores), so a value read back from the mirror compares equal.
 
-use crate::fxhash::FxHashMap;
+use crate::fxhash::{FxHashMap, FxHashSet};
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt::Write as _;
@@ -660,30 +660,52 @@ impl Candidate {
 
 /// De-duplicates by normalised id: the later `updated_at` wins; on a tie the row stored under
 /// the normalised id, then the smaller stored id, so the outcome never depends on read order.
-/// The order of the result is unspecified; see [`sort_for_export`].
-pub fn finalize(candidates: Vec<Candidate>) -> Vec<Arc<Mapping>> {
-    let mut winner: FxHashMap<&str, usize> =
-        FxHashMap::with_capacity_and_hasher(candidates.len(), Default::default());
+/// The order of the result is unspecified; see [`sort_for_export`]. Also says whether any id
+/// was shared (contested).
+///
+/// Only a candidate stored under another id (a legacy `tenant:x`, a scope with stray spaces)
+/// or a prompt's can share its id with another: the others' ids are their rows' distinct
+/// primary keys. So only ids of those few are indexed, which keeps this cheap on every read.
+pub fn finalize(candidates: Vec<Candidate>) -> (Vec<Arc<Mapping>>, bool) {
+    let special: FxHashSet<&str> = candidates
+        .iter()
+        .filter(|c| c.stored_id.is_some() || c.mapping.source == Origin::Prompt)
+        .map(|c| c.mapping.id())
+        .collect();
+    let mut winner: FxHashMap<&str, usize> = FxHashMap::default();
+    let mut contested = false;
     for (i, c) in candidates.iter().enumerate() {
+        let id = c.mapping.id();
+        if !special.contains(id) {
+            continue;
+        }
         winner
-            .entry(c.mapping.id())
+            .entry(id)
             .and_modify(|w| {
+                contested = true;
                 if preference(c, &candidates[*w]) == Ordering::Greater {
                     *w = i;
                 }
             })
             .or_insert(i);
     }
-    if winner.len() == candidates.len() {
-        return candidates.into_iter().map(|c| c.mapping).collect();
+    if !contested {
+        return (candidates.into_iter().map(|c| c.mapping).collect(), false);
     }
-    let mut keep = vec![false; candidates.len()];
-    winner.values().for_each(|&i| keep[i] = true);
-    candidates
+    let winners: FxHashSet<usize> = winner.into_values().collect();
+    let losers: Vec<bool> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| special.contains(c.mapping.id()) && !winners.contains(&i))
+        .collect();
+    drop(special);
+    let kept = candidates
         .into_iter()
-        .zip(keep)
-        .filter_map(|(c, k)| k.then_some(c.mapping))
-        .collect()
+        .zip(losers)
+        .filter(|(_, lost)| !lost)
+        .map(|(c, _)| c.mapping)
+        .collect();
+    (kept, true)
 }
 
 /// `Greater` when `a` should win over `b` for the same normalised id.
@@ -995,7 +1017,8 @@ mod tests {
             vec![older.clone(), newer.clone()],
             vec![newer.clone(), older.clone()],
         ] {
-            let out = finalize(order);
+            let (out, contested) = finalize(order);
+            assert!(contested);
             assert_eq!(out.len(), 1);
             assert_eq!(out[0].name(), Some("from tenant"));
         }
@@ -1018,13 +1041,13 @@ mod tests {
             vec![exact.clone(), alias.clone()],
             vec![alias.clone(), exact.clone()],
         ] {
-            assert_eq!(finalize(order)[0].name(), Some("exact"));
+            assert_eq!(finalize(order).0[0].name(), Some("exact"));
         }
     }
 
     #[test]
     fn export_order_is_prompts_then_newest_then_id() {
-        let mut out = finalize(
+        let (mut out, contested) = finalize(
             [
                 mapping("mapping:b", Some("2026-01-02T00:00:00Z"), Origin::Sqlite),
                 mapping("mapping:a", Some("2026-01-02T00:00:00Z"), Origin::Sqlite),
@@ -1044,6 +1067,7 @@ mod tests {
             })
             .collect(),
         );
+        assert!(!contested);
         sort_for_export(&mut out);
         let ids: Vec<&str> = out.iter().map(|m| m.id()).collect();
         assert_eq!(

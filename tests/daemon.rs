@@ -514,21 +514,31 @@ fn snapshots_after_runs_are_spaced_by_min_interval_and_flushed_at_shutdown() {
     d.wait_status(Duration::from_secs(10), "change b read", |s| {
         s["source"]["rows"] == 5
     });
-    assert_eq!(
-        snapshot_files(&ws.snapshot_dir()).len(),
-        1,
-        "within min_interval_s of the last write, changes wait"
-    );
-    d.wait(Duration::from_secs(10), "the deferred snapshot", || {
-        snapshot_files(&ws.snapshot_dir()).len() == 2
-    });
     let latest = || -> Value {
         serde_json::from_slice(
             &std::fs::read(ws.snapshot_dir().join("model-mappings-latest.json")).unwrap(),
         )
         .unwrap()
     };
-    assert_eq!(latest()["count"], 5, "one snapshot holds both changes");
+    d.wait(
+        Duration::from_secs(15),
+        "a snapshot holding both changes",
+        || latest()["count"] == 5,
+    );
+    // Never two writes after runs within min_interval_s of each other.
+    let stamps: Vec<chrono::NaiveDateTime> = snapshot_files(&ws.snapshot_dir())
+        .iter()
+        .map(|n| {
+            chrono::NaiveDateTime::parse_from_str(&n[15..n.len() - 5], "%Y%m%dT%H%M%S%6fZ").unwrap()
+        })
+        .collect();
+    assert!((2..=3).contains(&stamps.len()), "{stamps:?}");
+    for pair in stamps.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= chrono::Duration::milliseconds(2900),
+            "snapshots {pair:?} are closer than min_interval_s"
+        );
+    }
 
     // A change still waiting for its turn is written at shutdown.
     ws.app.upsert(&Row::mapping("c", "gpt-4o"));
@@ -539,4 +549,57 @@ fn snapshots_after_runs_are_spaced_by_min_interval_and_flushed_at_shutdown() {
     assert!(status.success());
     assert_eq!(snapshot_files(&ws.snapshot_dir()).len(), 3);
     assert_eq!(latest()["count"], 6);
+}
+
+#[test]
+fn watched_changes_with_delete_propagation_follow_inserts_updates_deletes_and_aliases() {
+    let (ws, db) = mirrored(&rows("m", 30));
+    let d = Daemon::start(
+        &ws,
+        Some(&db.url),
+        &format!("{FAST}\n[target]\ndelete_missing = true\n"),
+    );
+    d.wait_first_run();
+    let ids = || -> Vec<String> {
+        let mut ids: Vec<String> = remote_rows(&db).into_keys().collect();
+        ids.sort();
+        ids
+    };
+
+    ws.app.delete("mapping:m003");
+    ws.app.upsert(&Row::mapping("m004", "claude-sonnet-4-5"));
+    ws.app.upsert(&Row::mapping("new", "gpt-4o"));
+    d.wait(
+        Duration::from_secs(10),
+        "delete, update and insert mirrored",
+        || {
+            let r = remote_rows(&db);
+            !r.contains_key("mapping:m003")
+                && r.contains_key("mapping:new")
+                && r["mapping:m004"]["default_model"] == "claude-sonnet-4-5"
+        },
+    );
+
+    // A legacy row that normalises onto an existing id: the later updated_at wins, whichever
+    // row it is stored under.
+    let mut alias = Row::mapping("m005", "from-tenant-row");
+    alias.id = "tenant:m005".into();
+    alias.scope_type = "tenant".into();
+    alias.updated_at = Some("2027-01-01T00:00:00+00:00".into());
+    ws.app.upsert(&alias);
+    d.wait(Duration::from_secs(10), "the newer legacy row wins", || {
+        remote_rows(&db)["mapping:m005"]["default_model"] == "from-tenant-row"
+    });
+    ws.app.delete("tenant:m005");
+    d.wait(
+        Duration::from_secs(10),
+        "the remaining row is mirrored again",
+        || remote_rows(&db)["mapping:m005"]["default_model"] == "gpt-4o",
+    );
+    assert_eq!(ids().len(), 30, "29 seed rows left + new");
+    assert!(!ids().iter().any(|id| id.starts_with("tenant:")));
+    let s = d.wait_status(Duration::from_secs(10), "nothing pending", |s| {
+        s["pending_changes"] == 0
+    });
+    assert_eq!(s["last_run"]["trigger"], "watch", "{s:#}");
 }

@@ -124,8 +124,12 @@ impl Shared {
     }
 
     /// Makes `image` the current one (for `/mappings`, `/export`, metrics).
+    /// The image goes out before the status says it was read, so whoever sees the status
+    /// also sees the image.
     fn publish(&self, image: Arc<SourceImage>, skipped_total: u64) {
         let rows = image.mappings.len() as u64;
+        let skipped = image.skipped as u64;
+        let old = self.image.send_replace(Some(image));
         self.metrics.source_rows.set(rows as i64);
         let counted = self.metrics.source_rows_skipped.get();
         if skipped_total > counted {
@@ -133,8 +137,15 @@ impl Shared {
                 .source_rows_skipped
                 .inc_by(skipped_total - counted);
         }
-        self.board.source_read(rows, image.skipped as u64);
-        self.image.send_replace(Some(image));
+        self.board.source_read(rows, skipped);
+        // The old image may hold the last references to 100,000 mappings: let the blocking
+        // pool free them rather than the run.
+        if let Some(old) = old {
+            tokio::task::spawn_blocking(move || {
+                drop(old);
+                release_free_memory();
+            });
+        }
     }
 
     fn record_pending(&self, pending: u64) {
@@ -317,6 +328,7 @@ pub async fn start(
             source: shared.new_source(),
             mirrored: None,
             remote_rows: 0,
+            in_step: false,
         }),
         shared: shared.clone(),
         writer,
@@ -544,6 +556,7 @@ impl Loop {
                     source: self.shared.new_source(),
                     mirrored: None,
                     remote_rows: 0,
+                    in_step: false,
                 });
                 Outcome::Failed(RunError::other(format!(
                     "the run stopped unexpectedly: {e}"
@@ -635,6 +648,16 @@ fn backoff(failures: u32, max: Duration) -> Duration {
     // 0.8 .. 1.2 from the clock's low bits: enough to spread retries, no RNG needed.
     let factor = 0.8 + 0.4 * f64::from(nanos % 1000) / 1000.0;
     capped.mul_f64(factor)
+}
+
+/// Hands memory freed by the allocator back to the system, so the RSS an operator sees
+/// follows what the daemon holds (glibc keeps freed memory otherwise).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Half of systemd's watchdog interval, when the unit sets `WatchdogSec=`.

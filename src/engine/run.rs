@@ -22,7 +22,7 @@ use chrono::Utc;
 use super::{RunError, Shared};
 use crate::fxhash::FxHashSet;
 use crate::mapping::Mapping;
-use crate::source::{ReadMode, SourceImage, SqliteSource};
+use crate::source::{Delta, ReadMode, SourceImage, SqliteSource};
 use crate::sync::{SyncOptions, SyncReport, SyncStatus, Trigger};
 use crate::target::{MirrorError, MirrorOutcome};
 
@@ -33,6 +33,9 @@ pub(super) struct RunState {
     pub mirrored: Option<Mirrored>,
     /// Rows in the mirror, as last counted (and kept up to date by incremental runs).
     pub remote_rows: u64,
+    /// Whether `mirrored` holds what the last read read: then the next incremental read's
+    /// delta is the difference to the mirror, and the whole image need not be compared.
+    pub in_step: bool,
 }
 
 /// What to do in a run.
@@ -69,6 +72,9 @@ pub(super) async fn run(
         Ok(Some(image)) => image,
         Ok(None) => return (state, Outcome::Unchanged),
         Err(e) => {
+            // The source's memo is gone with the failed read: its next delta would miss rows
+            // deleted meanwhile, so the next run compares the whole image.
+            state.in_step = false;
             shared.board.source_failed(e.message.clone());
             shared.metrics.run_finished(plan.trigger, "error");
             shared.board.run_finished(
@@ -80,10 +86,20 @@ pub(super) async fn run(
             return (state, Outcome::Failed(e));
         }
     };
+    let read_ms = started.elapsed().as_millis() as u64;
     shared.publish(image.clone(), state.source.skipped_total());
 
     let delete = plan.opts.delete_missing;
-    let diff = state.mirrored.as_ref().map(|m| m.diff(&image.mappings));
+    let diff = state
+        .mirrored
+        .as_ref()
+        .map(|m| match (&image.delta, state.in_step) {
+            (Some(delta), true) => m.diff_delta(delta),
+            _ => m.diff(&image.mappings),
+        });
+    // Until this run succeeds, the mirror is behind what was just read.
+    state.in_step = false;
+    let diff_ms = started.elapsed().as_millis() as u64 - read_ms;
     let pending = match &diff {
         Some(d) => d.changed.len() + if delete { d.removed.len() } else { 0 },
         None => image.mappings.len(),
@@ -128,6 +144,13 @@ pub(super) async fn run(
         }
     };
     let elapsed = started.elapsed();
+    tracing::debug!(
+        read_ms,
+        diff_ms,
+        push_ms = elapsed.as_millis() as u64 - read_ms - diff_ms,
+        full = plan.full,
+        "run phases"
+    );
     let outcome = match pushed {
         Ok(o) => o,
         Err(e) => {
@@ -217,6 +240,7 @@ fn report(
         elapsed,
     );
     if outcome.refused.is_none() {
+        state.in_step = true;
         state.remote_rows = report.remote_after;
         match (&mut state.mirrored, diff, plan.full) {
             (Some(mirrored), Some(diff), false) => mirrored.apply(diff, plan.opts.delete_missing),
@@ -269,6 +293,25 @@ impl Mirrored {
                 .map(|ById(m)| m.clone())
                 .collect()
         };
+        Diff { changed, removed }
+    }
+
+    /// The same as [`Mirrored::diff`] for a source that changed by `delta` since it last
+    /// equalled the mirror: only the changed rows are looked at.
+    pub(super) fn diff_delta(&self, delta: &Delta) -> Diff {
+        let changed: Vec<Arc<Mapping>> = delta
+            .fresh
+            .iter()
+            .filter(|m| self.0.get(m.id()).is_none_or(|ById(held)| held != *m))
+            .cloned()
+            .collect();
+        let fresh: FxHashSet<&str> = delta.fresh.iter().map(|m| m.id()).collect();
+        let removed = delta
+            .gone
+            .iter()
+            .filter(|m| !fresh.contains(m.id()) && self.0.contains(m.id()))
+            .cloned()
+            .collect();
         Diff { changed, removed }
     }
 
@@ -348,6 +391,35 @@ mod tests {
         let d = mirrored.diff(&changed);
         assert_eq!(ids(&d.changed), ["mapping:b"]);
         assert!(d.removed.is_empty());
+    }
+
+    #[test]
+    fn a_delta_gives_the_same_diff_as_the_whole_image() {
+        let (a, b, c) = (
+            m("mapping:a", "x"),
+            m("mapping:b", "x"),
+            m("mapping:c", "x"),
+        );
+        let mirrored = Mirrored::of(&[a.clone(), b.clone(), c.clone()]);
+        // b changed, c removed, d added, a untouched.
+        let (b2, d) = (m("mapping:b", "y"), m("mapping:d", "x"));
+        let local = [a.clone(), b2.clone(), d.clone()];
+        let delta = Delta {
+            fresh: vec![b2.clone(), d.clone()],
+            gone: vec![b.clone(), c.clone()],
+        };
+        let (whole, part) = (mirrored.diff(&local), mirrored.diff_delta(&delta));
+        assert_eq!(ids(&part.changed), ids(&whole.changed));
+        assert_eq!(ids(&part.removed), ids(&whole.removed));
+        assert_eq!(ids(&part.changed), ["mapping:b", "mapping:d"]);
+        assert_eq!(ids(&part.removed), ["mapping:c"]);
+        // A row rewritten with the same content is no change.
+        let same = Delta {
+            fresh: vec![m("mapping:a", "x")],
+            gone: vec![a.clone()],
+        };
+        let d = mirrored.diff_delta(&same);
+        assert!(d.changed.is_empty() && d.removed.is_empty());
     }
 
     #[test]

@@ -27,6 +27,20 @@ pub struct SourceImage {
     pub mappings: Vec<Arc<Mapping>>,
     /// Rows of `llm_model_mappings` that could not be mappings (empty scope).
     pub skipped: usize,
+    /// For an incremental read: what changed since the previous read. `None` after a full
+    /// read, or when two rows share a normalised id (then only the whole image tells).
+    pub delta: Option<Delta>,
+}
+
+/// What an incremental read changed relative to the previous read.
+#[derive(Debug, Clone, Default)]
+pub struct Delta {
+    /// Mappings built in this read: rows new or changed since the previous read (and every
+    /// prompt mapping, which are few and always rebuilt).
+    pub fresh: Vec<Arc<Mapping>>,
+    /// Mappings of the previous read that this one no longer has (removed or changed rows;
+    /// a changed row's id is among `fresh` again).
+    pub gone: Vec<Arc<Mapping>>,
 }
 
 /// Why the SQLite file could not be read. Each message names the file and the fix.

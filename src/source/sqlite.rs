@@ -12,15 +12,16 @@ use std::collections::HashSet;
 use std::hash::Hasher;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use serde_json::Value;
 
-use super::{SourceError, SourceImage};
+use super::{Delta, SourceError, SourceImage};
 use crate::config::SourceSettings;
-use crate::fxhash::{FxHashMap, FxHasher};
+use crate::fxhash::FxHasher;
 use crate::mapping::{self, Candidate, Fields, Mapping, Origin, Redactor, Warning};
 
 /// (device, inode): which file the connection has open.
@@ -34,9 +35,16 @@ pub struct SqliteSource {
     /// `data_version` as of the last successful read.
     read_version: Option<i64>,
     rules: Rules,
-    /// What earlier reads built, so an incremental read only normalises rows that changed.
-    /// `None` for one-shot readers, which never read twice.
-    memo: Option<Memo>,
+    /// What the last read built, so an incremental read only normalises rows that changed
+    /// (kept only by memoizing readers: one-shot readers never read twice).
+    memo: Memo,
+    memoizing: bool,
+    /// The prompt mappings of the previous read (prompts are always rebuilt; this tells which
+    /// went away).
+    prompts: Vec<Arc<Mapping>>,
+    /// Whether the previous read had rows sharing a normalised id: then a row it read may not
+    /// be the one its image kept, and the next read's delta would not tell the truth.
+    contested: bool,
 }
 
 /// Whether a read may reuse what the previous read built for unchanged rows.
@@ -66,7 +74,10 @@ impl SqliteSource {
             include_prompts: settings.include_prompt_mappings,
             conn: None,
             read_version: None,
-            memo: None,
+            memo: Memo::default(),
+            memoizing: false,
+            prompts: Vec::new(),
+            contested: true,
             rules: Rules {
                 path: settings.sqlite_path.clone(),
                 redactor,
@@ -79,7 +90,7 @@ impl SqliteSource {
     /// Keeps what each read built, so that [`ReadMode::Incremental`] reads can reuse it
     /// (the daemon's readers; a one-shot command has no use for it).
     pub fn memoizing(mut self) -> Self {
-        self.memo = Some(Memo::default());
+        self.memoizing = true;
         self
     }
 
@@ -114,22 +125,44 @@ impl SqliteSource {
         let fail = |e| classify(&self.path, e);
         let tx = conn.unchecked_transaction().map_err(fail)?;
         let mut candidates = Vec::new();
-        if let Some(memo) = &mut self.memo {
-            memo.begin(mode);
-        }
-        let skipped = read_mapping_rows(&tx, &mut self.rules, self.memo.as_mut(), &mut candidates)
-            .map_err(fail)?;
-        if let Some(memo) = &mut self.memo {
-            memo.end();
-        }
+        // The memo is taken out for the read: a read that fails leaves it empty, and the
+        // next one normalises every row again.
+        let memo = std::mem::take(&mut self.memo);
+        let previous = match (self.memoizing, mode) {
+            (true, ReadMode::Incremental) => Some(memo),
+            (true, ReadMode::Full) => Some(Memo::default()),
+            (false, _) => None,
+        };
+        let incremental = self.memoizing && mode == ReadMode::Incremental;
+        let mut delta = Delta::default();
+        let (skipped, memo) = read_mapping_rows(
+            &tx,
+            &mut self.rules,
+            previous,
+            &mut candidates,
+            incremental.then_some(&mut delta),
+        )
+        .map_err(fail)?;
+        self.memo = memo.unwrap_or_default();
+        let first_prompt = candidates.len();
         if self.include_prompts {
             read_prompt_rows(&tx, &mut self.rules, &mut candidates).map_err(fail)?;
         }
         tx.commit().map_err(fail)?;
         self.read_version = Some(version);
+        let prompts: Vec<Arc<Mapping>> = candidates[first_prompt..]
+            .iter()
+            .map(|c| c.mapping.clone())
+            .collect();
+        let previous_prompts = std::mem::replace(&mut self.prompts, prompts.clone());
+        delta.fresh.extend(prompts);
+        delta.gone.extend(previous_prompts);
+        let (mappings, contested) = mapping::finalize(candidates);
+        let was_contested = std::mem::replace(&mut self.contested, contested);
         Ok(SourceImage {
-            mappings: mapping::finalize(candidates),
+            mappings,
             skipped,
+            delta: (incremental && !contested && !was_contested).then_some(delta),
         })
     }
 
@@ -352,80 +385,84 @@ fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     )
 }
 
-/// Mappings by the hash of their row's stored bytes. The memo is content-addressed, so an
-/// entry is never wrong, only unused: each read marks what it used with its `epoch`, and
-/// drops the rest at its end.
+/// What a read built, row by row in rowid order: the next read walks it alongside its own
+/// scan (also in rowid order) and reuses the mapping of every row whose rowid and stored
+/// bytes are unchanged. A merge, not a lookup: no hashing per row beyond the row's own hash.
 #[derive(Default)]
-struct Memo {
-    rows: FxHashMap<u64, (Candidate, u32)>,
-    epoch: u32,
-    /// Whether this read may take mappings from the memo (incremental reads).
-    reuse: bool,
+struct Memo(Vec<MemoRow>);
+
+struct MemoRow {
+    rowid: i64,
+    hash: u64,
+    /// `None` for a skipped row.
+    candidate: Option<Candidate>,
 }
 
-impl Memo {
-    fn begin(&mut self, mode: ReadMode) {
-        self.epoch = self.epoch.wrapping_add(1);
-        self.reuse = mode == ReadMode::Incremental;
-        if !self.reuse {
-            self.rows.clear();
-        }
-    }
-
-    /// The mapping built earlier from a row whose stored bytes hash to `key`.
-    fn take(&mut self, key: u64) -> Option<Candidate> {
-        if !self.reuse {
-            return None;
-        }
-        let (c, seen) = self.rows.get_mut(&key)?;
-        *seen = self.epoch;
-        Some(c.clone())
-    }
-
-    fn put(&mut self, key: u64, c: &Candidate) {
-        self.rows.insert(key, (c.clone(), self.epoch));
-    }
-
-    fn end(&mut self) {
-        let epoch = self.epoch;
-        self.rows.retain(|_, (_, seen)| *seen == epoch);
-    }
-}
-
-/// Streams `llm_model_mappings` into `out`; with a memo, reuses the mappings of rows whose
-/// stored bytes are unchanged and records the others. Returns how many rows were skipped.
+/// Streams `llm_model_mappings` into `out`. With a memo, reuses the previous read's mapping of
+/// every unchanged row (moving it, so an unchanged row costs one reference count), records in
+/// `delta` what was built anew and what went away, and returns this read's memo. Returns how
+/// many rows were skipped.
 fn read_mapping_rows(
     conn: &Connection,
     rules: &mut Rules,
-    mut memo: Option<&mut Memo>,
+    previous: Option<Memo>,
     out: &mut Vec<Candidate>,
-) -> rusqlite::Result<usize> {
-    let mut stmt = conn.prepare(&format!("SELECT {MAPPING_COLUMNS} FROM llm_model_mappings"))?;
+    mut delta: Option<&mut Delta>,
+) -> rusqlite::Result<(usize, Option<Memo>)> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT rowid, {MAPPING_COLUMNS} FROM llm_model_mappings ORDER BY rowid"
+    ))?;
     let mut rows = stmt.query([])?;
     let mut skipped = 0;
+    let memoize = previous.is_some();
+    let previous = previous.map(|m| m.0).unwrap_or_default();
+    let mut next = Vec::with_capacity(if memoize { previous.len() } else { 0 });
+    let mut cursor = previous.into_iter().peekable();
     while let Some(r) = rows.next()? {
-        let key = match memo.as_deref_mut() {
-            Some(m) => {
-                let key = row_hash(r)?;
-                if let Some(c) = m.take(key) {
-                    out.push(c);
-                    continue;
-                }
-                Some(key)
-            }
-            None => None,
+        let (rowid, hash): (i64, u64) = if memoize {
+            (r.get(0)?, row_hash(r)?)
+        } else {
+            (0, 0)
         };
-        match rules.mapping_row(&MappingRow::read(r, 0)?) {
-            Some(c) => {
-                if let (Some(m), Some(key)) = (memo.as_deref_mut(), key) {
-                    m.put(key, &c);
+        while let Some(p) = cursor.next_if(|p| p.rowid < rowid) {
+            gone(delta.as_deref_mut(), p);
+        }
+        let candidate = match cursor.next_if(|p| p.rowid == rowid) {
+            Some(p) if p.hash == hash && memoize => p.candidate,
+            earlier => {
+                if let Some(p) = earlier {
+                    gone(delta.as_deref_mut(), p);
                 }
-                out.push(c);
+                let c = rules.mapping_row(&MappingRow::read(r, 1)?);
+                if let (Some(d), Some(c)) = (delta.as_deref_mut(), &c) {
+                    d.fresh.push(c.mapping.clone());
+                }
+                c
             }
+        };
+        match &candidate {
+            Some(c) => out.push(c.clone()),
             None => skipped += 1,
         }
+        if memoize {
+            next.push(MemoRow {
+                rowid,
+                hash,
+                candidate,
+            });
+        }
     }
-    Ok(skipped)
+    for p in cursor {
+        gone(delta.as_deref_mut(), p);
+    }
+    Ok((skipped, memoize.then_some(Memo(next))))
+}
+
+/// Records a previous read's row that this read does not carry over.
+fn gone(delta: Option<&mut Delta>, p: MemoRow) {
+    if let (Some(d), Some(c)) = (delta, p.candidate) {
+        d.gone.push(c.mapping);
+    }
 }
 
 /// Streams the prompts that hold a mapping into `out`. A missing `ai_prompts` table is fine.
@@ -455,10 +492,11 @@ fn read_prompt_rows(
     Ok(())
 }
 
-/// A hash of a row's stored bytes, column by column (type, length and content).
+/// A hash of a row's stored bytes (the mapping columns after the rowid), column by column:
+/// type, length and content.
 fn row_hash(r: &rusqlite::Row<'_>) -> rusqlite::Result<u64> {
     let mut h = FxHasher::default();
-    for i in 0..9 {
+    for i in 1..=9 {
         match r.get_ref(i)? {
             ValueRef::Null => h.write_u8(0),
             ValueRef::Integer(v) => {
