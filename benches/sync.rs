@@ -7,7 +7,9 @@
 //! `docs/PERFORMANCE.md`.
 //!
 //! Environment: `MAPSYNC_BENCH_ROWS` (default 100000) source rows, `MAPSYNC_BENCH_REPS`
-//! (default 5) repetitions of each measurement.
+//! (default 5) repetitions of each measurement (the daemon section makes 40 single-row changes
+//! and idles 12 s per repetition), `MAPSYNC_BENCH_SECTIONS` (default `sync,daemon,http`) the
+//! sections to run.
 //!
 //! Peak RSS comes from `wait4`. Linux starts a child's `ru_maxrss` at its parent's resident
 //! high-water mark (exec records the peak of the address space it replaces), so this process
@@ -17,15 +19,20 @@
 //!
 //! Each section is one function called from `main` with its own heading; it prints its
 //! figures and returns the [`Check`]s that go into the final verdict. The helpers for timing
-//! a child, medians and peak RSS live in [`measure`].
+//! a child, medians, percentiles, peak RSS and reading `/proc` live in [`measure`].
+//!
+//! The daemon sections run `mapsync run` ([`common::daemon::Daemon`]) on the same source; they
+//! rewrite the workspace's config, so they come after the one-shot section.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::PgCluster;
+use common::daemon::Daemon;
 use common::mapsync::Workspace;
 use common::sys::scrub_pg_env;
 use measure::{Sample, Stats};
@@ -57,13 +64,29 @@ fn main() {
         "rows and repetitions must be positive"
     );
 
+    let sections = sections_from_env();
+    if sections.contains(&"http") && common::sys::which("wrk").is_none() {
+        eprintln!("{NO_WRK}");
+        std::process::exit(1);
+    }
+
     println!("# mapsync benchmark\n");
     let bench = Bench::setup(rows, reps);
     print_machine(&bench.cluster);
 
     let mut checks = Vec::new();
-    checks.extend(one_shot_sync(&bench));
-    // Later sections (daemon latency, idle CPU, HTTP) go here, each returning its checks.
+    if sections.contains(&"sync") {
+        checks.extend(one_shot_sync(&bench));
+    }
+    if sections.contains(&"daemon") {
+        // The idle measurement continues with the daemon the latency section leaves running.
+        let (daemon, latency) = daemon_latency(&bench);
+        checks.extend(latency);
+        checks.extend(daemon_idle(&bench, daemon));
+    }
+    if sections.contains(&"http") {
+        checks.extend(http_port(&bench));
+    }
 
     print_verdict(&checks);
     println!("\nLoad average at the end: {}.", load_average());
@@ -144,6 +167,31 @@ impl Bench {
     /// Empties the table in `db` (not timed).
     fn truncate(&self, db: &str) {
         self.cluster.psql(db, "TRUNCATE public.model_mappings");
+    }
+
+    /// `mapsync run` on the workspace's source, mirroring into `db` (migrated first with
+    /// `mapsync migrate`), once its start-up run has synced every row and a snapshot exists.
+    /// Rewrites the workspace's config.
+    fn start_daemon(&self, db: &str) -> Daemon {
+        let url = self.cluster.superuser_url(db);
+        self.ws.write_config(Some(&url), DAEMON_TOML);
+        self.ws.mapsync(&["migrate"]).expect_code(0);
+        let d = Daemon::start(&self.ws, Some(&url), DAEMON_TOML);
+        let status = d.wait_status(Duration::from_secs(120), "the start-up run", |s| {
+            !s["last_run"].is_null() && !s["snapshot"]["newest"].is_null()
+        });
+        let run = &status["last_run"];
+        assert_eq!(run["status"], "synced", "{status:#}");
+        assert_eq!(run["synced_count"], self.expected_rows(), "{status:#}");
+        assert_eq!(run["remote_after"], self.expected_rows(), "{status:#}");
+        d
+    }
+
+    /// `VACUUM ANALYZE` of the table in `db`, then a `CHECKPOINT` (see [`Bench::quiesce`]).
+    fn settle(&self, db: &str) {
+        self.cluster
+            .psql(db, "VACUUM ANALYZE public.model_mappings");
+        self.cluster.psql("postgres", "CHECKPOINT");
     }
 
     /// Brings the server to rest before a timed run (not timed): `VACUUM ANALYZE` of both
@@ -428,9 +476,890 @@ fn print_figures(reference: &Series, runs: &[&Series]) {
 fn fmt_ms(ms: f64) -> String {
     if ms >= 100.0 {
         format!("{ms:.0} ms")
-    } else {
+    } else if ms >= 10.0 {
         format!("{ms:.1} ms")
+    } else {
+        format!("{ms:.2} ms")
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sections: the daemon (`mapsync run`)
+// ---------------------------------------------------------------------------------------------
+
+/// `watch.debounce_ms` of the measured daemons (also in [`DAEMON_TOML`]).
+const DEBOUNCE_MS: f64 = 50.0;
+/// The p99 of commit-to-visible may exceed the debounce by this much.
+const LATENCY_OVER_DEBOUNCE_MS: f64 = 100.0;
+/// Single-row changes per repetition (5 repetitions: 200 changes).
+const CHANGES_PER_REP: usize = 40;
+/// Idle time per repetition (5 repetitions: 60 s).
+const IDLE_PER_REP: Duration = Duration::from_secs(12);
+/// CPU time the idle daemon may use per minute.
+const IDLE_CPU_MS_PER_MIN: f64 = 50.0;
+/// PostgreSQL 15 backends flush their statistics at most 10 s after going idle: the wait
+/// before each reading of `pg_stat_database`.
+const STATS_FLUSH: Duration = Duration::from_secs(12);
+/// The database the latency and idle sections mirror into.
+const DAEMON_DB: &str = "daemon";
+/// The measured daemons' config: a 50 ms debounce, and schedules that never fire while the
+/// benchmark runs, so that only the file watcher and `POST /sync` start runs.
+const DAEMON_TOML: &str = "[watch]\ndebounce_ms = 50\nmax_delay_ms = 2000\n\n\
+                           [schedule]\nreconcile = \"0 0 0 1 1 *\"\nsnapshot = \"0 0 0 1 1 *\"\n";
+
+/// The daemon on the whole source, mirroring into a fresh database: single-row changes, each
+/// its own burst, from the application's commit to the row being visible in Postgres. Returns
+/// the daemon, still running, for [`daemon_idle`].
+fn daemon_latency(b: &Bench) -> (Daemon, Vec<Check>) {
+    let changes = CHANGES_PER_REP * b.reps;
+    println!(
+        "## Daemon: commit-to-Postgres latency ({} rows, {changes} single-row changes)\n",
+        b.rows
+    );
+    b.cluster
+        .psql("postgres", &format!("CREATE DATABASE {DAEMON_DB}"));
+    let d = b.start_daemon(DAEMON_DB);
+    b.settle(DAEMON_DB);
+    let pg = PgPoller::connect(&b.cluster.superuser_url(DAEMON_DB));
+    let pid = d.child.id();
+    let rss_after_startup = measure::status_kib(&pid.to_string(), "VmRSS");
+    let (before, cpu_before, log_before) = (Scrape::of(&d), measure::cpu_ms(pid), d.log().len());
+
+    eprintln!("latency: {changes} changes…");
+    let mut rng = Rng::from_clock();
+    let candidates = mirrored_id_count(&b.ws);
+    let mut latencies = Vec::with_capacity(changes);
+    for i in 0..changes {
+        let id = nth_mirrored_id(&b.ws, rng.below(candidates));
+        let name = format!("Latency probe {i}");
+        rename(&b.ws, &id, &name);
+        let committed = Instant::now();
+        let seen = pg
+            .wait_for_name(&id, &name, Duration::from_secs(10))
+            .unwrap_or_else(|| {
+                panic!(
+                    "change {i} of {id} not in Postgres after 10 s:\n{}",
+                    d.log()
+                )
+            });
+        latencies.push(ms(seen - committed));
+        std::thread::sleep(Duration::from_millis(100 + rng.below(201)));
+    }
+    let cpu = measure::cpu_ms(pid) - cpu_before;
+    let after = Scrape::of(&d);
+    let runs = watch_run_durations(&d.log()[log_before..]);
+
+    // Every change was one watch run that wrote one row, and nothing else ran.
+    let delta = |key: &str| after.get(key) - before.get(key);
+    let ok_runs = r#"mapsync_sync_runs_total{trigger="watch",result="ok"}"#;
+    assert_eq!(delta(ok_runs), changes as f64, "watch runs:\n{}", d.log());
+    assert_eq!(delta("mapsync_rows_upserted_total"), changes as f64);
+    assert_eq!(delta("mapsync_sync_duration_seconds_count"), changes as f64);
+    assert_eq!(
+        runs.len(),
+        changes,
+        "`sync run` lines in the log:\n{}",
+        d.log()
+    );
+    assert_eq!(pg.count(), b.expected_rows(), "rows in the mirror");
+    drop(pg);
+
+    // The log has one run per change, in order.
+    let rest: Vec<f64> = latencies
+        .iter()
+        .zip(&runs)
+        .map(|(latency, run)| latency - DEBOUNCE_MS - run)
+        .collect();
+    let lat = Percentiles::of(&latencies);
+    println!("| per change | min | p50 | p90 | p99 | max |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| commit → row visible in Postgres | {lat} |");
+    println!(
+        "| the daemon's run (`duration_ms` in its log) | {} |",
+        Percentiles::of(&runs)
+    );
+    println!(
+        "| the rest: latency − {DEBOUNCE_MS} ms debounce − run | {} |",
+        Percentiles::of(&rest)
+    );
+    println!(
+        "\nEach change: the application renames one random row (`UPDATE … SET name, updated_at`, \
+         autocommit, WAL); t0 is taken when the statement returns; a persistent connection \
+         polls `SELECT name … WHERE id = $1` every 1 ms until the new name shows; then a \
+         pause of 100–300 ms, so that every change is a burst of its own. The rest is the file \
+         event, waking up, the commit's way to the poll, and the poll's 1 ms; it is negative \
+         when the file event (SQLite's write to the WAL) came before the statement returned \
+         (after the WAL's fsync), which starts the debounce early. The mirror was \
+         `VACUUM ANALYZE`d after the start-up run.\n"
+    );
+    print_histogram(&before, &after);
+    println!(
+        "\nOver the section the daemon wrote {} snapshot files of {:.1} MiB (all {} mappings \
+         each) and used {} of CPU time ({} per change). Its VmRSS after the start-up run \
+         (cold sync and first snapshot), before the changes: {:.1} MiB.\n",
+        delta(r#"mapsync_snapshot_writes_total{result="ok"}"#),
+        after.get("mapsync_snapshot_bytes") / 1024.0 / 1024.0,
+        b.expected_rows(),
+        fmt_ms(cpu),
+        fmt_ms(cpu / changes as f64),
+        rss_after_startup as f64 / 1024.0,
+    );
+
+    let limit = DEBOUNCE_MS + LATENCY_OVER_DEBOUNCE_MS;
+    let check = Check {
+        target: format!(
+            "daemon: commit-to-visible p99 ≤ {limit} ms (debounce {DEBOUNCE_MS} ms + {LATENCY_OVER_DEBOUNCE_MS} ms)"
+        ),
+        measured: format!(
+            "{} over {changes} changes (p50 {}, max {})",
+            fmt_ms(lat.p99),
+            fmt_ms(lat.p50),
+            fmt_ms(lat.max)
+        ),
+        met: lat.p99 <= limit,
+    };
+    (d, vec![check])
+}
+
+/// The daemon left running by [`daemon_latency`], with nothing to do: its CPU time, whether
+/// it touches Postgres, and its memory with every mapping held.
+fn daemon_idle(b: &Bench, mut d: Daemon) -> Vec<Check> {
+    let window = IDLE_PER_REP * b.reps as u32;
+    println!(
+        "## Daemon at rest ({} mappings held, {} s without a commit)\n",
+        b.expected_rows(),
+        window.as_secs()
+    );
+    let pid = d.child.id();
+    eprintln!("idle: {} s…", (STATS_FLUSH * 2 + window).as_secs());
+    // Autovacuum's workers visit every database once per naptime, and their transactions
+    // count in pg_stat_database: paused until the last reading.
+    set_autovacuum(b, false);
+    // The last snapshot write ends, and every backend flushes its statistics.
+    std::thread::sleep(STATS_FLUSH);
+    let (xacts_before, sessions_before) = (daemon_db_xacts(b), mapsync_sessions(b));
+    let cpu_before = measure::cpu_ms(pid);
+    let started = Instant::now();
+    std::thread::sleep(window);
+    let cpu = measure::cpu_ms(pid) - cpu_before;
+    let elapsed = started.elapsed();
+    let (rss, hwm) = (
+        measure::status_kib(&pid.to_string(), "VmRSS"),
+        measure::status_kib(&pid.to_string(), "VmHWM"),
+    );
+    // Anything the daemon did in the window is flushed to the statistics by now.
+    std::thread::sleep(STATS_FLUSH);
+    let (xacts_after, sessions_after) = (daemon_db_xacts(b), mapsync_sessions(b));
+    set_autovacuum(b, true);
+    let (status, _) = d.stop(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "mapsync run exited with {status}:\n{}",
+        d.log()
+    );
+    assert!(
+        !sessions_before.is_empty(),
+        "the daemon holds no Postgres session"
+    );
+
+    let (rss, hwm) = (rss as f64 / 1024.0, hwm as f64 / 1024.0);
+    let per_min = cpu * 60.0 / elapsed.as_secs_f64();
+    let cpu_limit = IDLE_CPU_MS_PER_MIN * elapsed.as_secs_f64() / 60.0;
+    let xacts = xacts_after - xacts_before;
+    println!("| measured over the idle window | value |");
+    println!("|---|---:|");
+    println!("| window | {:.1} s |", elapsed.as_secs_f64());
+    println!(
+        "| daemon CPU time (user + system, `/proc/<pid>/stat`) | {} ({} per minute) |",
+        fmt_ms(cpu),
+        fmt_ms(per_min)
+    );
+    println!(
+        "| transactions in the `{DAEMON_DB}` database (`xact_commit + xact_rollback`) | {xacts} |"
+    );
+    println!(
+        "| `mapsync` sessions whose `state_change` moved | {} of {} |",
+        changed_sessions(&sessions_before, &sessions_after),
+        sessions_before.len()
+    );
+    println!("| VmRSS at the end of the window | {rss:.1} MiB |");
+    println!(
+        "| VmHWM (peak since start: start-up run, {} changes, snapshots) | {hwm:.1} MiB |",
+        CHANGES_PER_REP * b.reps
+    );
+    println!(
+        "\n`pg_stat_database` and `pg_stat_activity` are read from the `postgres` database, \
+         {} s after the last change and again {} s after the window, so that every backend \
+         has flushed its statistics; nothing connects to `{DAEMON_DB}` in between, and \
+         autovacuum is off from the first reading's wait to the second reading (its workers \
+         visit every database once a minute). Sessions before: {}.\n",
+        STATS_FLUSH.as_secs(),
+        STATS_FLUSH.as_secs(),
+        sessions_before.join("; ")
+    );
+
+    vec![
+        Check {
+            target: format!("daemon idle: CPU ≤ {IDLE_CPU_MS_PER_MIN} ms per minute"),
+            measured: format!(
+                "{} in {:.0} s (limit {})",
+                fmt_ms(cpu),
+                elapsed.as_secs_f64(),
+                fmt_ms(cpu_limit)
+            ),
+            met: cpu <= cpu_limit,
+        },
+        Check {
+            target: "daemon idle: no Postgres transaction".into(),
+            measured: format!(
+                "{xacts} transactions; {} of {} sessions active",
+                changed_sessions(&sessions_before, &sessions_after),
+                sessions_before.len()
+            ),
+            met: xacts == 0 && sessions_before == sessions_after,
+        },
+        Check {
+            target: format!(
+                "daemon RSS with {} mappings held ≤ {MAX_RSS_MIB} MiB",
+                b.expected_rows()
+            ),
+            measured: format!("{rss:.1} MiB (VmRSS)"),
+            met: rss <= MAX_RSS_MIB,
+        },
+        Check {
+            target: format!("daemon peak RSS ≤ {MAX_RSS_MIB} MiB"),
+            measured: format!("{hwm:.1} MiB (VmHWM)"),
+            met: hwm <= MAX_RSS_MIB,
+        },
+    ]
+}
+
+/// Turns autovacuum on or off on the whole cluster.
+fn set_autovacuum(b: &Bench, on: bool) {
+    let setting = if on {
+        "RESET autovacuum"
+    } else {
+        "SET autovacuum = off"
+    };
+    b.cluster.psql(
+        "postgres",
+        &format!("ALTER SYSTEM {setting}; SELECT pg_reload_conf()"),
+    );
+}
+
+/// Commit + rollback count of [`DAEMON_DB`], read from the `postgres` database so that the
+/// reading itself is not counted.
+fn daemon_db_xacts(b: &Bench) -> i64 {
+    b.cluster
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database \
+                 WHERE datname = '{DAEMON_DB}'"
+            ),
+        )
+        .trim()
+        .parse()
+        .expect("a transaction count")
+}
+
+/// `pid state state_change` of each session the daemon holds on [`DAEMON_DB`].
+fn mapsync_sessions(b: &Bench) -> Vec<String> {
+    b.cluster
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT pid || ' ' || state || ' ' || state_change FROM pg_stat_activity \
+                 WHERE datname = '{DAEMON_DB}' AND application_name = 'mapsync' ORDER BY pid"
+            ),
+        )
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn changed_sessions(before: &[String], after: &[String]) -> usize {
+    before.iter().filter(|s| !after.contains(s)).count()
+}
+
+/// `duration_ms` of every watch run the daemon logged (it logs runs that wrote something).
+fn watch_run_durations(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("sync run") && l.contains("trigger=\"watch\""))
+        .map(|l| {
+            l.split("duration_ms=")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no duration_ms in {l:?}"))
+        })
+        .collect()
+}
+
+/// How many of the source's rows the daemon mirrors under their own id: `mapping` and `user`
+/// rows (a legacy `tenant` row gets a new id), the rows [`nth_mirrored_id`] picks from.
+fn mirrored_id_count(ws: &Workspace) -> u64 {
+    ws.app
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM llm_model_mappings WHERE scope_type IN ('mapping', 'user')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count the source's rows")
+}
+
+fn nth_mirrored_id(ws: &Workspace, n: u64) -> String {
+    ws.app
+        .conn()
+        .query_row(
+            "SELECT id FROM llm_model_mappings WHERE scope_type IN ('mapping', 'user') \
+             LIMIT 1 OFFSET ?1",
+            [n],
+            |r| r.get(0),
+        )
+        .expect("a source row")
+}
+
+/// The application renames row `id` and stamps `updated_at`, in one autocommitted statement.
+fn rename(ws: &Workspace, id: &str, name: &str) {
+    let now = chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6f+00:00")
+        .to_string();
+    let changed = ws
+        .app
+        .conn()
+        .execute(
+            "UPDATE llm_model_mappings SET name = ?1, updated_at = ?2 WHERE id = ?3",
+            rusqlite::params![name, now, id],
+        )
+        .expect("the application's update");
+    assert_eq!(changed, 1, "one row renamed");
+}
+
+/// Prints how the runs between two scrapes fall into `mapsync_sync_duration_seconds`'s
+/// buckets, and their mean.
+fn print_histogram(before: &Scrape, after: &Scrape) {
+    let buckets = |s: &Scrape| -> Vec<(f64, f64)> {
+        s.0.iter()
+            .filter_map(|(k, v)| {
+                let le = k
+                    .strip_prefix("mapsync_sync_duration_seconds_bucket{le=\"")?
+                    .strip_suffix("\"}")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, *v))
+            })
+            .collect()
+    };
+    let (old, new) = (buckets(before), buckets(after));
+    assert_eq!(old.len(), new.len(), "the same buckets in both scrapes");
+    println!("`mapsync_sync_duration_seconds` (from `/metrics`) over these runs:\n");
+    println!("| run duration | runs |");
+    println!("|---|---:|");
+    let (mut lower, mut below) = (0.0, 0.0);
+    for ((le, b), (_, a)) in old.iter().zip(&new) {
+        let cumulative = a - b;
+        if cumulative > below {
+            let upper = if le.is_finite() {
+                format!("{:.0} ms", le * 1000.0)
+            } else {
+                "∞".into()
+            };
+            println!("| {:.0}–{upper} | {} |", lower * 1000.0, cumulative - below);
+        }
+        (lower, below) = (*le, cumulative);
+    }
+    let delta = |key: &str| after.get(key) - before.get(key);
+    let count = delta("mapsync_sync_duration_seconds_count");
+    let sum = delta("mapsync_sync_duration_seconds_sum");
+    println!(
+        "\n{count} runs, mean {} (`_sum` ÷ `_count`).",
+        fmt_ms(sum * 1000.0 / count)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Section: the HTTP admin port
+// ---------------------------------------------------------------------------------------------
+
+/// `/livez` p99 and `/metrics` scrape time limit.
+const HTTP_P99_MS: f64 = 5.0;
+/// A sync under `/livez` load may take this much longer than without.
+const MAX_SLOWDOWN: f64 = 0.10;
+/// The `/livez` load, in requests per second.
+const LIVEZ_RATE: f64 = 1000.0;
+/// wrk's connections, each waiting [`PACE_MS`] after every answer: about [`LIVEZ_RATE`].
+/// (10 connections give about 930/s: each cycle takes the answer's 0.3 ms and about 0.4 ms
+/// of timer lateness on top of the pause.)
+const WRK_CONNECTIONS: u32 = 11;
+const PACE_MS: u32 = 10;
+/// How long wrk drives `/livez` alone.
+const LIVEZ_ALONE: Duration = Duration::from_secs(10);
+/// How long wrk runs before a loaded sync starts.
+const LEAD_IN: Duration = Duration::from_millis(300);
+/// Sequential `/metrics` scrapes.
+const SCRAPES: usize = 200;
+const NO_WRK: &str = "wrk not found: install it with `apt-get install -y wrk`";
+
+/// The daemon's admin port with every mapping held: `/livez` under a paced wrk load, alone
+/// and while a full sync runs; the sync with and without that load; `/metrics` scrapes.
+fn http_port(b: &Bench) -> Vec<Check> {
+    println!(
+        "## HTTP admin port ({} rows, wrk at {WRK_CONNECTIONS} connections × 1 request per {PACE_MS} ms)\n",
+        b.rows
+    );
+    let d = b.start_daemon("mirror");
+    let script = b.ws.path().join("pace.lua");
+    std::fs::write(
+        &script,
+        format!("-- Each connection waits {PACE_MS} ms after every answer.\nfunction delay()\n  return {PACE_MS}\nend\n"),
+    )
+    .expect("write the wrk script");
+    let livez = format!("http://{}/livez", d.addr);
+    let wrk = |duration| Wrk::start(&script, &livez, duration);
+
+    eprintln!(
+        "http: /livez alone, then {} syncs with and without load…",
+        b.reps
+    );
+    let (daemon_cpu, wrk_cpu) = (measure::cpu_ms(d.child.id()), measure::children_cpu_ms());
+    let alone = wrk(LIVEZ_ALONE).finish();
+    // wrk is the only child reaped meanwhile.
+    let daemon_cpu = measure::cpu_ms(d.child.id()) - daemon_cpu;
+    let wrk_cpu = measure::children_cpu_ms() - wrk_cpu;
+    assert!(
+        alone.rate >= 0.95 * LIVEZ_RATE,
+        "wrk did not reach its pace:\n{}",
+        alone.output
+    );
+    let (mut quiet, mut loaded, mut during) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..b.reps {
+        // In turns, and each first every other time, so that drift affects both alike.
+        for with_load in [rep % 2 == 1, rep % 2 == 0] {
+            b.truncate("mirror");
+            b.quiesce();
+            if !with_load {
+                quiet.push(cold_manual_sync(b, &d));
+                continue;
+            }
+            // wrk runs from just before the request until the sync's answer, then stops.
+            let load = wrk(Duration::from_secs(600));
+            std::thread::sleep(LEAD_IN);
+            loaded.push(cold_manual_sync(b, &d));
+            during.push(load.stop());
+        }
+    }
+    let scrapes: Vec<f64> = (0..SCRAPES)
+        .map(|_| {
+            let started = Instant::now();
+            let reply = common::http::get(d.addr, "/metrics", None);
+            let took = ms(started.elapsed());
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            assert!(
+                reply.text().contains("mapsync_build_info"),
+                "{}",
+                reply.text()
+            );
+            took
+        })
+        .collect();
+    let mut d = d;
+    let (status, _) = d.stop(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "mapsync run exited with {status}:\n{}",
+        d.log()
+    );
+
+    println!(
+        "`/livez` under wrk (`-t1 -c{WRK_CONNECTIONS} --latency`, a Lua `delay()` of {PACE_MS} ms per connection):\n"
+    );
+    println!("| when | requests | achieved req/s | p50 | p90 | p99 | max |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| alone, {} s | {alone} |", LIVEZ_ALONE.as_secs());
+    for (i, w) in during.iter().enumerate() {
+        println!("| during sync {} | {w} |", i + 1);
+    }
+    let (quiet_ms, loaded_ms) = (
+        Stats::of(quiet.iter().copied()),
+        Stats::of(loaded.iter().copied()),
+    );
+    let slowdown = loaded_ms.median / quiet_ms.median - 1.0;
+    let core_share = |cpu: f64| cpu / ms(LIVEZ_ALONE) * 100.0;
+    println!(
+        "\nDuring a sync, wrk ran from {} ms before `POST /sync` until its answer. wrk's latency \
+         is from sending a request to its answer; the pause is not in it. The load alone cost \
+         the daemon {:.1} % of one core and wrk {:.1} % (CPU time over the {} s run).\n",
+        LEAD_IN.as_millis(),
+        core_share(daemon_cpu),
+        core_share(wrk_cpu),
+        LIVEZ_ALONE.as_secs()
+    );
+    println!("Cold full sync by `POST /sync` after a `TRUNCATE` (its `duration_ms`):\n");
+    println!("| sync | min | median | max | every run |");
+    println!("|---|---:|---:|---:|---|");
+    for (label, stats, all) in [
+        ("no load", &quiet_ms, &quiet),
+        ("wrk on `/livez`", &loaded_ms, &loaded),
+    ] {
+        let all: Vec<String> = all.iter().map(|v| format!("{v:.0}")).collect();
+        println!(
+            "| {label} | {} | {} | {} | {} |",
+            fmt_ms(stats.min),
+            fmt_ms(stats.median),
+            fmt_ms(stats.max),
+            all.join(", ")
+        );
+    }
+    println!("\nSlowdown of the median: {:+.1} %.\n", slowdown * 100.0);
+    let scrape = Percentiles::of(&scrapes);
+    println!(
+        "`/metrics`: {SCRAPES} sequential GETs, each on a fresh connection (connect, request, `Connection: close`):\n"
+    );
+    println!("| | min | p50 | p90 | p99 | max |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| `GET /metrics` | {scrape} |\n");
+
+    let worst = during.iter().map(|w| w.p99).fold(0.0, f64::max);
+    vec![
+        Check {
+            target: format!("HTTP: `/livez` p99 < {HTTP_P99_MS} ms at {LIVEZ_RATE} req/s"),
+            measured: format!("{} at {:.0} req/s", fmt_ms(alone.p99), alone.rate),
+            met: alone.p99 < HTTP_P99_MS,
+        },
+        Check {
+            target: format!(
+                "HTTP: `/livez` p99 < {HTTP_P99_MS} ms during a {}-row sync",
+                b.rows
+            ),
+            measured: format!("worst of {} syncs: {}", during.len(), fmt_ms(worst)),
+            met: worst < HTTP_P99_MS,
+        },
+        Check {
+            target: format!(
+                "HTTP: sync under `/livez` load ≤ {:.0} % slower",
+                MAX_SLOWDOWN * 100.0
+            ),
+            measured: format!(
+                "{} vs {} = {:+.1} %",
+                fmt_ms(loaded_ms.median),
+                fmt_ms(quiet_ms.median),
+                slowdown * 100.0
+            ),
+            met: slowdown <= MAX_SLOWDOWN,
+        },
+        Check {
+            target: format!("HTTP: `/metrics` scrape < {HTTP_P99_MS} ms"),
+            measured: format!(
+                "p99 {}, median {} over {SCRAPES}",
+                fmt_ms(scrape.p99),
+                fmt_ms(scrape.p50)
+            ),
+            met: scrape.p99 < HTTP_P99_MS,
+        },
+    ]
+}
+
+/// `POST /sync` into an emptied mirror; checks that it wrote every row and returns its
+/// `duration_ms`.
+fn cold_manual_sync(b: &Bench, d: &Daemon) -> f64 {
+    let reply = d.post("/sync", b"");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let report = reply.json()["data"].clone();
+    assert_eq!(report["status"], "synced", "{report}");
+    assert_eq!(report["trigger"], "manual", "{report}");
+    assert_eq!(report["remote_before"], 0, "{report}");
+    assert_eq!(report["changed_count"], b.expected_rows(), "{report}");
+    assert_eq!(report["remote_after"], b.expected_rows(), "{report}");
+    report["duration_ms"].as_f64().expect("duration_ms")
+}
+
+/// A running `wrk` with the pacing script; killed if dropped unfinished.
+struct Wrk {
+    child: std::process::Child,
+}
+
+/// What wrk printed, and the figures taken from it (latencies in ms).
+struct WrkReport {
+    output: String,
+    requests: u64,
+    rate: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Wrk {
+    fn start(script: &Path, url: &str, duration: Duration) -> Wrk {
+        let child = Command::new("wrk")
+            .args([
+                "-t1",
+                &format!("-c{WRK_CONNECTIONS}"),
+                &format!("-d{}s", duration.as_secs()),
+            ])
+            .args(["--latency", "-s"])
+            .arg(script)
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn wrk");
+        Wrk { child }
+    }
+
+    /// Waits for the end of its run.
+    fn finish(mut self) -> WrkReport {
+        let status = self.child.wait().expect("wait for wrk");
+        self.report(status)
+    }
+
+    /// Stops it now (on SIGINT wrk ends its run and reports).
+    fn stop(mut self) -> WrkReport {
+        let (status, _) =
+            common::sys::signal_and_wait(&mut self.child, libc::SIGINT, Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("wrk did not stop on SIGINT"));
+        self.report(status)
+    }
+
+    fn report(&mut self, status: std::process::ExitStatus) -> WrkReport {
+        let mut output = String::new();
+        std::io::Read::read_to_string(
+            &mut self.child.stdout.take().expect("piped stdout"),
+            &mut output,
+        )
+        .expect("read wrk's output");
+        assert!(status.success(), "wrk failed ({status}):\n{output}");
+        WrkReport::parse(output)
+    }
+}
+
+impl Drop for Wrk {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl WrkReport {
+    /// Reads wrk's `--latency` report; panics on any error or non-2xx answer it counted.
+    fn parse(output: String) -> WrkReport {
+        assert!(
+            !output.contains("Socket errors") && !output.contains("Non-2xx"),
+            "wrk saw errors:\n{output}"
+        );
+        let line = |prefix: &str| -> Vec<&str> {
+            output
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} line in wrk's output:\n{output}"))
+                .split_whitespace()
+                .collect()
+        };
+        let percentile = |p: &str| wrk_ms(line(p)[1]);
+        let requests = output
+            .lines()
+            .find_map(|l| l.trim().split_once(" requests in ")?.0.parse().ok())
+            .unwrap_or_else(|| panic!("no request count in wrk's output:\n{output}"));
+        WrkReport {
+            requests,
+            rate: line("Requests/sec:")[1].parse().expect("requests/s"),
+            p50: percentile("50%"),
+            p90: percentile("90%"),
+            p99: percentile("99%"),
+            max: wrk_ms(line("Latency ")[3]),
+            output,
+        }
+    }
+}
+
+impl std::fmt::Display for WrkReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} | {:.0} | {} | {} | {} | {}",
+            self.requests,
+            self.rate,
+            fmt_ms(self.p50),
+            fmt_ms(self.p90),
+            fmt_ms(self.p99),
+            fmt_ms(self.max)
+        )
+    }
+}
+
+/// A wrk duration (`163.00us`, `1.38ms`, `2.01s`) in ms.
+fn wrk_ms(text: &str) -> f64 {
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or_else(|| panic!("no unit in {text:?}"));
+    let (value, unit) = text.split_at(split);
+    let value: f64 = value.parse().unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    match unit {
+        "us" => value / 1000.0,
+        "ms" => value,
+        "s" => value * 1000.0,
+        "m" => value * 60_000.0,
+        _ => panic!("unknown unit in {text:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers of the daemon sections
+// ---------------------------------------------------------------------------------------------
+
+/// A persistent connection to a mirror database (tokio-postgres on a current-thread runtime,
+/// which drives the connection while a query waits).
+struct PgPoller {
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+    select_name: tokio_postgres::Statement,
+}
+
+impl PgPoller {
+    fn connect(url: &str) -> PgPoller {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let (client, connection) = rt
+            .block_on(tokio_postgres::connect(url, tokio_postgres::NoTls))
+            .expect("connect to the mirror");
+        rt.spawn(connection);
+        let select_name = rt
+            .block_on(client.prepare("SELECT name FROM public.model_mappings WHERE id = $1"))
+            .expect("prepare the poll");
+        PgPoller {
+            rt,
+            client,
+            select_name,
+        }
+    }
+
+    /// Polls row `id` every millisecond until its name is `name`; returns when the answer
+    /// that showed it arrived, or `None` after `timeout`.
+    fn wait_for_name(&self, id: &str, name: &str, timeout: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + timeout;
+        self.rt.block_on(async {
+            loop {
+                let row = self
+                    .client
+                    .query_opt(&self.select_name, &[&id])
+                    .await
+                    .expect("poll the mirror");
+                let now = Instant::now();
+                if row.and_then(|r| r.get::<_, Option<String>>(0)).as_deref() == Some(name) {
+                    return Some(now);
+                }
+                if now >= deadline {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    }
+
+    fn count(&self) -> u64 {
+        let row = self
+            .rt
+            .block_on(
+                self.client
+                    .query_one("SELECT count(*) FROM public.model_mappings", &[]),
+            )
+            .expect("count the mirror");
+        row.get::<_, i64>(0) as u64
+    }
+}
+
+/// One scrape of a daemon's `/metrics`: each sample's name with its labels, and its value.
+struct Scrape(Vec<(String, f64)>);
+
+impl Scrape {
+    fn of(d: &Daemon) -> Scrape {
+        let reply = d.get("/metrics");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let samples = reply
+            .text()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (key, value) = l.rsplit_once(' ')?;
+                Some((key.to_string(), value.parse().ok()?))
+            })
+            .collect();
+        Scrape(samples)
+    }
+
+    /// The value of sample `key` (e.g. `mapsync_rows_upserted_total`); 0 when absent.
+    fn get(&self, key: &str) -> f64 {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(0.0, |(_, v)| *v)
+    }
+}
+
+/// Min, p50, p90, p99 and max of some measurements in ms; displayed as table cells.
+struct Percentiles {
+    min: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Percentiles {
+    fn of(values: &[f64]) -> Percentiles {
+        let p = |q| measure::percentile(values, q);
+        Percentiles {
+            min: p(0.0),
+            p50: p(50.0),
+            p90: p(90.0),
+            p99: p(99.0),
+            max: p(100.0),
+        }
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cells: Vec<String> = [self.min, self.p50, self.p90, self.p99, self.max]
+            .into_iter()
+            .map(fmt_ms)
+            .collect();
+        f.write_str(&cells.join(" | "))
+    }
+}
+
+/// xorshift64*, seeded from the clock: which rows change, and the pauses between changes.
+struct Rng(u64);
+
+impl Rng {
+    fn from_clock() -> Rng {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock is after 1970");
+        Rng(now.as_nanos() as u64 | 1)
+    }
+
+    /// Uniform enough in `0..n`.
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -579,6 +1508,28 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// The sections named in `MAPSYNC_BENCH_SECTIONS` (a comma list), in run order; all of them
+/// when unset.
+fn sections_from_env() -> Vec<&'static str> {
+    const ALL: [&str; 3] = ["sync", "daemon", "http"];
+    let Ok(list) = std::env::var("MAPSYNC_BENCH_SECTIONS") else {
+        return ALL.to_vec();
+    };
+    let named: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in &named {
+        assert!(
+            ALL.contains(name),
+            "MAPSYNC_BENCH_SECTIONS: unknown section {name:?} (sections: {})",
+            ALL.join(", ")
+        );
+    }
+    ALL.into_iter().filter(|s| named.contains(s)).collect()
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     match std::env::var(name) {
         Ok(v) => v
@@ -693,12 +1644,49 @@ mod measure {
     /// peak of the address space it replaces, which is this one (vfork) or a copy (fork).
     /// `getrusage(RUSAGE_SELF)` would not do: it includes what cargo passed on to us.
     pub fn own_peak_rss_kib() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .expect("read /proc/self/status")
+        status_kib("self", "VmHWM")
+    }
+
+    /// User plus system CPU time of this process's reaped children so far
+    /// (`getrusage(RUSAGE_CHILDREN)`), in ms.
+    pub fn children_cpu_ms() -> f64 {
+        // SAFETY: rusage is plain old data, for which all-zero bytes are a valid value.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid `who` and a pointer to a live rusage.
+        let r = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+        assert_eq!(r, 0, "getrusage: {}", std::io::Error::last_os_error());
+        timeval_ms(usage.ru_utime) + timeval_ms(usage.ru_stime)
+    }
+
+    /// A field of `/proc/<process>/status` given in kB (`VmRSS`, `VmHWM`), in KiB.
+    pub fn status_kib(process: &str, field: &str) -> u64 {
+        let path = format!("/proc/{process}/status");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {path}: {e}"))
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/self/status")
+            .unwrap_or_else(|| panic!("no {field} in {path}"))
+    }
+
+    /// User plus system CPU time that process `pid` has used so far (`utime + stime` from
+    /// `/proc/<pid>/stat`), in ms.
+    pub fn cpu_ms(pid: u32) -> f64 {
+        let path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        // The command name, in parentheses, may hold spaces: count fields after it. utime and
+        // stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: u64 = fields[11..13]
+            .iter()
+            .map(|f| f.parse::<u64>().expect("a tick count"))
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        ticks as f64 * 1000.0 / per_second as f64
     }
 
     /// A peak resident set size: exact, or an upper bound.
@@ -733,6 +1721,16 @@ mod measure {
             kib: top.max_rss_kib,
             exact: top.max_rss_kib > top.floor_kib,
         }
+    }
+
+    /// The `p`th percentile (nearest rank; 0 is the minimum) of `values`, which must not be
+    /// empty.
+    pub fn percentile(values: &[f64], p: f64) -> f64 {
+        assert!(!values.is_empty(), "a percentile of no measurement");
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let rank = (p / 100.0 * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
     }
 
     /// Minimum, median and maximum of some measurements.
