@@ -309,13 +309,17 @@ impl App {
                     .flatten()
                     .any(|f| f.to_lowercase().contains(&needle))
         };
-        let total = sorted.iter().filter(matches).count();
-        let items: Vec<&Arc<Mapping>> = sorted
-            .iter()
-            .filter(matches)
-            .skip(offset)
-            .take(limit)
-            .collect();
+        // A search looks at every mapping: off the runtime thread other requests share.
+        let (total, items) = tokio::task::block_in_place(|| {
+            let total = sorted.iter().filter(matches).count();
+            let items: Vec<&Arc<Mapping>> = sorted
+                .iter()
+                .filter(matches)
+                .skip(offset)
+                .take(limit)
+                .collect();
+            (total, items)
+        });
         reply::ok(&Page {
             total,
             offset,

@@ -127,18 +127,21 @@ impl Target {
         let (tx, mut remote) = remote_side?;
         let mappings = local.as_ref();
 
-        // Compare.
+        // Compare (CPU work over every mapping: off the runtime thread the admin port shares).
         let remote_before = remote.len() as u64;
-        let mut missing = Vec::new();
-        let mut differing = Vec::new();
-        for m in mappings {
-            match remote.remove(m.id()) {
-                None => missing.push(m.as_ref()),
-                Some(d) if d != row_digest(&Row::of(m)) => differing.push(m.as_ref()),
-                Some(_) => {}
+        let (missing, differing, extra) = tokio::task::block_in_place(|| {
+            let mut missing = Vec::new();
+            let mut differing = Vec::new();
+            for m in mappings {
+                match remote.remove(m.id()) {
+                    None => missing.push(m.as_ref()),
+                    Some(d) if d != row_digest(&Row::of(m)) => differing.push(m.as_ref()),
+                    Some(_) => {}
+                }
             }
-        }
-        let extra: Vec<String> = remote.into_keys().collect();
+            let extra: Vec<String> = remote.into_keys().collect();
+            (missing, differing, extra)
+        });
         let mut outcome = MirrorOutcome {
             remote_before: Some(remote_before),
             extra: extra.len() as u64,
