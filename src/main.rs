@@ -64,8 +64,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     let cli = Cli::parse();
+    tune_malloc(matches!(cli.command, Command::Run | Command::Demo));
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => return fail(&Error::from(e)),
@@ -199,14 +199,26 @@ fn init_logging(settings: &Settings) {
     }
 }
 
-/// glibc gives every thread that allocates its own malloc arena, and memory freed in one is
-/// not reused by another: with the runtime's workers and the blocking pool each building or
-/// dropping 100,000 mappings in turn, the daemon's RSS grows by a fifth over its real use.
-/// Two arenas keep it near what is held.
-fn limit_malloc_arenas() {
+/// glibc's allocator, tuned for a process that builds and drops 100,000 mappings at a time.
+///
+/// - Arenas: glibc gives every thread that allocates its own, and memory freed in one is not
+///   reused by another. With the runtime's workers and the blocking pool each building or
+///   dropping 100,000 mappings in turn, the daemon's RSS grows by a fifth over its real use.
+///   Two arenas keep it near what is held.
+/// - Fast bins, in the daemon only: freeing 100,000 mappings leaves as many small chunks in
+///   an arena's fast bins, and the next large allocation in that arena merges them all while
+///   holding the arena's lock. When that allocation was the admin port's (hyper's read
+///   buffer for a new connection), that request waited 5–9 ms. Without fast bins a chunk is
+///   merged as it is freed, and no request pays for a sync's frees (docs/PERFORMANCE.md).
+fn tune_malloc(daemon: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        if daemon {
+            libc::mallopt(libc::M_MXFAST, 0);
+        }
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = daemon;
 }
