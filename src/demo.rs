@@ -1,7 +1,7 @@
 //! `mapsync demo`: the first command a newcomer runs. Creates `./demo/db.sqlite3` with the
 //! application's schema and a score of realistic mappings (when it does not exist yet), then
 //! runs the daemon on it: snapshots under `./demo/snapshots`, the admin page on
-//! `127.0.0.1:9187`, and a Postgres target only when `MAPSYNC_TARGET__URL` is set.
+//! `http.listen` (127.0.0.1:9187 unless configured), and a Postgres target only when `MAPSYNC_TARGET__URL` is set.
 
 use std::path::{Path, PathBuf};
 
@@ -122,8 +122,8 @@ pub fn create(dir: &Path) -> Result<PathBuf, Error> {
     Ok(db)
 }
 
-/// The demo's settings: the demo file and snapshot directory, the admin port on
-/// 127.0.0.1:9187, and a target only when `MAPSYNC_TARGET__URL` is set (a config file's
+/// The demo's settings: the demo file and snapshot directory, the admin port as configured
+/// (127.0.0.1:9187 by default), and a target only when `MAPSYNC_TARGET__URL` is set (a config file's
 /// target is ignored, so the demo never writes to a real mirror by accident).
 pub fn settings(base: Settings, db: PathBuf, target_url: Option<String>) -> Settings {
     let mut s = base;

@@ -1,6 +1,6 @@
 //! A fast, non-cryptographic 64-bit hash (the "Fx" hash of rustc and Firefox) for the daemon's
-//! hot paths: hashing every row of a 100,000-row file on each change, and the maps keyed by
-//! mapping id or row hash. std's SipHash costs about three times as much there.
+//! hot paths: hashing every row of a 100,000-row file on each change, and the sets keyed by
+//! mapping id. std's SipHash costs about three times as much there.
 //!
 //! Not for untrusted keys where collisions could be provoked: the keys here are mapping ids
 //! and rows of the operator's own database. A changed row that hashes like its old self is

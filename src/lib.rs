@@ -1,7 +1,8 @@
 //! mapsync keeps a Postgres table aligned with the LLM model mappings an application stores in
 //! its SQLite file, writes rolling JSON snapshots of them, and serves a small admin HTTP port.
 //!
-//! Data flows one way:
+//! Data flows one way (only `mapsync restore`, run by an operator, writes a snapshot back
+//! into the SQLite file):
 //!
 //! ```text
 //! SQLite file ──source──▶ Vec<Mapping> ──sync──▶ target (Postgres mirror)
@@ -10,10 +11,14 @@
 //!
 //! - [`config`]: typed, validated settings (defaults < file < environment).
 //! - [`mapping`]: the `Mapping` type and every normalisation rule.
-//! - [`source`]: reading the SQLite file without disturbing the application.
+//! - [`source`]: reading the SQLite file without disturbing the application; the watcher.
 //! - [`target`]: the Postgres pool, TLS, schema check and the one-transaction sync.
 //! - [`sync`]: one run and its result.
 //! - [`snapshot`]: atomic rolling JSON files, and the export format.
+//! - [`engine`]: the daemon's sync loop: triggers, debounce, one run at a time, retry, status.
+//! - [`http`] and [`metrics`]: the admin port and its Prometheus registry.
+//! - [`daemon`]: `mapsync run`, wiring the engine and the admin port to signals and systemd.
+//! - [`restore`] and [`demo`]: `mapsync restore` and `mapsync demo`.
 //! - [`commands`]: what each `mapsync` subcommand does; `main.rs` only parses and dispatches.
 
 pub mod commands;

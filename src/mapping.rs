@@ -103,16 +103,6 @@ impl Mapping {
         mark(&text, 3);
         text.push_str(f.metadata);
         mark(&text, 4);
-        let mut hasher = std::hash::DefaultHasher::new();
-        (
-            &text,
-            ends,
-            colon,
-            f.name.is_some(),
-            f.default_model.is_some(),
-        )
-            .hash(&mut hasher);
-        (f.is_active, f.source, f.updated_at).hash(&mut hasher);
         Mapping {
             text: text.into_boxed_str(),
             ends,

@@ -6,7 +6,7 @@
 //! configured, so a snapshots-only install raises no "target down" alert. Values that depend
 //! on the clock (the lag) are brought up to date by [`Metrics::encode`], just before a scrape.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -60,7 +60,6 @@ pub struct Metrics {
     /// `None` when no target is configured.
     pub target_up: Option<Gauge>,
     fs_events: Counter,
-    fs_events_seen: AtomicU64,
     pub snapshot_writes: Family<ResultLabel, Counter>,
     pub snapshot_bytes: Gauge,
     pub http_requests: Family<HttpLabels, Counter>,
@@ -81,7 +80,6 @@ impl Metrics {
             sync_lag: FloatGauge::default(),
             target_up: target_configured.then(Gauge::default),
             fs_events: Counter::default(),
-            fs_events_seen: AtomicU64::new(0),
             snapshot_writes: Family::default(),
             snapshot_bytes: Gauge::default(),
             http_requests: Family::default(),
@@ -196,9 +194,9 @@ impl Metrics {
 
     /// Brings the file-event counter up to the watcher's running total.
     pub fn set_fs_events(&self, total: u64) {
-        let before = self.fs_events_seen.swap(total, Ordering::Relaxed);
-        if total > before {
-            self.fs_events.inc_by(total - before);
+        let counted = self.fs_events.get();
+        if total > counted {
+            self.fs_events.inc_by(total - counted);
         }
     }
 

@@ -53,6 +53,7 @@
 //! the prompt). A missing prompt is `skipped`; so are all prompt entries when
 //! `source.include_prompt_mappings` is false.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -64,7 +65,10 @@ use serde_json::{Map, Value};
 use crate::config::{Settings, SourceSettings};
 use crate::mapping::{self, KeyOrder, Mapping, Origin, Redactor, format_timestamp};
 use crate::snapshot;
-use crate::source::{MAPPING_COLUMNS, MappingRow, mapping_of_row};
+use crate::source::{
+    self, MAPPING_COLUMNS, MODEL_MAPPING, MappingRow, PromptMapping, Slot, mapping_of_row,
+    model_mapping, slot, table_exists,
+};
 
 /// Why a restore did not happen. Each message is one line naming the file and the fix; in
 /// every case nothing was written.
@@ -211,11 +215,7 @@ fn open(source: &SourceSettings, dry_run: bool) -> Result<Connection, RestoreErr
     } else {
         OpenFlags::SQLITE_OPEN_READ_WRITE
     };
-    let conn = Connection::open_with_flags(path, mode | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| classify(path, e))?;
-    conn.busy_timeout(source.busy_timeout)
-        .map_err(|e| classify(path, e))?;
-    Ok(conn)
+    source::open(path, mode, source.busy_timeout).map_err(|e| classify(path, e))
 }
 
 fn classify(path: &Path, e: rusqlite::Error) -> RestoreError {
@@ -237,14 +237,6 @@ fn classify(path: &Path, e: rusqlite::Error) -> RestoreError {
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
-        [name],
-        |r| r.get(0),
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -497,8 +489,6 @@ fn keep_secrets(target: &mut Value, current: &Value, redactor: &Redactor) {
 // ---------------------------------------------------------------------------------------------
 // Prompt mappings.
 
-const MODEL_MAPPING: &str = "__model_mapping";
-
 /// The four fields a prompt's `__model_mapping` carries, as the reader reads them.
 #[derive(Debug, PartialEq)]
 struct PromptFields {
@@ -518,19 +508,14 @@ impl PromptFields {
         }
     }
 
-    /// The reader's rules over a stored `__model_mapping` object.
-    fn of_stored(mm: &Value) -> PromptFields {
-        let candidates = match mm.get("candidates") {
-            Some(Value::String(text)) => mapping::parse_candidates(Some(text)).0,
-            Some(v) => mapping::candidates_from_value(v),
-            None => Vec::new(),
-        };
-        let default_model = mapping::non_empty(mm.get("default_model").and_then(Value::as_str));
+    /// A stored `__model_mapping` object, read by the reader's rules.
+    fn of_stored(mm: &Map<String, Value>) -> PromptFields {
+        let read = PromptMapping::of(mm);
         PromptFields {
-            default_model: default_model.map(|d| d.into_owned()),
-            candidates: candidates.into_iter().map(|c| c.into_owned()).collect(),
-            is_active: mapping::parse_active_json(mm.get("is_active")),
-            updated_at: mapping::parse_timestamp(mm.get("updated_at").and_then(Value::as_str)).0,
+            default_model: read.default_model.map(Cow::into_owned),
+            candidates: read.candidates.into_iter().map(Cow::into_owned).collect(),
+            is_active: read.is_active,
+            updated_at: read.updated_at,
         }
     }
 
@@ -621,31 +606,6 @@ fn parse_tools(stored: Option<&str>) -> Result<Value, String> {
         return Ok(Value::Object(Map::new()));
     }
     serde_json::from_str(text).map_err(|e| format!("tools_json is not valid JSON ({e})"))
-}
-
-/// Where a `tools_json` holds its `__model_mapping` object, by the reader's rule: at the top
-/// level of an object, or in the first object element of a list that holds one.
-#[derive(Debug, Clone, Copy)]
-enum Slot {
-    Top,
-    Element(usize),
-}
-
-fn slot(tools: &Value) -> Option<Slot> {
-    let holds = |item: &Value| item.get(MODEL_MAPPING).is_some_and(Value::is_object);
-    match tools {
-        Value::Object(_) => holds(tools).then_some(Slot::Top),
-        Value::Array(items) => items.iter().position(holds).map(Slot::Element),
-        _ => None,
-    }
-}
-
-/// The `__model_mapping` object (see [`slot`]).
-fn model_mapping(tools: &Value) -> Option<&Value> {
-    match slot(tools)? {
-        Slot::Top => tools.get(MODEL_MAPPING),
-        Slot::Element(i) => tools[i].get(MODEL_MAPPING),
-    }
 }
 
 /// Sets `fields` in the `__model_mapping` object (keeping its other keys), adding the object

@@ -115,7 +115,6 @@ pub struct Shared {
     source_settings: crate::config::SourceSettings,
     snapshot_settings: crate::config::SnapshotSettings,
     redactor: Redactor,
-    delete_missing: bool,
     /// The mappings as last read (`None` before the first read). The snapshot writer
     /// subscribes to it: publishing an image is offering it for a snapshot.
     image: watch::Sender<Option<Arc<SourceImage>>>,
@@ -124,6 +123,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// What a run does unless asked otherwise: deletes as `target.delete_missing` says.
+    fn default_opts(&self) -> SyncOptions {
+        SyncOptions {
+            delete_missing: self.target_settings.delete_missing,
+            ..Default::default()
+        }
+    }
+
     fn new_source(&self) -> SqliteSource {
         SqliteSource::new(&self.source_settings, self.redactor.clone()).memoizing()
     }
@@ -225,7 +232,7 @@ impl EngineHandle {
     /// Whether runs delete remote rows missing from the source unless told otherwise
     /// (`target.delete_missing`).
     pub fn deletes_by_default(&self) -> bool {
-        self.shared.delete_missing
+        self.shared.target_settings.delete_missing
     }
 
     /// A handle on the snapshot directory for listing and reading (writes go through
@@ -305,7 +312,6 @@ pub async fn start(
         source_settings: settings.source.clone(),
         snapshot_settings: settings.snapshot.clone(),
         redactor,
-        delete_missing: settings.target.delete_missing,
         image: watch::channel(None).0,
         ready_cache: tokio::sync::Mutex::new(None),
     });
@@ -329,13 +335,7 @@ pub async fn start(
     let (first_run_tx, first_run) = watch::channel(false);
 
     let event_loop = Loop {
-        state: Some(RunState {
-            source: shared.new_source(),
-            mirrored: None,
-            remote_rows: 0,
-            in_step: false,
-            unpushed: None,
-        }),
+        state: Some(RunState::new(shared.new_source())),
         shared: shared.clone(),
         writer,
         running: None,
@@ -471,7 +471,7 @@ impl Loop {
                 Some(change) = changes.recv() => {
                     tracing::debug!(?change, "file change");
                     self.shared.metrics.set_fs_events(fs_events.load(std::sync::atomic::Ordering::Relaxed));
-                    self.pending.watch = Some(self.pending.watch.map_or(change, |c| c.merge(change)));
+                    watcher::merge_into(&mut self.pending.watch, change);
                 }
                 Some(tick) = ticks.recv() => match tick {
                     Tick::Reconcile => self.pending.schedule = true,
@@ -524,10 +524,7 @@ impl Loop {
                 full: false,
                 gate: true,
                 push: false,
-                opts: SyncOptions {
-                    delete_missing: self.shared.delete_missing,
-                    ..Default::default()
-                },
+                opts: self.shared.default_opts(),
             };
             self.start(plan, Vec::new());
         }
@@ -548,10 +545,7 @@ impl Loop {
     /// triggers it serves.
     fn next_plan(&mut self) -> Option<(Plan, Vec<Waiter>)> {
         let backing_off = self.retry_at.is_some();
-        let default_opts = SyncOptions {
-            delete_missing: self.shared.delete_missing,
-            ..Default::default()
-        };
+        let default_opts = self.shared.default_opts();
         let never_synced = self.state.as_ref().is_none_or(|s| s.mirrored.is_none());
         let p = &mut self.pending;
         let plan = |trigger, full, gate, push, opts| Plan {
@@ -609,13 +603,7 @@ impl Loop {
             Err(e) => {
                 // The run panicked: start over from a fresh state rather than stop syncing.
                 tracing::error!(error = %e, "a sync run stopped unexpectedly; starting over");
-                self.state = Some(RunState {
-                    source: self.shared.new_source(),
-                    mirrored: None,
-                    remote_rows: 0,
-                    in_step: false,
-                    unpushed: None,
-                });
+                self.state = Some(RunState::new(self.shared.new_source()));
                 Outcome::Failed(RunError::other(format!(
                     "the run stopped unexpectedly: {e}"
                 )))

@@ -42,6 +42,19 @@ pub(super) struct RunState {
     pub unpushed: Option<Unpushed>,
 }
 
+impl RunState {
+    /// Nothing known yet: the next run reads everything and compares it with the mirror.
+    pub(super) fn new(source: SqliteSource) -> RunState {
+        RunState {
+            source,
+            mirrored: None,
+            remote_rows: 0,
+            in_step: false,
+            unpushed: None,
+        }
+    }
+}
+
 /// What a read found, waiting for a run that pushes.
 pub(super) struct Unpushed {
     image: Arc<SourceImage>,

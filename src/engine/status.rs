@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::mapping::format_timestamp;
 use crate::snapshot::SnapshotInfo;
-use crate::sync::{SyncReport, Trigger};
+use crate::sync::{SyncReport, SyncStatus, Trigger};
 
 /// `/status`'s `data`.
 #[derive(Debug, Clone, Serialize)]
@@ -78,7 +78,7 @@ struct Inner {
     /// When the oldest change not yet mirrored was first seen.
     behind_since: Option<Instant>,
     running: bool,
-    retry_at: Option<(Instant, DateTime<Utc>)>,
+    retry_at: Option<DateTime<Utc>>,
 }
 
 /// The shared status record.
@@ -150,7 +150,7 @@ impl StatusBoard {
             } else {
                 "idle"
             };
-            s.next_retry_at = i.retry_at.map(|(_, at)| format_timestamp(&at));
+            s.next_retry_at = i.retry_at.map(|at| format_timestamp(&at));
             s
         })
     }
@@ -200,10 +200,7 @@ impl StatusBoard {
 
     pub fn retry_at(&self, at: Option<Instant>) {
         self.with(|i| {
-            i.retry_at = at.map(|t| {
-                let wall = Utc::now() + t.saturating_duration_since(Instant::now());
-                (t, wall)
-            })
+            i.retry_at = at.map(|t| Utc::now() + t.saturating_duration_since(Instant::now()))
         });
     }
 
@@ -242,7 +239,9 @@ impl StatusBoard {
                     error: Some(e.clone()),
                 },
             };
-            if outcome.is_ok() {
+            // As `mapsync_last_success_timestamp_seconds`: a run that mirrored, not one that
+            // was skipped or refused.
+            if matches!(outcome, Ok(r) if r.status == SyncStatus::Synced) {
                 i.status.last_success_at = Some(format_timestamp(&Utc::now()));
             }
             i.status.last_run = Some(run);

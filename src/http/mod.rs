@@ -4,8 +4,9 @@
 //! hyper 1 over HTTP/1.1, one task per connection. Limits that keep the port from being a
 //! liability: at most [`MAX_CONNECTIONS`] open connections (further ones wait in the kernel's
 //! backlog), a [`HEADER_TIMEOUT`] for a request's head (slow or idle clients are cut off), a
-//! [`BODY_LIMIT`] for bodies (413). Handlers never do heavy work on the event loop: sorting
-//! and serialising 100,000 mappings happens on the blocking pool. On shutdown the listener
+//! [`BODY_LIMIT`] for bodies (413). Handlers never do heavy work on the event loop: sorting,
+//! searching and serialising 100,000 mappings run on the blocking pool (or under
+//! `block_in_place`). On shutdown the listener
 //! closes and open connections get [`DRAIN`] to finish their requests.
 
 mod reply;

@@ -283,10 +283,16 @@ impl App {
             mapping::sort_for_export(&mut v);
             Arc::new(v)
         })
-        .await
-        .unwrap_or_default();
-        *self.sorted.lock().unwrap_or_else(|e| e.into_inner()) = Some((image, sorted.clone()));
-        sorted
+        .await;
+        match sorted {
+            Ok(sorted) => {
+                *self.sorted.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((image, sorted.clone()));
+                sorted
+            }
+            // Only a panic in the sort gets here: answer with nothing, cache nothing.
+            Err(_) => Sorted::default(),
+        }
     }
 
     async fn mappings(&self, query: Option<&str>) -> Response<Body> {
@@ -310,14 +316,16 @@ impl App {
                     .any(|f| f.to_lowercase().contains(&needle))
         };
         // A search looks at every mapping: off the runtime thread other requests share.
+        // One pass: count every match, keep the page's.
         let (total, items) = tokio::task::block_in_place(|| {
-            let total = sorted.iter().filter(matches).count();
-            let items: Vec<&Arc<Mapping>> = sorted
-                .iter()
-                .filter(matches)
-                .skip(offset)
-                .take(limit)
-                .collect();
+            let mut items: Vec<&Arc<Mapping>> = Vec::with_capacity(limit.min(sorted.len()));
+            let mut total = 0;
+            for m in sorted.iter().filter(matches) {
+                if total >= offset && items.len() < limit {
+                    items.push(m);
+                }
+                total += 1;
+            }
             (total, items)
         });
         reply::ok(&Page {

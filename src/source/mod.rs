@@ -14,7 +14,11 @@ pub mod watcher;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub(crate) use sqlite::{MAPPING_COLUMNS, MappingRow, mapping_of_row};
+// Shared with `mapsync restore`, which writes what the reader reads by the same rules.
+pub(crate) use sqlite::{
+    MAPPING_COLUMNS, MODEL_MAPPING, MappingRow, PromptMapping, Slot, mapping_of_row, model_mapping,
+    open, slot, table_exists,
+};
 pub use sqlite::{ReadMode, SqliteSource};
 
 use crate::mapping::Mapping;

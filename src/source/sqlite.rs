@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use serde_json::Value;
@@ -192,13 +193,12 @@ impl SqliteSource {
         if matches!(&self.conn, Some((_, open_id)) if *open_id == id) {
             return Ok(false);
         }
-        let conn = Connection::open_with_flags(
+        let conn = open(
             &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_ONLY,
+            self.busy_timeout,
         )
         .map_err(|e| classify(&self.path, e))?;
-        conn.busy_timeout(self.busy_timeout)
-            .map_err(|e| classify(&self.path, e))?;
         if !table_exists(&conn, "llm_model_mappings").map_err(|e| classify(&self.path, e))? {
             return Err(SourceError::NotAppDatabase(self.path.clone()));
         }
@@ -252,22 +252,9 @@ impl Rules {
                 return None;
             }
         };
-        let mm = model_mapping_of(&tools)?;
-        let candidates = match mm.get("candidates") {
-            // Some writers store the list as JSON text inside the object.
-            Some(Value::String(text)) => {
-                let (c, w) = mapping::parse_candidates(Some(text));
-                if let Some(w) = w {
-                    self.warn_once(&row, &w.to_string());
-                }
-                c
-            }
-            Some(v) => mapping::candidates_from_value(v),
-            None => Vec::new(),
-        };
-        let (updated_at, w) =
-            mapping::parse_timestamp(mm.get("updated_at").and_then(Value::as_str));
-        if let Some(w) = w {
+        let mm = model_mapping(&tools)?;
+        let fields = PromptMapping::of(mm);
+        for w in &fields.warnings {
             self.warn_once(&row, &w.to_string());
         }
         let metadata = mapping::canonical_json(&serde_json::json!({
@@ -275,15 +262,14 @@ impl Rules {
         }));
         let scope_key = p.id.to_string();
         let name = p.name.as_deref().map(mapping::clean);
-        let default_model = mapping::non_empty(mm.get("default_model").and_then(Value::as_str));
         let m = Mapping::new(Fields {
             scope_type: "prompt",
             scope_key: &scope_key,
             name: name.as_deref(),
-            default_model: default_model.as_deref(),
-            candidates: &candidates,
-            is_active: mapping::parse_active_json(mm.get("is_active")),
-            updated_at,
+            default_model: fields.default_model.as_deref(),
+            candidates: &fields.candidates,
+            is_active: fields.is_active,
+            updated_at: fields.updated_at,
             source: Origin::Prompt,
             metadata: &metadata,
         });
@@ -291,17 +277,68 @@ impl Rules {
     }
 }
 
-/// The `__model_mapping` object of a prompt's tools: at the top level of an object, or in any
-/// object element of a list (the first one that has it).
-fn model_mapping_of(tools: &Value) -> Option<&serde_json::Map<String, Value>> {
-    const KEY: &str = "__model_mapping";
+/// The key of a prompt's mapping inside its `tools_json`.
+pub(crate) const MODEL_MAPPING: &str = "__model_mapping";
+
+/// Where a prompt's `tools_json` holds its `__model_mapping` object: at the top level of an
+/// object, or in the first object element of a list that holds one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Slot {
+    Top,
+    Element(usize),
+}
+
+pub(crate) fn slot(tools: &Value) -> Option<Slot> {
+    let holds = |item: &Value| item.get(MODEL_MAPPING).is_some_and(Value::is_object);
     match tools {
-        Value::Object(o) => o.get(KEY).and_then(Value::as_object),
-        Value::Array(items) => items
-            .iter()
-            .filter_map(Value::as_object)
-            .find_map(|o| o.get(KEY).and_then(Value::as_object)),
+        Value::Object(_) => holds(tools).then_some(Slot::Top),
+        Value::Array(items) => items.iter().position(holds).map(Slot::Element),
         _ => None,
+    }
+}
+
+/// The `__model_mapping` object of a prompt's tools (see [`slot`]).
+pub(crate) fn model_mapping(tools: &Value) -> Option<&serde_json::Map<String, Value>> {
+    let holder = match slot(tools)? {
+        Slot::Top => tools,
+        Slot::Element(i) => &tools[i],
+    };
+    holder.get(MODEL_MAPPING).and_then(Value::as_object)
+}
+
+/// The fields a prompt's `__model_mapping` object carries, by the reader's rules.
+pub(crate) struct PromptMapping<'a> {
+    pub default_model: Option<Cow<'a, str>>,
+    pub candidates: Vec<Cow<'a, str>>,
+    pub is_active: bool,
+    pub updated_at: Option<DateTime<Utc>>,
+    /// What was repaired or dropped on the way (candidates or a timestamp that do not parse).
+    pub warnings: Vec<mapping::Warning>,
+}
+
+impl<'a> PromptMapping<'a> {
+    pub(crate) fn of(mm: &'a serde_json::Map<String, Value>) -> PromptMapping<'a> {
+        let mut warnings = Vec::new();
+        let candidates = match mm.get("candidates") {
+            // Some writers store the list as JSON text inside the object.
+            Some(Value::String(text)) => {
+                let (c, w) = mapping::parse_candidates(Some(text));
+                warnings.extend(w);
+                c
+            }
+            Some(v) => mapping::candidates_from_value(v),
+            None => Vec::new(),
+        };
+        let (updated_at, w) =
+            mapping::parse_timestamp(mm.get("updated_at").and_then(Value::as_str));
+        warnings.extend(w);
+        PromptMapping {
+            default_model: mapping::non_empty(mm.get("default_model").and_then(Value::as_str)),
+            candidates,
+            is_active: mapping::parse_active_json(mm.get("is_active")),
+            updated_at,
+            warnings,
+        }
     }
 }
 
@@ -377,7 +414,19 @@ struct PromptRow<'a> {
     tools_json: Option<Cow<'a, str>>,
 }
 
-fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+/// Opens the application's file (never creating it) with `flags`, waiting up to
+/// `busy_timeout` for the application's locks. Shared with `mapsync restore`.
+pub(crate) fn open(
+    path: &Path,
+    flags: OpenFlags,
+    busy_timeout: std::time::Duration,
+) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(busy_timeout)?;
+    Ok(conn)
+}
+
+pub(crate) fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
         [name],

@@ -65,7 +65,8 @@ impl Change {
     }
 }
 
-fn merge_into(slot: &mut Option<Change>, change: Change) {
+/// Folds `change` into what `slot` already holds (a rescan wins).
+pub(crate) fn merge_into(slot: &mut Option<Change>, change: Change) {
     *slot = Some(slot.map_or(change, |held| held.merge(change)));
 }
 

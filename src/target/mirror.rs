@@ -1,10 +1,13 @@
-//! One sync run against the mirror, in one transaction (SPEC §2).
+//! One sync run against the mirror, in one transaction (SPEC §2). A full run
+//! ([`Target::mirror`]) goes as below; an incremental one ([`Target::push_changes`], for
+//! watch runs that know what changed) skips the remote scan (step 3) and writes only the
+//! changed and removed mappings.
 //!
 //! 1. `BEGIN`, `SET LOCAL statement_timeout`, and a transaction-scoped advisory lock on the
 //!    table, so runs from several mapsync instances never interleave.
 //! 2. Check the table's columns (a missing migration is reported as such, not as a SQL error).
 //! 3. Stream the remote rows with `COPY … TO STDOUT (FORMAT binary)` — while the source is
-//!    still being read — keeping only a digest of each row's ten fields per id; `jsonb`
+//!    still being read, when the caller hands over a read in progress — keeping only a digest of each row's ten fields per id; `jsonb`
 //!    columns arrive as text, which is the canonical form the source already holds (see
 //!    [`crate::mapping::canonical_json`]), so a source mapping and its remote row digest alike
 //!    exactly when every field is equal.
@@ -72,13 +75,6 @@ pub struct MirrorOutcome {
     pub extra: u64,
     /// Set when delete propagation was refused by the mass-delete guard; nothing was written.
     pub refused: Option<String>,
-}
-
-impl MirrorOutcome {
-    pub fn remote_after(&self) -> Option<u64> {
-        self.remote_before
-            .map(|n| (n + self.inserted).saturating_sub(self.deleted))
-    }
 }
 
 /// Why a full run failed: producing the source's mappings, or Postgres.
