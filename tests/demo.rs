@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
@@ -14,7 +13,7 @@ use std::time::Duration;
 
 use common::http;
 use common::mapsync::{command, remote_count, remote_rows, supabase_db};
-use common::sys::{poll_until, signal_and_wait, which};
+use common::sys::{collect_lines, poll_until, signal_and_wait, which};
 use common::*;
 use serde_json::Value;
 
@@ -28,20 +27,6 @@ struct Demo {
     addr: SocketAddr,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
-}
-
-/// Collects a pipe's lines into a shared string from a thread.
-fn collect(pipe: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
-    let out = Arc::new(Mutex::new(String::new()));
-    let sink = out.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            let mut s = sink.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
-        }
-    });
-    out
 }
 
 impl Demo {
@@ -62,8 +47,8 @@ impl Demo {
                 .stderr(Stdio::piped());
             cmd.envs(env.iter().copied());
             let mut child = cmd.spawn().expect("mapsync demo starts");
-            let stdout = collect(child.stdout.take().unwrap());
-            let stderr = collect(child.stderr.take().unwrap());
+            let stdout = collect_lines(child.stdout.take().unwrap());
+            let stderr = collect_lines(child.stderr.take().unwrap());
             let mut exited = None;
             let up = poll_until(WAIT, || {
                 if let Ok(Some(s)) = child.try_wait() {
@@ -256,9 +241,10 @@ fn follow_curl_lines(demo: &Demo, stdout: &str, token: Option<&str>) {
             assert_eq!(r.json()["count"], DEMO_MAPPINGS);
         }
     }
-    if which("curl").is_none() {
-        return;
-    }
+    assert!(
+        which("curl").is_some(),
+        "curl is missing: apt-get install -y curl (the banner's commands are run as printed)"
+    );
     // As a newcomer would paste them.
     let downloads = tempfile::tempdir().unwrap();
     for (method, _, cmd) in &curls {

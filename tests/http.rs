@@ -54,12 +54,6 @@ const METRIC_NAMES: [&str; 15] = [
     "mapsync_build_info{version=",
 ];
 
-fn rows(n: usize) -> Vec<Row> {
-    (0..n)
-        .map(|i| Row::mapping(&format!("m{i:03}"), "gpt-4o"))
-        .collect()
-}
-
 fn workspace(rows: &[Row]) -> Workspace {
     let ws = Workspace::new(None, "");
     for r in rows {
@@ -204,7 +198,7 @@ fn is_snapshot_name(name: &str) -> bool {
 
 #[test]
 fn probes_metrics_status_and_the_page_answer_without_a_target() {
-    let ws = workspace(&rows(3));
+    let ws = workspace(&Row::numbered("m", 3));
     let d = Daemon::start(&ws, None, "");
     let status = d.wait_first_run();
 
@@ -248,8 +242,12 @@ fn probes_metrics_status_and_the_page_answer_without_a_target() {
         1.0,
         "{text}"
     );
-    assert!(
-        text.contains("mapsync_http_requests_total{route=\"/livez\",code=\"200\"} 1"),
+    assert_eq!(
+        metric_sum(
+            &text,
+            "mapsync_http_requests_total{route=\"/livez\",code=\"200\"}"
+        ),
+        1.0,
         "{text}"
     );
 
@@ -315,7 +313,7 @@ fn probes_metrics_status_and_the_page_answer_without_a_target() {
 
 #[test]
 fn without_a_target_every_sync_route_answers_skipped_never_5xx() {
-    let ws = workspace(&rows(5));
+    let ws = workspace(&Row::numbered("m", 5));
     let d = Daemon::start(&ws, None, "");
     d.wait_first_run();
 
@@ -359,7 +357,7 @@ fn without_a_target_every_sync_route_answers_skipped_never_5xx() {
 
 #[test]
 fn readyz_names_a_missing_sqlite_file() {
-    let ws = workspace(&rows(2));
+    let ws = workspace(&Row::numbered("m", 2));
     let d = Daemon::start(&ws, None, "");
     d.wait_first_run();
     wait_readyz(&d, 200);
@@ -387,7 +385,7 @@ fn an_unreachable_target_is_not_ready_and_a_sync_answers_503_with_the_fix() {
     let password = "pw-unreachable-SECRET";
     let port = free_port();
     let url = format!("postgres://mapsync:{password}@127.0.0.1:{port}/postgres");
-    let ws = workspace(&rows(3));
+    let ws = workspace(&Row::numbered("m", 3));
     let d = Daemon::start(&ws, Some(&url), &http_section(""));
     let mut bodies = String::new();
 
@@ -437,7 +435,7 @@ fn a_wrong_password_or_a_missing_table_answers_503_with_the_fix() {
     let (head, tail) = db.url.split_once('@').unwrap();
     let user = head.rsplit_once(':').unwrap().0;
     let bad_url = format!("{user}:{wrong}@{tail}");
-    let ws = workspace(&rows(2));
+    let ws = workspace(&Row::numbered("m", 2));
     let d = Daemon::start(&ws, Some(&bad_url), "");
     d.wait_first_run();
     let r = d.post(SYNC_PATH, b"");
@@ -447,7 +445,7 @@ fn a_wrong_password_or_a_missing_table_answers_503_with_the_fix() {
     drop(d);
 
     // The right password, but `mapsync migrate` never ran.
-    let ws = workspace(&rows(2));
+    let ws = workspace(&Row::numbered("m", 2));
     let d = Daemon::start(&ws, Some(&db.url), "");
     d.wait_first_run();
     let msg = error_msg(&d.post(SYNC_PATH, b""), 503);
@@ -467,7 +465,7 @@ fn a_wrong_password_or_a_missing_table_answers_503_with_the_fix() {
 fn sync_routes_mirror_into_postgres_and_guard_mass_deletes() {
     let db = supabase_db();
     let ws = Workspace::new(Some(&db.url), "");
-    for r in rows(30) {
+    for r in Row::numbered("m", 30) {
         ws.app.upsert(&r);
     }
     ws.mapsync(&["migrate"]).expect_code(0);
@@ -558,7 +556,7 @@ fn sync_routes_mirror_into_postgres_and_guard_mass_deletes() {
 
 #[test]
 fn export_snapshots_and_the_mappings_list() {
-    let mut all = rows(30);
+    let mut all = Row::numbered("m", 30);
     all[3].metadata_json = Some(r#"{"apiKey": "sk-live-EXPORT-SECRET", "note": "kept"}"#.into());
     all[7].default_model = Some("claude-sonnet-4-5".into());
     all[9].name = Some("Coach Prompt Mapping".into());
@@ -761,7 +759,7 @@ const TOKEN_ROUTES: [(&str, &str, &[u8]); 9] = [
 
 #[test]
 fn the_admin_token_guards_every_token_route_and_only_those() {
-    let ws = workspace(&rows(3));
+    let ws = workspace(&Row::numbered("m", 3));
     let d = Daemon::start(&ws, None, &http_section(""));
     d.wait_first_run();
     wait_snapshot(&d);
@@ -808,8 +806,12 @@ fn the_admin_token_guards_every_token_route_and_only_those() {
         assert_eq!(r.status, 200, "{path} without a token: {}", r.text());
     }
     let m = http::get(d.addr, "/metrics", None).text();
-    assert!(
-        m.contains("mapsync_http_requests_total{route=\"/status\",code=\"401\"} 7"),
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mapsync_http_requests_total{route=\"/status\",code=\"401\"}"
+        ),
+        7.0,
         "{m}"
     );
 }
@@ -845,7 +847,7 @@ fn run_to_exit(config: &std::path::Path) -> common::mapsync::Run {
 
 #[test]
 fn a_public_listen_address_needs_a_token() {
-    let ws = workspace(&rows(1));
+    let ws = workspace(&Row::numbered("m", 1));
     ws.write_config(None, "[http]\nlisten = \"0.0.0.0:0\"\n");
     let run = run_to_exit(&ws.config);
     run.expect_code(78);
@@ -889,7 +891,7 @@ fn cors_headers(r: &Reply) -> Vec<&(String, String)> {
 
 #[test]
 fn cors_headers_go_to_listed_origins_only() {
-    let ws = workspace(&rows(2));
+    let ws = workspace(&Row::numbered("m", 2));
     let d = Daemon::start(
         &ws,
         None,
@@ -993,7 +995,7 @@ const UNLISTED: [&str; 3] = [
 fn a_preflight_from_an_unlisted_origin_gets_no_cors_headers() {
     // SPEC §4: "origins listed in http.cors_origins get CORS headers and preflight answers;
     // others get none".
-    let ws = workspace(&rows(1));
+    let ws = workspace(&Row::numbered("m", 1));
     let d = Daemon::start(
         &ws,
         None,
@@ -1038,7 +1040,7 @@ fn raw_head(method: &str, path: &str, addr: SocketAddr, extra: &str) -> String {
 
 #[test]
 fn bad_requests_get_the_envelope_with_one_line() {
-    let ws = workspace(&rows(2));
+    let ws = workspace(&Row::numbered("m", 2));
     let d = Daemon::start(&ws, None, &http_section(""));
     d.wait_first_run();
 
@@ -1145,7 +1147,7 @@ fn bad_requests_get_the_envelope_with_one_line() {
 #[test]
 fn an_oversized_body_is_refused_on_every_post_route() {
     // SPEC §4: "body over 64 KiB 413", whatever the route; a refused request does nothing.
-    let ws = workspace(&rows(2));
+    let ws = workspace(&Row::numbered("m", 2));
     let d = Daemon::start(&ws, None, &http_section(""));
     d.wait_first_run();
     let manual_runs = || {
@@ -1253,7 +1255,7 @@ fn wait_closed(s: &mut TcpStream, since: Instant, deadline: Duration, what: &str
 
 #[test]
 fn slow_and_idle_clients_are_cut_off_while_others_are_served() {
-    let ws = workspace(&rows(2));
+    let ws = workspace(&Row::numbered("m", 2));
     let d = Daemon::start(&ws, None, "");
     d.wait_first_run();
 
@@ -1344,7 +1346,7 @@ fn simultaneous_sync_requests_share_at_most_two_runs() {
 fn no_response_carries_the_password_or_the_token() {
     let db = supabase_db();
     let ws = Workspace::new(Some(&db.url), "");
-    let mut all = rows(12);
+    let mut all = Row::numbered("m", 12);
     all[1].metadata_json = Some(r#"{"api_key": "sk-metadata-SECRET"}"#.into());
     for r in &all {
         ws.app.upsert(r);

@@ -18,12 +18,6 @@ fn migrated(rows: &[Row]) -> (Workspace, TestDb) {
     (ws, db)
 }
 
-fn rows(n: usize) -> Vec<Row> {
-    (0..n)
-        .map(|i| Row::mapping(&format!("m{i:03}"), "gpt-4o"))
-        .collect()
-}
-
 #[test]
 fn first_sync_mirrors_exactly_what_export_shows() {
     let db = supabase_db();
@@ -133,7 +127,7 @@ fn stored_values_are_normalised_and_a_resync_changes_nothing() {
 
 #[test]
 fn one_change_is_one_changed_row_and_keeps_the_pushed_updated_at() {
-    let (ws, db) = migrated(&rows(50));
+    let (ws, db) = migrated(&Row::numbered("m", 50));
     ws.sync(&[]);
     let before = xmins(&db);
 
@@ -164,7 +158,7 @@ fn one_change_is_one_changed_row_and_keeps_the_pushed_updated_at() {
 
 #[test]
 fn rows_edited_or_deleted_by_hand_in_postgres_are_repaired() {
-    let (ws, db) = migrated(&rows(20));
+    let (ws, db) = migrated(&Row::numbered("m", 20));
     ws.sync(&[]);
     db.psql(
         "UPDATE public.model_mappings SET default_model = 'hand-edited', candidates = '[\"x\"]' WHERE id = 'mapping:m003';
@@ -194,7 +188,7 @@ fn rows_edited_or_deleted_by_hand_in_postgres_are_repaired() {
 
 #[test]
 fn a_mass_delete_is_refused_unless_forced() {
-    let (ws, db) = migrated(&rows(30));
+    let (ws, db) = migrated(&Row::numbered("m", 30));
     ws.sync(&[]);
     for i in 0..20 {
         ws.app.delete(&format!("mapping:m{i:03}"));
@@ -231,7 +225,7 @@ fn a_mass_delete_is_refused_unless_forced() {
 
 #[test]
 fn an_emptied_source_never_wipes_the_mirror_through_the_config_default() {
-    let (ws, db) = migrated(&rows(15));
+    let (ws, db) = migrated(&Row::numbered("m", 15));
     ws.sync(&[]);
     ws.app.exec("DELETE FROM llm_model_mappings");
     ws.write_config(
@@ -254,7 +248,7 @@ fn the_deployed_table_is_upgraded_in_place_and_then_mirrored() {
                 ('global:global', 'global', 'global', 'Global', 'gpt-4o-mini', '[]', '2025-06-01T00:00:00Z', 'sqlite')",
     );
     let ws = Workspace::new(Some(&db.url), "");
-    for r in rows(5) {
+    for r in Row::numbered("m", 5) {
         ws.app.upsert(&r);
     }
 
@@ -304,7 +298,7 @@ fn the_deployed_table_is_upgraded_in_place_and_then_mirrored() {
 
 #[test]
 fn row_level_security_gives_supabase_roles_what_they_should_have() {
-    let (ws, db) = migrated(&rows(3));
+    let (ws, db) = migrated(&Row::numbered("m", 3));
     ws.sync(&[]);
     let as_role = |role: &str, sql: &str| run_psql(&db.url, &format!("SET ROLE {role}; {sql}"));
     assert_eq!(
@@ -356,7 +350,7 @@ fn sync_works_through_pgbouncer_in_transaction_mode() {
     let url = bouncer.url(&dbname);
     let ws = Workspace::new(None, "");
     ws.write_config(None, &format!("[target]\nurl = {url:?}\npool_size = 4\n"));
-    for r in rows(40) {
+    for r in Row::numbered("m", 40) {
         ws.app.upsert(&r);
     }
     for _ in 0..2 {
@@ -539,7 +533,7 @@ fn no_target_means_skipped_and_exit_0() {
 
 #[test]
 fn reading_works_while_the_application_holds_a_write_transaction() {
-    let (ws, db) = migrated(&rows(3));
+    let (ws, db) = migrated(&Row::numbered("m", 3));
     ws.app.exec("BEGIN IMMEDIATE; INSERT INTO llm_model_mappings (id, scope_type, scope_key) VALUES ('mapping:uncommitted', 'mapping', 'uncommitted');");
     let r = ws.sync(&[]);
     assert_eq!(r["synced_count"], 3, "uncommitted rows are not read: {r}");

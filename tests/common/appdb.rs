@@ -48,6 +48,13 @@ impl Row {
             metadata_json: Some("{}".into()),
         }
     }
+
+    /// `n` such rows with the model `gpt-4o`: keys `<prefix>000`, `<prefix>001`, …
+    pub fn numbered(prefix: &str, n: usize) -> Vec<Row> {
+        (0..n)
+            .map(|i| Row::mapping(&format!("{prefix}{i:03}"), "gpt-4o"))
+            .collect()
+    }
 }
 
 impl AppDb {

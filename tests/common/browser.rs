@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::sys::{is_executable, poll_until, which};
+use super::sys::{collect_lines, is_executable, poll_until, which};
 use super::websocket::{WebSocket, WsSender};
 
 const NOT_FOUND: &str = "chromium not found (/usr/bin/chromium or on PATH): install it with `apt-get install -y chromium`";
@@ -94,18 +94,7 @@ impl Browser {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}. {NOT_FOUND}", path.display()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        {
-            let pipe = child.stderr.take().expect("piped stderr");
-            let stderr = stderr.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let mut s = stderr.lock().unwrap_or_else(|e| e.into_inner());
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            });
-        }
+        let stderr = collect_lines(child.stderr.take().expect("piped stderr"));
         let mut url = None;
         let found = poll_until(Duration::from_secs(60), || {
             url = stderr

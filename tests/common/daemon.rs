@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::http::{self, Reply};
 use super::mapsync::{Workspace, command};
-use super::sys::{poll_until, signal_and_wait};
+use super::sys::{collect_lines, poll_until, signal_and_wait};
 
 pub struct Daemon {
     pub child: Child,
@@ -56,18 +56,7 @@ impl Daemon {
             .stderr(Stdio::piped());
         adjust(&mut cmd);
         let mut child = cmd.spawn().expect("mapsync run starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let mut l = log.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            });
-        }
+        let log = collect_lines(child.stderr.take().expect("piped stderr"));
         let mut addr = None;
         let found = poll_until(Duration::from_secs(30), || {
             addr = log

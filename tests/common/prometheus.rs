@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::http;
-use super::sys::{free_port, is_executable, poll_until, signal_and_wait, url_encode, which};
+use super::sys::{
+    collect_lines, free_port, is_executable, poll_until, signal_and_wait, url_encode, which,
+};
 
 const NOT_FOUND: &str = "prometheus not found (/usr/bin/prometheus or on PATH): install it with `apt-get install -y prometheus`";
 
@@ -83,18 +85,7 @@ impl Prometheus {
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}. {NOT_FOUND}", bin.display()));
-            let log = Arc::new(Mutex::new(String::new()));
-            {
-                let pipe = child.stderr.take().expect("piped stderr");
-                let log = log.clone();
-                std::thread::spawn(move || {
-                    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                        let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
-                        l.push_str(&line);
-                        l.push('\n');
-                    }
-                });
-            }
+            let log = collect_lines(child.stderr.take().expect("piped stderr"));
             let mut exited = false;
             let ready = poll_until(Duration::from_secs(60), || {
                 if matches!(child.try_wait(), Ok(Some(_))) {

@@ -282,3 +282,21 @@ pub fn signal_and_wait(
         }
     }
 }
+
+/// Collects a child's pipe, line by line, into a shared string (from a thread of its own, so
+/// the child never blocks on a full pipe).
+pub fn collect_lines(
+    pipe: impl std::io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use std::io::BufRead;
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = out.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    out
+}
