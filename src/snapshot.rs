@@ -211,22 +211,24 @@ impl SnapshotStore {
         Some(mapping::digest(&mappings))
     }
 
-    /// Writes a new snapshot of `mappings` (in export order; their [`mapping::digest`] is
-    /// `digest`) unless the newest one holds the same content, points `-latest` at it, and
-    /// applies retention.
+    /// Writes a new snapshot of `mappings` (in any order: the file has them in export order)
+    /// unless the newest one holds the same content, points `-latest` at it, and applies
+    /// retention. An unchanged set costs one pass to digest it, no sort.
     pub fn write(
         &mut self,
         mappings: &[Arc<Mapping>],
-        digest: u64,
         now: DateTime<Utc>,
     ) -> Result<Written, SnapshotError> {
         self.prepare()?;
+        let digest = mapping::digest(mappings.iter().map(AsRef::as_ref));
         if self.newest_digest == Some(digest) {
             return Ok(Written::Unchanged);
         }
+        let mut sorted = mappings.to_vec();
+        mapping::sort_for_export(&mut sorted);
         let name = format!("{PREFIX}{}{SUFFIX}", now.format(STAMP_FORMAT));
         let path = self.dir.join(&name);
-        write_atomic(&path, |f| write_document(f, mappings, now))?;
+        write_atomic(&path, |f| write_document(f, &sorted, now))?;
         self.point_latest_at(&path)?;
         self.newest_digest = Some(digest);
         self.apply_retention();

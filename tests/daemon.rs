@@ -364,7 +364,9 @@ fn snapshots_rotate_and_skip_unchanged_content() {
     let ok = |d: &Daemon| metric(d, "mapsync_snapshot_writes_total{result=\"ok\"}");
     for i in 0..5 {
         let before = ok(&d);
-        ws.app.upsert(&Row::mapping(&format!("new{i}"), "gpt-4o"));
+        // Added in reverse: the file's order (rowid) is not the export order.
+        ws.app
+            .upsert(&Row::mapping(&format!("new{}", 4 - i), "gpt-4o"));
         d.wait(Duration::from_secs(10), "a new snapshot", || {
             ok(&d) > before
         });
@@ -377,6 +379,9 @@ fn snapshots_rotate_and_skip_unchanged_content() {
     let doc: Value = serde_json::from_slice(&latest).unwrap();
     assert_eq!(doc["count"], 8);
     assert_eq!(doc["mappings"].as_array().unwrap().len(), 8);
+    // The same mappings, in the same (export) order, as `mapsync export` writes.
+    let export = ws.mapsync(&["export"]).expect_code(0).json();
+    assert_eq!(doc["mappings"], export["mappings"]);
 
     // Unchanged content writes nothing new.
     let r = d.post("/snapshots", b"");

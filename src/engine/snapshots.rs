@@ -14,7 +14,6 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
 use super::Shared;
-use crate::mapping::{self, Mapping};
 use crate::snapshot::{SnapshotInfo, SnapshotStore, Written};
 use crate::source::SourceImage;
 
@@ -111,10 +110,7 @@ async fn write(
         return Err("the snapshot store is gone after an earlier failure".into());
     };
     let (owned, result) = tokio::task::spawn_blocking(move || {
-        let mut sorted: Vec<Arc<Mapping>> = image.mappings.clone();
-        mapping::sort_for_export(&mut sorted);
-        let digest = mapping::digest(sorted.iter().map(|m| m.as_ref()));
-        let result = owned.write(&sorted, digest, Utc::now());
+        let result = owned.write(&image.mappings, Utc::now());
         (owned, result)
     })
     .await
