@@ -3,7 +3,8 @@
 -- NOT applied by `mapsync migrate`: an admin applies it by hand, after 001 and 002.
 -- Idempotent: safe to run any number of times.
 --
--- The role may read and write the rows of public.model_mappings and nothing else:
+-- The role may read and write the rows of public.model_mappings (and record its runs in
+-- public.mapsync_instances, from 004) and nothing else:
 --   USAGE on schema public; SELECT, INSERT, UPDATE, DELETE on public.model_mappings
 --   (no TRUNCATE, no DDL, not the owner, so it can neither drop nor alter the table);
 --   TEMP on this database (a sync run stages rows in a temporary table);
@@ -47,5 +48,17 @@ $$;
 DROP POLICY IF EXISTS "mapsync can mirror model_mappings" ON public.model_mappings;
 CREATE POLICY "mapsync can mirror model_mappings" ON public.model_mappings
     FOR ALL TO mapsync USING (true) WITH CHECK (true);
+
+-- The instance registry (004), when it exists: the role records its own runs there.
+DO $$
+BEGIN
+    IF to_regclass('public.mapsync_instances') IS NOT NULL THEN
+        GRANT SELECT, INSERT, UPDATE ON TABLE public.mapsync_instances TO mapsync;
+        DROP POLICY IF EXISTS "mapsync can register" ON public.mapsync_instances;
+        CREATE POLICY "mapsync can register" ON public.mapsync_instances
+            FOR ALL TO mapsync USING (true) WITH CHECK (true);
+    END IF;
+END
+$$;
 
 COMMIT;

@@ -62,11 +62,12 @@ pub async fn export(
     let mut image = read_source(settings).await?;
     mapping::sort_for_export(&mut image.mappings);
     let now = Utc::now();
+    let redact = settings.snapshot.redact;
     match output {
-        Some(path) => {
-            snapshot::write_atomic(path, |f| snapshot::write_document(f, &image.mappings, now))?
-        }
-        None => snapshot::write_document(stdout, &image.mappings, now)
+        Some(path) => snapshot::write_atomic(path, |f| {
+            snapshot::write_document(f, &image.mappings, now, redact)
+        })?,
+        None => snapshot::write_document(stdout, &image.mappings, now, redact)
             .map_err(|e| Error::Other(format!("cannot write the export to stdout: {e}")))?,
     }
     Ok(image.mappings.len())
@@ -158,7 +159,64 @@ pub async fn check(settings: &Settings) -> Vec<CheckLine> {
         ),
         Err(e) => line(false, "table", e.to_string()),
     });
+    lines.push(instances_line(&target).await);
     lines
+}
+
+/// Which other mapsync instances write the same table (SPEC §2).
+async fn instances_line(target: &Target) -> CheckLine {
+    let me = target.instance_name();
+    let line = |ok, detail| CheckLine {
+        ok,
+        what: "instances",
+        detail,
+    };
+    match target.instances().await {
+        Ok(None) => line(
+            false,
+            format!(
+                "{} is missing: run `mapsync migrate` (sql/004_mapsync_instances.sql); until then a run cannot tell whether another instance writes {}",
+                crate::target::registry::REGISTRY,
+                target.table()
+            ),
+        ),
+        Ok(Some(others)) if others.is_empty() => line(
+            true,
+            format!(
+                "this instance is `{me}`; no other instance writes {}",
+                target.table()
+            ),
+        ),
+        Ok(Some(others)) => {
+            let grace = chrono::Duration::from_std(target.instance_grace()).unwrap_or_default();
+            let recent: Vec<String> = others
+                .iter()
+                .filter(|o| o.last_run_at.is_some_and(|t| Utc::now() - t < grace))
+                .map(ToString::to_string)
+                .collect();
+            let all: Vec<String> = others.iter().map(ToString::to_string).collect();
+            if recent.is_empty() {
+                line(
+                    true,
+                    format!(
+                        "this instance is `{me}`; other instances recorded for {}, none within target.instance_grace_s: {}",
+                        target.table(),
+                        all.join("; ")
+                    ),
+                )
+            } else {
+                line(
+                    false,
+                    format!(
+                        "this instance is `{me}`, and another writes {} too: {}; with delete propagation its runs are refused (refused:other_instance) until the other stops for target.instance_grace_s, or give both the same instance.name if they mirror the same file",
+                        target.table(),
+                        recent.join("; ")
+                    ),
+                )
+            }
+        }
+        Err(e) => line(false, e.to_string()),
+    }
 }
 
 /// `mapsync migrate`: applies the embedded `sql/` scripts; returns their names.

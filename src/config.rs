@@ -93,6 +93,20 @@ pub struct TargetSettings {
     pub max_delete_fraction: f64,
     pub max_delete_floor: u64,
     pub retry_max: Duration,
+    /// Who this instance is, as recorded in `public.mapsync_instances`.
+    pub instance: Instance,
+    /// How recently another instance must have written the table for a deleting run to
+    /// refuse (`refused:other_instance`).
+    pub instance_grace: Duration,
+}
+
+/// This mapsync instance, as other instances see it in `public.mapsync_instances`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    /// `instance.name`; default `<host name>:<sqlite_path>`.
+    pub name: String,
+    pub host: String,
+    pub sqlite_path: String,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +123,8 @@ pub struct SnapshotSettings {
     /// The least time between two snapshot writes after sync runs (later changes wait for
     /// it and are written together).
     pub min_interval: Duration,
+    /// Write the mirror's (redacted) metadata into snapshots and exports too.
+    pub redact: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -197,7 +213,14 @@ struct RawSettings {
     schedule: RawSchedule,
     snapshot: RawSnapshot,
     http: RawHttp,
+    instance: RawInstance,
     log: RawLog,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawInstance {
+    name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,6 +271,7 @@ struct RawTarget {
     max_delete_fraction: f64,
     max_delete_floor: u64,
     retry_max: u64,
+    instance_grace_s: u64,
 }
 
 impl Default for RawTarget {
@@ -264,6 +288,7 @@ impl Default for RawTarget {
             max_delete_fraction: 0.5,
             max_delete_floor: 10,
             retry_max: 60,
+            instance_grace_s: 3_600,
         }
     }
 }
@@ -291,6 +316,7 @@ struct RawSnapshot {
     keep: usize,
     redact_keys: Vec<String>,
     min_interval_s: u64,
+    redact: bool,
 }
 
 impl Default for RawSnapshot {
@@ -300,6 +326,7 @@ impl Default for RawSnapshot {
             keep: 48,
             redact_keys: DEFAULT_REDACT_KEYS.iter().map(|k| k.to_string()).collect(),
             min_interval_s: 10,
+            redact: false,
         }
     }
 }
@@ -574,6 +601,7 @@ impl RawSettings {
             );
         }
 
+        let instance = instance(self.instance.name, &self.source.sqlite_path);
         Ok(Settings {
             source: SourceSettings {
                 sqlite_path: self.source.sqlite_path,
@@ -595,6 +623,8 @@ impl RawSettings {
                 max_delete_fraction: t.max_delete_fraction,
                 max_delete_floor: t.max_delete_floor,
                 retry_max: Duration::from_secs(t.retry_max),
+                instance,
+                instance_grace: Duration::from_secs(t.instance_grace_s),
             },
             schedule: ScheduleSettings {
                 reconcile: self.schedule.reconcile,
@@ -605,6 +635,7 @@ impl RawSettings {
                 keep: self.snapshot.keep,
                 redact_keys: self.snapshot.redact_keys,
                 min_interval: Duration::from_secs(self.snapshot.min_interval_s),
+                redact: self.snapshot.redact,
             },
             http: HttpSettings {
                 listen,
@@ -618,6 +649,29 @@ impl RawSettings {
             },
         })
     }
+}
+
+/// This instance's identity: `instance.name`, or `<host>:<sqlite path>` when unset.
+fn instance(name: Option<String>, sqlite_path: &Path) -> Instance {
+    let host = host_name();
+    let sqlite_path = std::path::absolute(sqlite_path)
+        .unwrap_or_else(|_| sqlite_path.to_path_buf())
+        .display()
+        .to_string();
+    Instance {
+        name: non_empty(name).unwrap_or_else(|| format!("{host}:{sqlite_path}")),
+        host,
+        sqlite_path,
+    }
+}
+
+/// The kernel's host name (`localhost` when it cannot be read).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 impl Default for Settings {

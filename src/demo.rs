@@ -56,7 +56,7 @@ const MAPPINGS: &[Row] = &[
     row("mapping", "embeddings", "Embeddings", "text-embedding-3-small", r#"["text-embedding-3-small"]"#, 1, r#"{"type": "embedding"}"#),
     row("mapping", "translate", "翻译 (translation)", "qwen-max", r#"["qwen-max", "glm-4.6", "deepseek-chat"]"#, 1, r#"{"preferred_endpoint_id": 5, "note": "映射名 translate"}"#),
     row("mapping", "kimi", "Long context", "kimi-k2", r#"["kimi-k2", "claude-sonnet-4-5"]"#, 1, r#"{"preferred_endpoint_id": 6, "max_tokens": 8192}"#),
-    row("mapping", "reasoning", "Reasoning", "o4-mini", r#"["o4-mini", "deepseek-reasoner"]"#, 1, r#"{"required_tier": "pro", "api_key": "sk-demo-never-exported"}"#),
+    row("mapping", "reasoning", "Reasoning", "o4-mini", r#"["o4-mini", "deepseek-reasoner"]"#, 1, r#"{"required_tier": "pro", "api_key": "sk-demo-kept-in-snapshots-not-in-postgres"}"#),
     row("mapping", "legacy-beta", "Beta (disabled)", "gpt-4o-mini", r#"["gpt-4o-mini"]"#, 0, r#"{"env": "beta"}"#),
     row("tenant", "acme", "Acme (legacy tenant row)", "gpt-4o", r#"["gpt-4o", "gpt-4o-mini"]"#, 1, r#"{"preferred_endpoint_id": 1, "source": "import"}"#),
     row("user", "1001", "Alice's override", "claude-sonnet-4-5", r#"["claude-sonnet-4-5"]"#, 1, r#"{}"#),

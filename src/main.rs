@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mapsync::config::{LogFormat, Settings};
-use mapsync::sync::{SyncOptions, SyncStatus};
+use mapsync::sync::SyncOptions;
 use mapsync::{Error, commands};
 
 #[derive(Parser)]
@@ -115,7 +115,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
             };
             let report = commands::sync(&settings, opts).await?;
             print_json(&report);
-            if report.status == SyncStatus::RefusedMassDelete {
+            if report.status.is_refused() {
                 eprintln!(
                     "error: sync refused: {}",
                     report.detail.as_deref().unwrap_or("mass delete")

@@ -39,22 +39,26 @@ impl Origin {
     }
 }
 
-/// One model mapping, normalised. Serialises to the ten-field exported form, in SPEC order.
+/// One model mapping, normalised. Serialises to the ten-field exported form, in SPEC order,
+/// with its whole metadata (see [`Mapping::view`] for the redacted form).
 ///
 /// The daemon holds every mapping in memory (100,000 of them in the benchmark), so a mapping
 /// keeps all its text in one allocation: `id`, `name`, `default_model`, the candidates as
-/// canonical JSON and the metadata as canonical JSON, back to back, with their end offsets.
-/// That is about 200 bytes a mapping instead of 600 for one `String` per field. Build one
-/// with [`Mapping::new`]; read it through the accessors.
+/// canonical JSON, the metadata as canonical JSON and, only when it differs, the metadata as
+/// the mirror holds it, back to back, with their end offsets. That is about 200 bytes a
+/// mapping instead of 600 for one `String` per field. Build one with [`Mapping::new`]; read it
+/// through the accessors.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Mapping {
     text: Box<str>,
-    /// End offsets in `text` of: id, name, default_model, candidates, metadata.
-    ends: [u32; 5],
+    /// End offsets in `text` of: id, name, default_model, candidates, metadata, mirror
+    /// metadata (empty when the same as the metadata).
+    ends: [u32; 6],
     /// Offset of the `:` between scope type and scope key in the id.
     colon: u32,
     has_name: bool,
     has_default_model: bool,
+    has_mirror_metadata: bool,
     pub is_active: bool,
     pub source: Origin,
     /// Microsecond precision, as Postgres stores it.
@@ -72,8 +76,11 @@ pub struct Fields<'a> {
     pub is_active: bool,
     pub updated_at: Option<DateTime<Utc>>,
     pub source: Origin,
-    /// Canonical JSON text of the (redacted) metadata object; see [`canonical_json`].
+    /// Canonical JSON text of the metadata object, every key kept; see [`canonical_json`].
     pub metadata: &'a str,
+    /// The metadata as the mirror holds it (sensitive keys removed, numbers Postgres cannot
+    /// hold written as strings), when that differs from `metadata`; see [`Metadata`].
+    pub mirror_metadata: Option<&'a str>,
 }
 
 impl Mapping {
@@ -86,9 +93,10 @@ impl Mapping {
                 + f.default_model.map_or(0, str::len)
                 + f.candidates.iter().map(|c| c.len() + 4).sum::<usize>()
                 + 2
-                + f.metadata.len(),
+                + f.metadata.len()
+                + f.mirror_metadata.map_or(0, str::len),
         );
-        let mut ends = [0u32; 5];
+        let mut ends = [0u32; 6];
         let mut mark = |text: &String, i: usize| ends[i] = offset(text.len());
         text.push_str(f.scope_type);
         let colon = offset(text.len());
@@ -103,12 +111,15 @@ impl Mapping {
         mark(&text, 3);
         text.push_str(f.metadata);
         mark(&text, 4);
+        text.push_str(f.mirror_metadata.unwrap_or(""));
+        mark(&text, 5);
         Mapping {
             text: text.into_boxed_str(),
             ends,
             colon,
             has_name: f.name.is_some(),
             has_default_model: f.default_model.is_some(),
+            has_mirror_metadata: f.mirror_metadata.is_some(),
             is_active: f.is_active,
             source: f.source,
             updated_at: f.updated_at,
@@ -157,19 +168,74 @@ impl Mapping {
 
     /// The candidate model names.
     pub fn candidates(&self) -> Vec<String> {
-        serde_json::from_str(self.candidates_json())
-            .expect("candidates are built as a JSON array of strings")
+        serde_json::from_str(self.candidates_json()).unwrap_or_default()
     }
 
-    /// Canonical JSON text of the (redacted) metadata object.
+    /// Canonical JSON text of the whole metadata object (what snapshots and exports keep).
     pub fn metadata_json(&self) -> &str {
         self.part(4)
     }
 
-    /// The metadata as a JSON value.
-    pub fn metadata(&self) -> Value {
-        serde_json::from_str(self.metadata_json()).expect("metadata is built as a JSON object")
+    /// Canonical JSON text of the metadata as the Postgres mirror holds it: sensitive keys
+    /// removed, numbers Postgres cannot hold written as strings (SPEC §1).
+    pub fn mirror_metadata_json(&self) -> &str {
+        if self.has_mirror_metadata {
+            self.part(5)
+        } else {
+            self.part(4)
+        }
     }
+
+    /// The whole metadata as a JSON value.
+    pub fn metadata(&self) -> Value {
+        json_object(self.metadata_json())
+    }
+
+    /// Whether the mirror can hold this mapping: its id must fit in a Postgres index entry
+    /// (the primary key and the scope index refuse entries over about 2,700 bytes).
+    pub fn mirrorable(&self) -> bool {
+        self.id().len() <= MAX_MIRRORED_ID
+    }
+
+    /// The exported form, with the whole metadata or (`redacted`) the mirror's.
+    pub fn view(&self, redacted: bool) -> View<'_> {
+        View {
+            mapping: self,
+            redacted,
+        }
+    }
+
+    /// This mapping with `metadata` (an object) in place of its own.
+    pub fn with_metadata(&self, metadata: &Value, redactor: &Redactor) -> Mapping {
+        let meta = Metadata::of(metadata.clone(), redactor);
+        let candidates: Vec<Cow<'_, str>> = self.candidates().into_iter().map(Cow::Owned).collect();
+        Mapping::new(Fields {
+            scope_type: self.scope_type(),
+            scope_key: self.scope_key(),
+            name: self.name(),
+            default_model: self.default_model(),
+            candidates: &candidates,
+            is_active: self.is_active,
+            updated_at: self.updated_at,
+            source: self.source,
+            metadata: &meta.whole,
+            mirror_metadata: meta.mirror.as_deref(),
+        })
+    }
+}
+
+/// The longest id the mirror takes, in bytes (a Postgres btree entry holds at most 2,704).
+pub const MAX_MIRRORED_ID: usize = 2_000;
+
+/// Text this module built as a JSON object.
+fn json_object(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::Object(Default::default()))
+}
+
+/// A [`Mapping`] serialised in the exported form; see [`Mapping::view`].
+pub struct View<'a> {
+    mapping: &'a Mapping,
+    redacted: bool,
 }
 
 /// Offsets fit in u32: one mapping's text is far below 4 GiB (SQLite's own limit is 1 GB).
@@ -188,6 +254,7 @@ impl std::fmt::Debug for Mapping {
             .field("updated_at", &self.updated_at)
             .field("source", &self.source)
             .field("metadata", &self.metadata_json())
+            .field("mirror_metadata", &self.mirror_metadata_json())
             .finish()
     }
 }
@@ -214,20 +281,29 @@ pub fn format_timestamp(t: &DateTime<Utc>) -> String {
 
 impl Serialize for Mapping {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.view(false).serialize(serializer)
+    }
+}
+
+impl Serialize for View<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let m = self.mapping;
+        let metadata = if self.redacted {
+            m.mirror_metadata_json()
+        } else {
+            m.metadata_json()
+        };
         let mut s = serializer.serialize_struct("Mapping", 10)?;
-        s.serialize_field("id", self.id())?;
-        s.serialize_field("scope_type", self.scope_type())?;
-        s.serialize_field("scope_key", self.scope_key())?;
-        s.serialize_field("name", &self.name())?;
-        s.serialize_field("default_model", &self.default_model())?;
-        s.serialize_field("candidates", &self.candidates())?;
-        s.serialize_field("is_active", &self.is_active)?;
-        s.serialize_field(
-            "updated_at",
-            &self.updated_at.as_ref().map(format_timestamp),
-        )?;
-        s.serialize_field("source", self.source.as_str())?;
-        s.serialize_field("metadata", &self.metadata())?;
+        s.serialize_field("id", m.id())?;
+        s.serialize_field("scope_type", m.scope_type())?;
+        s.serialize_field("scope_key", m.scope_key())?;
+        s.serialize_field("name", &m.name())?;
+        s.serialize_field("default_model", &m.default_model())?;
+        s.serialize_field("candidates", &m.candidates())?;
+        s.serialize_field("is_active", &m.is_active)?;
+        s.serialize_field("updated_at", &m.updated_at.as_ref().map(format_timestamp))?;
+        s.serialize_field("source", m.source.as_str())?;
+        s.serialize_field("metadata", &json_object(metadata))?;
         s.end()
     }
 }
@@ -241,6 +317,14 @@ pub enum Warning {
     InvalidCandidates(String),
     InvalidMetadata(String),
     InvalidTimestamp(String),
+    /// A timestamp outside years 1–9999.
+    TimestampOutOfRange(String),
+    /// U+0000 characters were removed from these fields (Postgres text cannot hold them).
+    NulRemoved(Vec<&'static str>),
+    /// A metadata number Postgres's `numeric` cannot hold (its text, cut short).
+    NumberOutOfRange(String),
+    /// The id is longer than the mirror's index takes: the mapping is not mirrored.
+    IdTooLong(usize),
 }
 
 impl std::fmt::Display for Warning {
@@ -251,6 +335,22 @@ impl std::fmt::Display for Warning {
             Warning::InvalidTimestamp(v) => {
                 write!(f, "updated_at `{v}` is not a timestamp; using null")
             }
+            Warning::TimestampOutOfRange(v) => {
+                write!(f, "updated_at `{v}` is outside years 1-9999; using null")
+            }
+            Warning::NulRemoved(fields) => write!(
+                f,
+                "{} held U+0000 characters, which Postgres cannot store; they were removed",
+                fields.join(", ")
+            ),
+            Warning::NumberOutOfRange(n) => write!(
+                f,
+                "metadata_json holds the number {n}, which Postgres cannot store as a number; the mirror holds its text as a string"
+            ),
+            Warning::IdTooLong(len) => write!(
+                f,
+                "the id is {len} bytes, longer than the mirror's index takes ({MAX_MIRRORED_ID}); the mapping is kept in snapshots but not mirrored: shorten its scope_key in the application"
+            ),
         }
     }
 }
@@ -343,6 +443,10 @@ enum Item<'a> {
     Other,
 }
 
+/// The key under which serde_json (with `arbitrary_precision`) hands over a number that is
+/// not a plain 64-bit integer: as a one-entry map holding its exact text.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
 impl<'de> serde::Deserialize<'de> for Item<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor;
@@ -384,54 +488,222 @@ impl<'de> serde::Deserialize<'de> for Item<'de> {
                 while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
                 Ok(Item::Other)
             }
+            /// An object, or a number given as its exact text (see [`NUMBER_TOKEN`]).
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
             ) -> Result<Item<'de>, A::Error> {
+                let mut item = Item::Other;
+                if let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == NUMBER_TOKEN {
+                        item = Item::Name(Cow::Owned(map.next_value::<String>()?));
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
                 while map
                     .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
                     .is_some()
                 {}
-                Ok(Item::Other)
+                Ok(item)
             }
         }
         d.deserialize_any(Visitor)
     }
 }
 
-/// Metadata from stored JSON text: an object, redacted and canonicalised; anything else `{}`
-/// (with a warning, except for NULL or empty, which simply mean "no metadata").
-pub fn parse_metadata(raw: Option<&str>, redactor: &Redactor) -> (String, Option<Warning>) {
+/// A mapping's metadata in the two forms it is kept in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    /// Canonical JSON of the whole object (snapshots and exports keep every key).
+    pub whole: String,
+    /// Canonical JSON of what the mirror holds, when it differs from `whole`: sensitive keys
+    /// removed, numbers Postgres cannot hold written as strings.
+    pub mirror: Option<String>,
+}
+
+impl Metadata {
+    /// `{}`.
+    pub fn empty() -> Metadata {
+        Metadata {
+            whole: "{}".into(),
+            mirror: None,
+        }
+    }
+
+    /// Both forms of `v`, an object already free of U+0000.
+    pub fn of(v: Value, redactor: &Redactor) -> Metadata {
+        Self::of_noting(v, redactor, &mut Vec::new())
+    }
+
+    fn of_noting(v: Value, redactor: &Redactor, warnings: &mut Vec<Warning>) -> Metadata {
+        let whole = canonical_json(&v);
+        let mut out_of_range = Vec::new();
+        find_out_of_range(&v, &mut out_of_range);
+        let mirror = if redactor.holds_sensitive(&v) || !out_of_range.is_empty() {
+            let mut m = v;
+            redactor.redact(&mut m);
+            numbers_to_strings(&mut m);
+            Some(canonical_json(&m))
+        } else {
+            None
+        };
+        warnings.extend(out_of_range.into_iter().map(Warning::NumberOutOfRange));
+        Metadata { whole, mirror }
+    }
+}
+
+/// Metadata from stored JSON text: an object in both its forms (see [`Metadata`]); anything
+/// else `{}` (with a warning, except for NULL or empty, which simply mean "no metadata").
+/// U+0000 inside strings or keys is removed, with a warning.
+pub fn parse_metadata(raw: Option<&str>, redactor: &Redactor) -> (Metadata, Vec<Warning>) {
     let text = raw.map(str::trim).unwrap_or("");
     if text.is_empty() || text == "{}" {
-        return ("{}".into(), None);
+        return (Metadata::empty(), Vec::new());
     }
     match serde_json::from_str::<Value>(text) {
         Ok(mut v @ Value::Object(_)) => {
-            redactor.redact(&mut v);
-            (canonical_json(&v), None)
+            let mut warnings = Vec::new();
+            if strip_nul(&mut v) {
+                warnings.push(Warning::NulRemoved(vec!["metadata_json"]));
+            }
+            let meta = Metadata::of_noting(v, redactor, &mut warnings);
+            (meta, warnings)
         }
         Ok(_) => (
-            "{}".into(),
-            Some(Warning::InvalidMetadata("is not a JSON object".into())),
+            Metadata::empty(),
+            vec![Warning::InvalidMetadata("is not a JSON object".into())],
         ),
         Err(e) => (
-            "{}".into(),
-            Some(Warning::InvalidMetadata(format!("is not valid JSON ({e})"))),
+            Metadata::empty(),
+            vec![Warning::InvalidMetadata(format!("is not valid JSON ({e})"))],
         ),
     }
 }
 
-/// `is_active` as stored: anything but zero is true; NULL is true.
+/// Removes U+0000 from every string and key inside `v`; true when there was one.
+pub fn strip_nul(v: &mut Value) -> bool {
+    match v {
+        Value::String(s) if s.contains('\0') => {
+            s.retain(|c| c != '\0');
+            true
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |hit, i| strip_nul(i) | hit),
+        Value::Object(map) => {
+            let mut hit = map.values_mut().fold(false, |hit, i| strip_nul(i) | hit);
+            if map.keys().any(|k| k.contains('\0')) {
+                hit = true;
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (k.replace('\0', ""), v))
+                    .collect();
+            }
+            hit
+        }
+        _ => false,
+    }
+}
+
+/// Collects the text of every number in `v` that Postgres's `numeric` cannot hold.
+fn find_out_of_range(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Number(n) if numeric_text(&n.to_string()).is_none() => {
+            out.push(n.to_string().chars().take(40).collect())
+        }
+        Value::Array(items) => items.iter().for_each(|i| find_out_of_range(i, out)),
+        Value::Object(map) => map.values().for_each(|i| find_out_of_range(i, out)),
+        _ => {}
+    }
+}
+
+/// Replaces every number Postgres cannot hold by a string of its text.
+fn numbers_to_strings(v: &mut Value) {
+    match v {
+        Value::Number(n) if numeric_text(&n.to_string()).is_none() => {
+            *v = Value::String(n.to_string())
+        }
+        Value::Array(items) => items.iter_mut().for_each(numbers_to_strings),
+        Value::Object(map) => map.values_mut().for_each(numbers_to_strings),
+        _ => {}
+    }
+}
+
+/// The most digits before the decimal point, and after it, that Postgres's `numeric` holds.
+const NUMERIC_MAX_INTEGER_DIGITS: i64 = 131_072;
+const NUMERIC_MAX_SCALE: i64 = 16_383;
+
+/// The text PostgreSQL's `numeric` (and so `jsonb`) prints for the JSON number `text`: no
+/// exponent, the scale the literal implies (`1.50` stays `1.50`, `1e3` is `1000`, `100e-2`
+/// is `1.00`), no negative zero. `None` when `numeric` cannot hold it (more than 131,072
+/// digits before the point or 16,383 after it) or `text` is not a JSON number.
+pub fn numeric_text(text: &str) -> Option<String> {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], rest[i + 1..].parse::<i64>().ok()?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // value = digits × 10^-scale
+    let scale = (frac.len() as i64).checked_sub(exponent)?;
+    let dscale = scale.max(0);
+    if dscale > NUMERIC_MAX_SCALE {
+        return None;
+    }
+    let all: String = [int, frac].concat();
+    let digits = all.trim_start_matches('0');
+    let mut out = String::new();
+    if digits.is_empty() {
+        out.push('0');
+    } else {
+        let len = digits.len() as i64;
+        if len - scale > NUMERIC_MAX_INTEGER_DIGITS {
+            return None;
+        }
+        if negative {
+            out.push('-');
+        }
+        if scale <= 0 {
+            out.push_str(digits);
+            out.extend(std::iter::repeat_n('0', (-scale) as usize));
+            return Some(out);
+        }
+        let split = len - scale;
+        if split > 0 {
+            out.push_str(&digits[..split as usize]);
+        } else {
+            out.push('0');
+        }
+        out.push('.');
+        out.extend(std::iter::repeat_n('0', (-split).max(0) as usize));
+        out.push_str(&digits[split.max(0) as usize..]);
+        return Some(out);
+    }
+    if dscale > 0 {
+        out.push('.');
+        out.extend(std::iter::repeat_n('0', dscale as usize));
+    }
+    Some(out)
+}
+
+/// `is_active` as stored: anything but zero is true; NULL is false (the application reads a
+/// NULL as inactive: `bool(row["is_active"])`).
 pub fn parse_active_int(v: Option<i64>) -> bool {
-    v.is_none_or(|v| v != 0)
+    v.is_some_and(|v| v != 0)
 }
 
 /// `is_active` given as JSON (prompt mappings): booleans, numbers and "true"/"1" strings;
-/// missing or null is true.
+/// a missing key is true and null is false, as the application reads them
+/// (`bool(m.get("is_active", True))`).
 pub fn parse_active_json(v: Option<&Value>) -> bool {
     match v {
-        None | Some(Value::Null) => true,
+        None => true,
+        Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(Value::Number(n)) => n.as_f64().is_none_or(|f| f != 0.0),
         Some(Value::String(s)) => !matches!(
@@ -443,9 +715,11 @@ pub fn parse_active_json(v: Option<&Value>) -> bool {
 }
 
 /// A timestamp in RFC 3339 / ISO 8601 form (`+00:00`, `Z`, any offset, or naive read as UTC),
-/// rounded to microseconds. NULL or empty gives `None` silently; anything unparseable gives
-/// `None` with a warning.
+/// rounded to microseconds as Postgres rounds (or truncated, when rounding would leave year
+/// 9999). NULL or empty gives `None` silently; anything unparseable, or outside years
+/// 1–9999, gives `None` with a warning.
 pub fn parse_timestamp(raw: Option<&str>) -> (Option<DateTime<Utc>>, Option<Warning>) {
+    use chrono::{Datelike, SubsecRound};
     let text = raw.map(str::trim).unwrap_or("");
     if text.is_empty() {
         return (None, None);
@@ -459,10 +733,22 @@ pub fn parse_timestamp(raw: Option<&str>) -> (Option<DateTime<Utc>>, Option<Warn
                 .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
                 .map(|naive| naive.and_utc())
         });
-    match parsed {
-        Some(t) => (Some(round_to_micros(t)), None),
-        None => (None, Some(Warning::InvalidTimestamp(text.to_string()))),
+    let Some(t) = parsed else {
+        return (None, Some(Warning::InvalidTimestamp(cut(text))));
+    };
+    let in_range = |t: &DateTime<Utc>| (1..=9999).contains(&t.year());
+    match [round_to_micros(t), t.trunc_subsecs(6)]
+        .into_iter()
+        .find(in_range)
+    {
+        Some(t) => (Some(t), None),
+        None => (None, Some(Warning::TimestampOutOfRange(cut(text)))),
     }
+}
+
+/// At most 40 characters of `s`, for a log line.
+fn cut(s: &str) -> String {
+    s.chars().take(40).collect()
 }
 
 /// Postgres keeps microseconds and rounds half to even; do the same so values compare equal.
@@ -510,6 +796,17 @@ impl Redactor {
     /// row.
     pub fn is_sensitive(&self, key: &str) -> bool {
         self.folded.iter().any(|f| folded(key).eq(f.chars()))
+    }
+
+    /// Whether any object inside `v` (arrays included) has a sensitive key.
+    pub fn holds_sensitive(&self, v: &Value) -> bool {
+        match v {
+            Value::Object(map) => map
+                .iter()
+                .any(|(k, child)| self.is_sensitive(k) || self.holds_sensitive(child)),
+            Value::Array(items) => items.iter().any(|child| self.holds_sensitive(child)),
+            _ => false,
+        }
     }
 
     /// Removes every sensitive key from objects anywhere inside `v` (arrays included).
@@ -561,8 +858,16 @@ pub fn write_json(out: &mut String, v: &Value, keys: KeyOrder) {
     match v {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        // serde_json keeps a number's exact text (`arbitrary_precision`); jsonb prints it as
+        // `numeric` does.
         Value::Number(n) => {
-            let _ = write!(out, "{n}");
+            let text = n.to_string();
+            match keys {
+                KeyOrder::Canonical => {
+                    out.push_str(numeric_text(&text).as_deref().unwrap_or(&text))
+                }
+                KeyOrder::AsGiven => out.push_str(&text),
+            }
         }
         Value::String(s) => write_json_string(out, s),
         Value::Array(items) => {
@@ -751,11 +1056,11 @@ impl Mapping {
             return Err("scope_type or scope_key is empty".into());
         }
         let metadata = match obj.get("metadata") {
-            None | Some(Value::Null) => "{}".to_string(),
+            None | Some(Value::Null) => Metadata::empty(),
             Some(m @ Value::Object(_)) => {
                 let mut m = m.clone();
-                redactor.redact(&mut m);
-                canonical_json(&m)
+                strip_nul(&mut m);
+                Metadata::of(m, redactor)
             }
             Some(_) => return Err("metadata is not an object".into()),
         };
@@ -782,7 +1087,8 @@ impl Mapping {
                 Some("prompt") => Origin::Prompt,
                 _ => Origin::Sqlite,
             },
-            metadata: &metadata,
+            metadata: &metadata.whole,
+            mirror_metadata: metadata.mirror.as_deref(),
         }))
     }
 }
@@ -862,27 +1168,30 @@ mod tests {
         let (c, _) = parse_candidates(Some(r#"["通义千问", "模型-β"]"#));
         assert_eq!(c, vec!["通义千问", "模型-β"]);
         let (m, w) = parse_metadata(Some(r#"{"note": "映射名 11"}"#), &Redactor::default());
-        assert_eq!(m, r#"{"note": "映射名 11"}"#);
-        assert_eq!(w, None);
+        assert_eq!(m.whole, r#"{"note": "映射名 11"}"#);
+        assert_eq!(m.mirror, None);
+        assert_eq!(w, []);
     }
 
     #[test]
     fn metadata_must_be_an_object() {
         let r = Redactor::default();
-        assert_eq!(parse_metadata(None, &r), ("{}".into(), None));
-        assert_eq!(parse_metadata(Some(""), &r), ("{}".into(), None));
-        assert!(
-            matches!(parse_metadata(Some("[1,2]"), &r), (m, Some(Warning::InvalidMetadata(_))) if m == "{}")
-        );
-        assert!(
-            matches!(parse_metadata(Some("{oops"), &r), (m, Some(Warning::InvalidMetadata(_))) if m == "{}")
-        );
+        assert_eq!(parse_metadata(None, &r), (Metadata::empty(), vec![]));
+        assert_eq!(parse_metadata(Some(""), &r), (Metadata::empty(), vec![]));
+        for bad in ["[1,2]", "{oops"] {
+            let (m, w) = parse_metadata(Some(bad), &r);
+            assert_eq!(m, Metadata::empty());
+            assert!(
+                matches!(w[..], [Warning::InvalidMetadata(_)]),
+                "{bad}: {w:?}"
+            );
+        }
     }
 
     #[test]
     fn sensitive_keys_are_removed_at_any_depth_whatever_their_spelling() {
         let r = Redactor::default();
-        let (m, _) = parse_metadata(
+        let (meta, _) = parse_metadata(
             Some(
                 r#"{"apiKey": "x", "API-KEY": "y", "api_key": "z", "max_tokens": 512, "Token": "t",
                    "nested": {"client_secret": "s", "keep": 1, "deeper": [{"refresh-token": "r", "ok": true}]},
@@ -890,12 +1199,95 @@ mod tests {
             ),
             &r,
         );
-        let v: Value = serde_json::from_str(&m).unwrap();
+        let mirror: Value = serde_json::from_str(meta.mirror.as_deref().unwrap()).unwrap();
         assert_eq!(
-            v,
+            mirror,
             json!({"max_tokens": 512, "nested": {"keep": 1, "deeper": [{"ok": true}]},
                    "private_key_id": "kept: not an exact match"})
         );
+        // The whole metadata keeps every key (snapshots and exports are backups).
+        let whole: Value = serde_json::from_str(&meta.whole).unwrap();
+        assert_eq!(whole["apiKey"], "x");
+        assert_eq!(whole["nested"]["deeper"][0]["refresh-token"], "r");
+    }
+
+    #[test]
+    fn metadata_without_secrets_is_kept_once() {
+        let (meta, w) = parse_metadata(Some(r#"{"b": 1, "a": [true]}"#), &Redactor::default());
+        assert_eq!(meta.whole, r#"{"a": [true], "b": 1}"#);
+        assert_eq!(meta.mirror, None, "the mirror's form is the whole one");
+        assert_eq!(w, []);
+    }
+
+    #[test]
+    fn numbers_keep_their_exact_value_in_postgres_numeric_form() {
+        // Each pair checked against `SELECT '<n>'::jsonb::text` on PostgreSQL 15.
+        for (given, jsonb) in [
+            ("1e3", "1000"),
+            ("1.5e-3", "0.0015"),
+            ("1.50", "1.50"),
+            ("-0", "0"),
+            ("-0.0", "0.0"),
+            ("100e-2", "1.00"),
+            ("1E+2", "100"),
+            ("12345678901234567890123", "12345678901234567890123"),
+            ("0.000", "0.000"),
+            ("-1.0e0", "-1.0"),
+            ("0e200000", "0"),
+            ("-12.5", "-12.5"),
+            ("0.37", "0.37"),
+        ] {
+            assert_eq!(numeric_text(given).as_deref(), Some(jsonb), "{given}");
+        }
+        assert_eq!(numeric_text("1e131071").map(|t| t.len()), Some(131_072));
+        for out_of_range in ["1e131072", "1.5e-16383", "0e-20000", "1e2147483648"] {
+            assert_eq!(numeric_text(out_of_range), None, "{out_of_range}");
+        }
+        let (meta, w) = parse_metadata(
+            Some(r#"{"big": 12345678901234567890123, "e": 1e3, "huge": 1e200000}"#),
+            &Redactor::default(),
+        );
+        assert_eq!(
+            meta.whole,
+            r#"{"e": 1000, "big": 12345678901234567890123, "huge": 1e+200000}"#
+        );
+        assert_eq!(
+            meta.mirror.as_deref(),
+            Some(r#"{"e": 1000, "big": 12345678901234567890123, "huge": "1e+200000"}"#)
+        );
+        assert!(matches!(&w[..], [Warning::NumberOutOfRange(n)] if n == "1e+200000"));
+        let (c, _) = parse_candidates(Some("[12345678901234567890123, 1.50]"));
+        assert_eq!(c, vec!["12345678901234567890123", "1.50"]);
+    }
+
+    #[test]
+    fn nul_characters_are_removed_from_metadata_strings_and_keys() {
+        let (meta, w) = parse_metadata(
+            Some(r#"{"k": "x\u0000y", "a\u0000b": ["\u0000"]}"#),
+            &Redactor::default(),
+        );
+        assert_eq!(meta.whole, r#"{"k": "xy", "ab": [""]}"#);
+        assert_eq!(w, [Warning::NulRemoved(vec!["metadata_json"])]);
+    }
+
+    #[test]
+    fn timestamps_outside_years_1_to_9999_are_null() {
+        let (t, w) = parse_timestamp(Some("9999-12-31T23:59:59.9999999+00:00"));
+        assert_eq!(
+            t.as_ref().map(format_timestamp).as_deref(),
+            Some("9999-12-31T23:59:59.999999+00:00"),
+            "rounding would leave year 9999: truncated instead"
+        );
+        assert_eq!(w, None);
+        for out in [
+            "10000-01-01T00:00:00Z",
+            "0000-06-01T00:00:00Z",
+            "+12345-01-01T00:00:00Z",
+        ] {
+            let (t, w) = parse_timestamp(Some(out));
+            assert_eq!(t, None, "{out}");
+            assert!(w.is_some(), "{out}");
+        }
     }
 
     #[test]
@@ -943,11 +1335,15 @@ mod tests {
 
     #[test]
     fn is_active_rules() {
-        assert!(parse_active_int(None));
+        assert!(
+            !parse_active_int(None),
+            "NULL is inactive, as the application reads it"
+        );
         assert!(parse_active_int(Some(1)));
         assert!(parse_active_int(Some(-3)));
         assert!(!parse_active_int(Some(0)));
-        assert!(parse_active_json(None));
+        assert!(parse_active_json(None), "a missing key is active");
+        assert!(!parse_active_json(Some(&Value::Null)), "null is inactive");
         assert!(!parse_active_json(Some(&json!(false))));
         assert!(!parse_active_json(Some(&json!(0))));
         assert!(!parse_active_json(Some(&json!("false"))));
@@ -1104,6 +1500,7 @@ mod tests {
             updated_at: None,
             source: Origin::Prompt,
             metadata: r#"{"k": 1}"#,
+            mirror_metadata: None,
         });
         assert_eq!(m.id(), "premium_user:a:b");
         assert_eq!(m.scope_type(), "premium_user");

@@ -34,12 +34,14 @@
 //!   `", "` / `": "` separators and its keys sorted at every depth; `is_active` 1/0;
 //!   `updated_at` RFC 3339 with `+00:00`, or NULL.
 //!
-//! Secrets: snapshots are redacted (SPEC §1), so restoring one must not erase the secrets the
-//! row still holds. The metadata written is the entry's, plus every key of the row's current
-//! metadata that `snapshot.redact_keys` calls sensitive, at any depth, wherever its parent
-//! object still exists in the entry (objects are matched by key, lists by position). A
-//! sensitive key present in the file itself is dropped, as every export drops it. So a
-//! snapshot that differs from the row only by a redacted secret is `unchanged`.
+//! Secrets: snapshots and exports keep every metadata key, but a file may lack some (written
+//! with `snapshot.redact = true`, or copied from the redacted Postgres mirror), and restoring
+//! it must not erase the secrets the row still holds (SPEC §1). The metadata written is the
+//! entry's, plus every key of the row's current metadata that `snapshot.redact_keys` calls
+//! sensitive and the entry lacks, at any depth, wherever its parent object still exists in
+//! the entry (objects are matched by key, lists by position). A sensitive key the file holds
+//! is restored as the file has it. So a file that differs from the row only by a missing
+//! secret is `unchanged`.
 //!
 //! Prompt mappings (`source = "prompt"`, id `prompt:<id>`): the `ai_prompts` row `<id>` gets
 //! `default_model`, `candidates`, `is_active` and `updated_at` set in its `tools_json`'s
@@ -421,10 +423,12 @@ impl Index {
         let mut writes = Vec::new();
         let mut legacy = Vec::new();
         for row in group.iter().map(|&i| &self.rows[i]) {
-            if row.mapping.as_ref() == Some(m) {
+            let metadata = merged_metadata(m, row, redactor);
+            // A file without the row's secrets (a redacted export) restores to the same row.
+            if row.mapping.as_ref() == Some(&m.with_metadata(&metadata, redactor)) {
                 continue;
             }
-            let columns = Columns::new(m, merged_metadata(m, row, redactor));
+            let columns = Columns::new(m, metadata);
             match row.stored_id.as_deref() {
                 Some(id) if id == m.id() => writes.push(Write::Upsert {
                     mapping: m.clone(),
@@ -451,7 +455,7 @@ impl Index {
     }
 }
 
-/// The entry's metadata with the secrets the row still holds.
+/// The entry's metadata, plus every secret the row holds that the entry lacks.
 fn merged_metadata(m: &Mapping, row: &Existing, redactor: &Redactor) -> Value {
     let mut metadata = m.metadata();
     let current = row
@@ -464,14 +468,15 @@ fn merged_metadata(m: &Mapping, row: &Existing, redactor: &Redactor) -> Value {
     metadata
 }
 
-/// Copies into `target` every key of `current` that `redactor` calls sensitive, at any depth,
-/// where the parent object exists in both (objects matched by key, lists by position).
+/// Copies into `target` every key of `current` that `redactor` calls sensitive and `target`
+/// lacks, at any depth, where the parent object exists in both (objects matched by key,
+/// lists by position). A secret the file itself holds wins.
 fn keep_secrets(target: &mut Value, current: &Value, redactor: &Redactor) {
     match (target, current) {
         (Value::Object(t), Value::Object(c)) => {
             for (k, cv) in c {
                 if redactor.is_sensitive(k) {
-                    t.insert(k.clone(), cv.clone());
+                    t.entry(k.clone()).or_insert_with(|| cv.clone());
                 } else if let Some(tv) = t.get_mut(k) {
                     keep_secrets(tv, cv, redactor);
                 }

@@ -34,22 +34,27 @@ const TEMP_PREFIX: &str = ".mapsync-tmp-";
 
 /// A snapshot write or read that failed, with the fix.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {action} {path}: {source}{hint}", hint = hint(source))]
+#[error("cannot {action} {path}: {source}{hint}", hint = hint(source, *retained))]
 pub struct SnapshotError {
     action: &'static str,
     path: PathBuf,
     source: io::Error,
+    /// Set when the write failed again after retention made room: how many it kept.
+    retained: Option<usize>,
 }
 
-fn hint(e: &io::Error) -> &'static str {
-    match e.kind() {
-        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
-            ": make snapshot.dir writable by the mapsync user (systemd: ReadWritePaths)"
+fn hint(e: &io::Error, retained: Option<usize>) -> String {
+    match (e.kind(), retained) {
+        (io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem, _) => {
+            ": make snapshot.dir writable by the mapsync user (systemd: ReadWritePaths)".into()
         }
-        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
-            ": free disk space or lower snapshot.keep"
+        (io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded, Some(kept)) => format!(
+            " (even after deleting all but the newest {kept} snapshots): free disk space on the snapshot.dir filesystem or lower snapshot.keep"
+        ),
+        (io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded, None) => {
+            ": free disk space on the snapshot.dir filesystem or lower snapshot.keep".into()
         }
-        _ => "",
+        _ => String::new(),
     }
 }
 
@@ -59,7 +64,21 @@ impl SnapshotError {
             action,
             path: path.to_path_buf(),
             source,
+            retained: None,
         }
+    }
+
+    /// Whether the disk (or a quota) was full.
+    fn is_disk_full(&self) -> bool {
+        matches!(
+            self.source.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
+    }
+
+    fn after_retention(mut self, keep: usize) -> Self {
+        self.retained = Some(keep.saturating_sub(1));
+        self
     }
 }
 
@@ -68,22 +87,32 @@ impl SnapshotError {
 struct Document<'a> {
     exported_at: String,
     count: usize,
-    mappings: &'a [Arc<Mapping>],
+    #[serde(serialize_with = "views")]
+    mappings: (&'a [Arc<Mapping>], bool),
+}
+
+fn views<S: serde::Serializer>(
+    (mappings, redacted): &(&[Arc<Mapping>], bool),
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(mappings.iter().map(|m| m.view(*redacted)))
 }
 
 /// Writes the export document for `mappings`, in the order given (callers sort with
 /// [`mapping::sort_for_export`]; two-space indent, UTF-8, not ASCII-escaped, a
-/// trailing newline) to `out`.
+/// trailing newline) to `out`. Every metadata key is kept (the file is a backup of the
+/// source of truth) unless `redacted` (`snapshot.redact`) asks for the mirror's form.
 pub fn write_document(
     out: impl Write,
     mappings: &[Arc<Mapping>],
     exported_at: DateTime<Utc>,
+    redacted: bool,
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     let doc = Document {
         exported_at: exported_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, false),
         count: mappings.len(),
-        mappings,
+        mappings: (mappings, redacted),
     };
     let mut ser =
         serde_json::Serializer::with_formatter(&mut out, PrettyFormatter::with_indent(b"  "));
@@ -112,7 +141,8 @@ pub fn parse_document(
         .collect())
 }
 
-/// Writes `path` atomically: temporary file, fsync, rename, fsync of the directory.
+/// Writes `path` atomically: temporary file (mode 0600: it may hold secrets), fsync, rename,
+/// fsync of the directory.
 pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
@@ -124,7 +154,7 @@ pub fn write_atomic(
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
     ));
     let result = (|| {
-        let mut file = File::create(&temp)?;
+        let mut file = private_file(&temp)?;
         fill(&mut file)?;
         file.sync_all()?;
         drop(file);
@@ -135,6 +165,17 @@ pub fn write_atomic(
         let _ = fs::remove_file(&temp);
         SnapshotError::new("write", path, e)
     })
+}
+
+/// A new file only its owner can read and write.
+fn private_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -168,6 +209,8 @@ pub enum Written {
 pub struct SnapshotStore {
     dir: PathBuf,
     keep: usize,
+    /// `snapshot.redact`: write the mirror's (redacted) metadata instead of the whole.
+    redact: bool,
     redactor: Redactor,
     /// Digest of the newest snapshot's mappings; `None` until known.
     newest_digest: Option<u64>,
@@ -178,6 +221,7 @@ impl SnapshotStore {
         SnapshotStore {
             dir: settings.dir.clone(),
             keep: settings.keep,
+            redact: settings.redact,
             redactor,
             newest_digest: None,
         }
@@ -187,9 +231,20 @@ impl SnapshotStore {
         &self.dir
     }
 
-    /// Creates the directory and removes temporary files a crash may have left.
+    /// Creates the directory (mode 0700: snapshots hold the metadata's secrets), tightens an
+    /// existing one that others may read, and removes temporary files a crash may have left.
     pub fn prepare(&mut self) -> Result<(), SnapshotError> {
-        fs::create_dir_all(&self.dir).map_err(|e| SnapshotError::new("create", &self.dir, e))?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| SnapshotError::new("create", &self.dir, e))?;
+        if let Ok(meta) = fs::metadata(&self.dir) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                let _ = fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700));
+            }
+        }
         let entries =
             fs::read_dir(&self.dir).map_err(|e| SnapshotError::new("read", &self.dir, e))?;
         for entry in entries.flatten() {
@@ -228,10 +283,18 @@ impl SnapshotStore {
         mapping::sort_for_export(&mut sorted);
         let name = format!("{PREFIX}{}{SUFFIX}", now.format(STAMP_FORMAT));
         let path = self.dir.join(&name);
-        write_atomic(&path, |f| write_document(f, &sorted, now))?;
+        let write = || write_atomic(&path, |f| write_document(f, &sorted, now, self.redact));
+        match write() {
+            Err(e) if e.is_disk_full() => {
+                // Make room for this one within `keep`, then try once more.
+                self.apply_retention(self.keep.saturating_sub(1));
+                write().map_err(|e| e.after_retention(self.keep))?;
+            }
+            other => other?,
+        }
         self.point_latest_at(&path)?;
         self.newest_digest = Some(digest);
-        self.apply_retention();
+        self.apply_retention(self.keep);
         let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         Ok(Written::New(SnapshotInfo {
             name,
@@ -260,15 +323,15 @@ impl SnapshotStore {
         }
     }
 
-    /// Deletes the oldest timestamped snapshots beyond `keep`. Failures are logged, not fatal:
-    /// an extra old file is harmless.
-    fn apply_retention(&self) {
+    /// Deletes the oldest timestamped snapshots beyond the newest `keep`. Failures are logged,
+    /// not fatal: an extra old file is harmless.
+    fn apply_retention(&self, keep: usize) {
         let mut names = self.timestamped_names();
-        if names.len() <= self.keep {
+        if names.len() <= keep {
             return;
         }
         names.sort_unstable_by(|a, b| b.cmp(a));
-        for old in &names[self.keep..] {
+        for old in &names[keep..] {
             let path = self.dir.join(old);
             if let Err(e) = fs::remove_file(&path) {
                 tracing::warn!(file = %path.display(), error = %e, "cannot delete an old snapshot");

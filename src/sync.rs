@@ -12,7 +12,7 @@ use serde::{Serialize, Serializer};
 
 use crate::config::TargetSettings;
 use crate::mapping::Mapping;
-use crate::target::{MirrorError, MirrorOptions, MirrorOutcome, Target};
+use crate::target::{MirrorError, MirrorOptions, MirrorOutcome, Refusal, Target};
 
 /// What started a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -41,6 +41,7 @@ pub enum SyncStatus {
     Synced,
     SkippedNotConfigured,
     RefusedMassDelete,
+    RefusedOtherInstance,
 }
 
 impl SyncStatus {
@@ -49,7 +50,16 @@ impl SyncStatus {
             SyncStatus::Synced => "synced",
             SyncStatus::SkippedNotConfigured => "skipped:supabase_not_configured",
             SyncStatus::RefusedMassDelete => "refused:mass_delete",
+            SyncStatus::RefusedOtherInstance => "refused:other_instance",
         }
+    }
+
+    /// Whether a guard refused the run (nothing was written).
+    pub fn is_refused(self) -> bool {
+        matches!(
+            self,
+            SyncStatus::RefusedMassDelete | SyncStatus::RefusedOtherInstance
+        )
     }
 
     /// The `result` label of `mapsync_sync_runs_total`.
@@ -57,7 +67,7 @@ impl SyncStatus {
         match self {
             SyncStatus::Synced => "ok",
             SyncStatus::SkippedNotConfigured => "skipped",
-            SyncStatus::RefusedMassDelete => "refused",
+            SyncStatus::RefusedMassDelete | SyncStatus::RefusedOtherInstance => "refused",
         }
     }
 }
@@ -129,8 +139,11 @@ impl SyncReport {
         let remote_before = outcome.remote_before.unwrap_or(remote_known);
         let duration_ms = duration.as_millis() as u64;
         match &outcome.refused {
-            Some(why) => SyncReport {
-                status: SyncStatus::RefusedMassDelete,
+            Some(refusal) => SyncReport {
+                status: match refusal {
+                    Refusal::MassDelete(_) => SyncStatus::RefusedMassDelete,
+                    Refusal::OtherInstance(_) => SyncStatus::RefusedOtherInstance,
+                },
                 synced_count: 0,
                 changed_count: 0,
                 deleted_count: 0,
@@ -139,7 +152,7 @@ impl SyncReport {
                 duration_ms,
                 trigger,
                 dry_run: opts.dry_run,
-                detail: Some(why.clone()),
+                detail: Some(refusal.message().to_string()),
             },
             None => SyncReport {
                 status: SyncStatus::Synced,
@@ -151,15 +164,37 @@ impl SyncReport {
                 duration_ms,
                 trigger,
                 dry_run: opts.dry_run,
-                detail: (!opts.delete_missing && outcome.extra > 0).then(|| {
-                    format!(
-                        "{} remote rows are not in the source; delete propagation is off (target.delete_missing)",
-                        outcome.extra
-                    )
-                }),
+                detail: detail(outcome, opts),
             },
         }
     }
+}
+
+/// What a synced run wants its reader to know: mappings Postgres refused, remote rows left
+/// in place.
+fn detail(outcome: &MirrorOutcome, opts: SyncOptions) -> Option<String> {
+    let mut parts = Vec::new();
+    if !outcome.rejected.is_empty() {
+        let ids: Vec<&str> = outcome
+            .rejected
+            .iter()
+            .take(5)
+            .map(|r| r.id.as_str())
+            .collect();
+        parts.push(format!(
+            "Postgres refused {} mapping(s) ({}{}); every other mapping is mirrored: see the log for why",
+            outcome.rejected.len(),
+            ids.join(", "),
+            if outcome.rejected.len() > ids.len() { ", …" } else { "" }
+        ));
+    }
+    if !opts.delete_missing && outcome.extra > 0 {
+        parts.push(format!(
+            "{} remote rows are not in the source; delete propagation is off (target.delete_missing)",
+            outcome.extra
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 /// What the target needs to know of a run's options.

@@ -327,7 +327,9 @@ fn demo_in_a_fresh_directory_serves_twenty_mappings_and_stops_on_sigterm() {
     assert_eq!(acme["scope_key"], "acme", "{acme}");
     assert!(!ids.iter().any(|id| id.starts_with("tenant:")), "{ids:?}");
 
-    // A snapshot under ./demo/snapshots, with the same twenty and no secret.
+    // A snapshot under ./demo/snapshots, with the same twenty; a backup of the source of
+    // truth, it keeps the demo's api_key (only the Postgres mirror drops it), readable by
+    // the owner alone.
     let snaps = dir.path().join("demo/snapshots");
     let mut files = Vec::new();
     assert!(
@@ -343,9 +345,13 @@ fn demo_in_a_fresh_directory_serves_twenty_mappings_and_stops_on_sigterm() {
     let doc: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(doc["count"], DEMO_MAPPINGS);
     assert!(
-        !text.contains("sk-demo-never-exported"),
-        "the demo's api_key is redacted"
+        text.contains("sk-demo-kept-in-snapshots"),
+        "a snapshot keeps every metadata key"
     );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&files[0]), 0o600, "a snapshot is private to its owner");
+    assert_eq!(mode(&snaps), 0o700, "and so is its directory");
 
     demo.stop_cleanly(libc::SIGTERM);
     let top: Vec<String> = std::fs::read_dir(dir.path())

@@ -595,8 +595,8 @@ fn export_snapshots_and_the_mappings_list() {
         &text[..text.len().min(80)]
     );
     assert!(
-        !text.contains("sk-live-EXPORT-SECRET"),
-        "a redacted secret was exported"
+        text.contains("sk-live-EXPORT-SECRET"),
+        "an export is a backup of the source of truth: it keeps every metadata key"
     );
     let doc = r.json();
     assert_eq!(doc["count"], 31, "30 rows + 1 prompt mapping");
@@ -607,7 +607,10 @@ fn export_snapshots_and_the_mappings_list() {
         assert_eq!(m.as_object().unwrap().len(), 10, "{m}");
     }
     let m003 = maps.iter().find(|m| m["id"] == "mapping:m003").unwrap();
-    assert_eq!(m003["metadata"], json!({"note": "kept"}));
+    assert_eq!(
+        m003["metadata"],
+        json!({"apiKey": "sk-live-EXPORT-SECRET", "note": "kept"})
+    );
     // The ten fields in order, in the first mapping's text.
     let first = text.find("\"id\":").unwrap();
     let second = first + 1 + text[first + 1..].find("\"id\":").unwrap();
@@ -645,7 +648,10 @@ fn export_snapshots_and_the_mappings_list() {
         let r = d.get(&format!("/snapshots/{name}"));
         assert_eq!(r.status, 200, "{name}: {}", r.text());
         assert_eq!(r.json()["count"], 31);
-        assert!(!r.text().contains("sk-live-EXPORT-SECRET"));
+        assert!(
+            r.text().contains("sk-live-EXPORT-SECRET"),
+            "snapshots keep every key"
+        );
         let on_disk = std::fs::read(ws.snapshot_dir().join(name)).unwrap();
         assert_eq!(r.body, on_disk, "{name} is served as it is on disk");
     }
@@ -693,7 +699,10 @@ fn export_snapshots_and_the_mappings_list() {
     let page = ok_data(&d.get("/mappings"));
     assert_eq!(page["total"], 31);
     assert_eq!(page["items"].as_array().unwrap().len(), 31);
-    assert!(!page.to_string().contains("sk-live-EXPORT-SECRET"));
+    assert!(
+        !page.to_string().contains("sk-live-EXPORT-SECRET"),
+        "the admin page's list shows the mirror's (redacted) metadata"
+    );
     let ids = |page: &Value| -> Vec<String> {
         page["items"]
             .as_array()
@@ -1387,10 +1396,24 @@ fn no_response_carries_the_password_or_the_token() {
         ));
         seen.push(http::request(d.addr, "OPTIONS", path, &o, b""));
     }
+    // Exports and snapshot files are backups of the SQLite file: they keep the metadata's
+    // secrets (SPEC §1), and nothing else may show them.
+    let mut backups: Vec<Reply> = Vec::new();
     let list = ok_data(&d.get("/snapshots"));
     for e in list.as_array().unwrap() {
-        seen.push(d.get(&format!("/snapshots/{}", e["name"].as_str().unwrap())));
+        backups.push(d.get(&format!("/snapshots/{}", e["name"].as_str().unwrap())));
     }
+    let (exports, rest): (Vec<Reply>, Vec<Reply>) = seen
+        .into_iter()
+        .partition(|r| r.status == 200 && r.text().starts_with("{\n  \"exported_at\": "));
+    seen = rest;
+    backups.extend(exports);
+    assert!(
+        backups
+            .iter()
+            .all(|r| r.status == 200 && r.text().contains("sk-metadata-SECRET")),
+        "every export and snapshot keeps the secret"
+    );
     for (method, path, body) in [
         ("POST", "/sync?delete_missing=maybe", &b""[..]),
         ("POST", "/sync?delete_missing=true&force=true", b""),
@@ -1436,10 +1459,12 @@ fn no_response_carries_the_password_or_the_token() {
         "the Postgres password leaked"
     );
     assert!(!everything.contains(TOKEN), "the admin token leaked");
-    assert!(
-        !everything.contains("sk-metadata-SECRET"),
-        "a redacted secret leaked"
-    );
+    let leaks: Vec<String> = seen
+        .iter()
+        .filter(|r| r.text().contains("sk-metadata-SECRET"))
+        .map(|r| format!("{} {:?}", r.status, r.headers))
+        .collect();
+    assert!(leaks.is_empty(), "a metadata secret leaked: {leaks:?}");
     let log = d.log();
     assert!(!log.contains(&password), "the password is in the log");
     assert!(!log.contains(TOKEN), "the token is in the log");

@@ -516,7 +516,16 @@ fn secrets_kept_in_sqlite_survive_the_restore_of_a_redacted_snapshot() {
     ));
     ws.app
         .upsert(&with_meta("u", r#"{"password": "pw", "note": "gone"}"#));
+    // An export keeps every key...
+    let whole = export(&ws, "whole.json");
+    let text = std::fs::read_to_string(&whole).unwrap();
+    for secret in ["sk-live-1", "cs-1", "sk-t-1", "pw"] {
+        assert!(text.contains(secret), "an export keeps {secret}");
+    }
+    // ... unless snapshot.redact says otherwise (or the file came from the mirror).
+    ws.write_config(None, "[snapshot]\nredact = true\n");
     let snapshot = export(&ws, "before.json");
+    ws.write_config(None, "");
     let text = std::fs::read_to_string(&snapshot).unwrap();
     for secret in ["sk-live-1", "cs-1", "sk-t-1", "pw"] {
         assert!(!text.contains(secret), "the snapshot is redacted");
@@ -560,6 +569,16 @@ fn secrets_kept_in_sqlite_survive_the_restore_of_a_redacted_snapshot() {
         json!({"note": "gone"}),
         "a deleted row had no secret left to keep"
     );
+
+    // Restoring the whole export brings back the file's own secrets.
+    let report = run(&ws, &whole, false);
+    assert_eq!(outcome(&report, "mapping:t").0, Outcome::Imported);
+    assert_eq!(
+        meta("t"),
+        json!({"apiKey": "sk-t-1", "required_tier": "pro"}),
+        "a secret the file holds is restored"
+    );
+    assert_eq!(meta("u")["password"], "pw");
 }
 
 #[test]

@@ -107,7 +107,10 @@ fn stored_values_are_normalised_and_a_resync_changes_nothing() {
     assert_eq!(m["scope_key"], "messy");
     assert_eq!(m["default_model"], Value::Null);
     assert_eq!(m["candidates"], json!([]));
-    assert_eq!(m["is_active"], true);
+    assert_eq!(
+        m["is_active"], false,
+        "NULL is inactive, as the application reads it"
+    );
     assert_eq!(m["updated_at"], "2026-01-16T10:17:10.000000");
     assert_eq!(
         m["metadata"],

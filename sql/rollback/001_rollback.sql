@@ -1,5 +1,6 @@
--- mapsync rollback of 001_model_mappings.sql and 002_security.sql: returns public.model_mappings
--- to the state it was deployed in on Supabase before mapsync, keeping every row.
+-- mapsync rollback of 001_model_mappings.sql, 002_security.sql and 004_mapsync_instances.sql:
+-- returns public.model_mappings to the state it was deployed in on Supabase before mapsync,
+-- keeping every row, and drops the instance registry public.mapsync_instances.
 --
 -- NOT applied by `mapsync migrate`: an admin runs it by hand (Supabase SQL editor, or
 --   psql -v ON_ERROR_STOP=1 -f sql/rollback/001_rollback.sql "$URL"), as the table's owner.
@@ -24,6 +25,9 @@ BEGIN;
 
 SET LOCAL lock_timeout = '10s';
 DO $$ BEGIN PERFORM pg_advisory_xact_lock(hashtextextended('mapsync:migrate', 0)); END $$;
+
+-- Undo 004 (the registry holds nothing the application needs).
+DROP TABLE IF EXISTS public.mapsync_instances;
 
 -- Undo 001.
 DROP TRIGGER IF EXISTS model_mappings_stamp_synced_at ON public.model_mappings;

@@ -20,6 +20,10 @@ BEGIN
         IF to_regclass('public.model_mappings') IS NOT NULL THEN
             REVOKE ALL ON TABLE public.model_mappings FROM mapsync;
         END IF;
+        IF to_regclass('public.mapsync_instances') IS NOT NULL THEN
+            DROP POLICY IF EXISTS "mapsync can register" ON public.mapsync_instances;
+            REVOKE ALL ON TABLE public.mapsync_instances FROM mapsync;
+        END IF;
         REVOKE ALL ON SCHEMA public FROM mapsync;
         EXECUTE format('REVOKE ALL ON DATABASE %I FROM mapsync', current_database());
         DROP ROLE mapsync;

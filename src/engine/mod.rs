@@ -46,8 +46,17 @@ use run::{Outcome, Plan, RunState};
 use snapshots::SnapshotWriter;
 use status::StatusBoard;
 
-/// How long the run in progress may take to finish once shutdown begins.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(7);
+/// How long the run in progress may take to commit once shutdown begins; after that its
+/// Postgres query is cancelled and the run rolls back.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long a cancelled run gets to roll back before its task is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
+/// How often an unreachable Postgres is probed (a pooled `SELECT 1`): the first answer
+/// starts a run at once, so recovery never waits for the backoff timer (SPEC §2).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The longest a `POST /sync` caller waits for its run's result before it is told, with a
+/// 503, that the run goes on in the background.
+pub const SYNC_ANSWER_WITHIN: Duration = Duration::from_secs(30);
 /// First retry delay after a failure; doubles up to `target.retry_max`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// How long `/readyz` may reuse Postgres's last answer.
@@ -59,7 +68,39 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunError {
     pub kind: RunErrorKind,
+    /// For target failures: what kind (decides between probing and backing off).
+    pub fault: Option<TargetFault>,
     pub message: String,
+}
+
+/// What went wrong with Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetFault {
+    /// The server did not answer (down, network): probed every second until it does.
+    Network,
+    /// A statement or lock timed out.
+    Timeout,
+    /// Login refused, or no such database.
+    Auth,
+    Tls,
+    /// Table, columns or privileges.
+    Schema,
+    Other,
+}
+
+impl TargetFault {
+    fn of(e: &TargetError) -> TargetFault {
+        match e {
+            TargetError::Unreachable { .. } => TargetFault::Network,
+            TargetError::Timeout { .. } | TargetError::Locked { .. } => TargetFault::Timeout,
+            TargetError::Auth { .. } | TargetError::NoDatabase { .. } => TargetFault::Auth,
+            TargetError::Tls { .. } => TargetFault::Tls,
+            TargetError::MissingTable { .. }
+            | TargetError::WrongColumns { .. }
+            | TargetError::Permission { .. } => TargetFault::Schema,
+            TargetError::Other { .. } => TargetFault::Other,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,19 +115,29 @@ impl RunError {
     fn source(e: SourceError) -> Self {
         RunError {
             kind: RunErrorKind::Source,
+            fault: None,
             message: e.to_string(),
         }
     }
     fn target(e: TargetError) -> Self {
         RunError {
             kind: RunErrorKind::Target,
+            fault: Some(TargetFault::of(&e)),
             message: e.to_string(),
         }
     }
     fn other(message: String) -> Self {
         RunError {
             kind: RunErrorKind::Other,
+            fault: None,
             message,
+        }
+    }
+    fn shutting_down(message: &str) -> Self {
+        RunError {
+            kind: RunErrorKind::ShuttingDown,
+            fault: None,
+            message: message.into(),
         }
     }
 }
@@ -199,18 +250,27 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Runs a sync (coalesced with other requests with the same options) and returns the
-    /// result of a run that started after this call.
+    /// result of a run that started after this call, or, after [`SYNC_ANSWER_WITHIN`], an
+    /// error saying that the run goes on in the background.
     pub async fn sync(&self, opts: SyncOptions) -> Result<SyncReport, RunError> {
         let (reply, answer) = oneshot::channel();
-        let shutting_down = || RunError {
-            kind: RunErrorKind::ShuttingDown,
-            message: "mapsync is shutting down: try again once it is back".into(),
-        };
+        let shutting_down =
+            || RunError::shutting_down("mapsync is shutting down: try again once it is back");
         self.requests
             .send(Request::Sync { opts, reply })
             .await
             .map_err(|_| shutting_down())?;
-        answer.await.unwrap_or_else(|_| Err(shutting_down()))
+        match tokio::time::timeout(SYNC_ANSWER_WITHIN, answer).await {
+            Ok(answer) => answer.unwrap_or_else(|_| Err(shutting_down())),
+            Err(_) => Err(RunError {
+                kind: RunErrorKind::Target,
+                fault: Some(TargetFault::Timeout),
+                message: format!(
+                    "the sync run has not finished after {} s (Postgres is slow, or a lock holds it); it goes on in the background: see GET /status for its result",
+                    SYNC_ANSWER_WITHIN.as_secs()
+                ),
+            }),
+        }
     }
 
     /// Writes a snapshot of the current mappings now (skipped when unchanged).
@@ -233,6 +293,11 @@ impl EngineHandle {
     /// (`target.delete_missing`).
     pub fn deletes_by_default(&self) -> bool {
         self.shared.target_settings.delete_missing
+    }
+
+    /// Whether exports leave out sensitive metadata keys (`snapshot.redact`).
+    pub fn redacts_exports(&self) -> bool {
+        self.shared.snapshot_settings.redact
     }
 
     /// A handle on the snapshot directory for listing and reading (writes go through
@@ -344,29 +409,34 @@ pub async fn start(
             ..Default::default()
         },
         failures: 0,
+        failure: None,
         retry_at: None,
         retry_trigger: Trigger::Startup,
         retry_max: settings.target.retry_max,
+        probe: Probe::default(),
         read_ahead_delay: (settings.watch.debounce / 4).max(Duration::from_millis(5)),
         read_ahead_at: None,
         first_run: first_run_tx,
     };
-    let fs_events = file_watch.events.clone();
+    let inputs = Inputs {
+        changes: file_watch.changes,
+        burst: file_watch.burst.clone(),
+        fs_events: file_watch.events.clone(),
+        ticks,
+        requests: inbox,
+        shutdown,
+    };
+    let shared_for_close = shared.clone();
     let task = tokio::spawn(async move {
-        event_loop
-            .run(
-                file_watch.changes,
-                file_watch.burst.clone(),
-                ticks,
-                inbox,
-                fs_events,
-                shutdown,
-            )
-            .await;
+        event_loop.run(inputs).await;
         let mut scheduler = scheduler;
         let _ = scheduler.shutdown().await;
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer_task).await;
         let _ = file_watch.task.await;
+        // No run is left: the pool's connections can go (and their server sessions end).
+        if let Some(target) = &shared_for_close.target {
+            target.close();
+        }
     });
     Ok((
         EngineHandle {
@@ -418,6 +488,25 @@ struct Pending {
     waiters: Vec<Waiter>,
 }
 
+/// What the event loop listens to.
+struct Inputs {
+    changes: mpsc::Receiver<Change>,
+    /// Notified at the first event of a burst (see [`Loop::read_ahead`]).
+    burst: Arc<tokio::sync::Notify>,
+    fs_events: Arc<std::sync::atomic::AtomicU64>,
+    ticks: mpsc::Receiver<Tick>,
+    requests: mpsc::Receiver<Request>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The Postgres probe while it is unreachable: when the next one is due, and the one in
+/// flight.
+#[derive(Default)]
+struct Probe {
+    at: Option<tokio::time::Instant>,
+    flight: Option<JoinHandle<bool>>,
+}
+
 struct Loop {
     shared: Arc<Shared>,
     writer: SnapshotWriter,
@@ -426,10 +515,13 @@ struct Loop {
     running: Option<Running>,
     pending: Pending,
     failures: u32,
+    /// What the last run failed on, while failures last.
+    failure: Option<RunError>,
     retry_at: Option<tokio::time::Instant>,
     /// The trigger of the run being retried.
     retry_trigger: Trigger,
     retry_max: Duration,
+    probe: Probe,
     /// How long after the first event of a burst to read ahead: the commit that caused the
     /// event becomes visible to readers only after the application's WAL write is synced.
     read_ahead_delay: Duration,
@@ -444,51 +536,46 @@ struct Running {
 }
 
 impl Loop {
-    #[allow(clippy::too_many_arguments)]
-    async fn run(
-        mut self,
-        mut changes: mpsc::Receiver<Change>,
-        burst: Arc<tokio::sync::Notify>,
-        mut ticks: mpsc::Receiver<Tick>,
-        mut requests: mpsc::Receiver<Request>,
-        fs_events: Arc<std::sync::atomic::AtomicU64>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    async fn run(mut self, mut inputs: Inputs) {
         let mut watchdog = watchdog_interval().map(tokio::time::interval);
         self.start_next();
         loop {
             tokio::select! {
-                _ = crate::shutdown::stopped(&mut shutdown) => break,
-                _ = burst.notified() => {
+                _ = crate::shutdown::stopped(&mut inputs.shutdown) => break,
+                _ = inputs.burst.notified() => {
                     self.read_ahead_at.get_or_insert(tokio::time::Instant::now() + self.read_ahead_delay);
                 }
-                _ = tokio::time::sleep_until(self.read_ahead_at.unwrap_or_else(tokio::time::Instant::now)),
-                    if self.read_ahead_at.is_some() =>
-                {
+                _ = sleep_until_some(self.read_ahead_at) => {
                     self.read_ahead_at = None;
                     self.read_ahead();
                 }
-                Some(change) = changes.recv() => {
+                Some(change) = inputs.changes.recv() => {
                     tracing::debug!(?change, "file change");
-                    self.shared.metrics.set_fs_events(fs_events.load(std::sync::atomic::Ordering::Relaxed));
+                    self.shared.metrics.set_fs_events(inputs.fs_events.load(std::sync::atomic::Ordering::Relaxed));
                     watcher::merge_into(&mut self.pending.watch, change);
                 }
-                Some(tick) = ticks.recv() => match tick {
+                Some(tick) = inputs.ticks.recv() => match tick {
                     Tick::Reconcile => self.pending.schedule = true,
                     Tick::Snapshot => self.writer.request(None).await,
                 },
-                Some(request) = requests.recv() => match request {
+                Some(request) = inputs.requests.recv() => match request {
                     Request::Sync { opts, reply } => self.pending.waiters.push(Waiter { opts, reply }),
                     Request::Snapshot(reply) => self.writer.request(Some(reply)).await,
                 },
                 joined = async { (&mut self.running.as_mut().expect("guarded").task).await }, if self.running.is_some() => {
                     self.finish(joined);
                 }
-                _ = tokio::time::sleep_until(self.retry_at.unwrap_or_else(tokio::time::Instant::now)),
-                    if self.retry_at.is_some() && self.running.is_none() =>
-                {
+                _ = sleep_until_some(self.retry_at), if self.running.is_none() => {
                     self.retry_at = None;
                     self.pending.retry = true;
+                }
+                _ = sleep_until_some(self.probe.at), if self.running.is_none() && self.probe.flight.is_none() => {
+                    self.probe.at = None;
+                    self.start_probe();
+                }
+                answered = async { (&mut self.probe.flight.as_mut().expect("guarded")).await }, if self.probe.flight.is_some() => {
+                    self.probe.flight = None;
+                    self.probe_answered(answered.unwrap_or(false));
                 }
                 _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
@@ -497,6 +584,30 @@ impl Loop {
             self.start_next();
         }
         self.stop().await;
+    }
+
+    /// Pings Postgres in the background (see [`PROBE_EVERY`]).
+    fn start_probe(&mut self) {
+        let Some(target) = self.shared.target.clone() else {
+            return;
+        };
+        self.probe.flight = Some(tokio::spawn(async move {
+            target
+                .ping(PROBE_EVERY.max(Duration::from_secs(2)))
+                .await
+                .is_ok()
+        }));
+    }
+
+    /// Postgres answered (retry now, whatever the backoff timer says) or not (probe again).
+    fn probe_answered(&mut self, up: bool) {
+        if up {
+            tracing::info!("Postgres answers again; retrying now");
+            self.retry_at = None;
+            self.pending.retry = true;
+        } else if self.failure.is_some() {
+            self.probe.at = Some(tokio::time::Instant::now() + PROBE_EVERY);
+        }
     }
 
     /// Starts a run if nothing runs and something is pending.
@@ -544,7 +655,13 @@ impl Loop {
     /// Picks the next run from the pending triggers, most urgent first, and clears the
     /// triggers it serves.
     fn next_plan(&mut self) -> Option<(Plan, Vec<Waiter>)> {
-        let backing_off = self.retry_at.is_some();
+        // Only a failing target holds pushes back; after a source failure (the file was
+        // missing, locked, damaged) the next file event pushes at once.
+        let backing_off = self.retry_at.is_some()
+            && self
+                .failure
+                .as_ref()
+                .is_some_and(|f| f.kind == RunErrorKind::Target);
         let default_opts = self.shared.default_opts();
         let never_synced = self.state.as_ref().is_none_or(|s| s.mirrored.is_none());
         let p = &mut self.pending;
@@ -612,7 +729,9 @@ impl Loop {
         let answer = match &outcome {
             Outcome::Synced(report) => {
                 self.failures = 0;
+                self.failure = None;
                 self.retry_at = None;
+                self.probe.at = None;
                 log_report(report);
                 notify_status(&format!(
                     "{}: {} mappings, {} changed, {} deleted ({}, {} ms)",
@@ -630,6 +749,10 @@ impl Loop {
                 let delay = backoff(self.failures, self.retry_max);
                 self.retry_at = Some(tokio::time::Instant::now() + delay);
                 self.retry_trigger = running.plan.trigger;
+                if e.fault == Some(TargetFault::Network) {
+                    self.probe.at = Some(tokio::time::Instant::now() + PROBE_EVERY);
+                }
+                self.failure = Some(e.clone());
                 tracing::error!(
                     trigger = running.plan.trigger.as_str(),
                     retry_in_ms = delay.as_millis() as u64,
@@ -652,34 +775,54 @@ impl Loop {
         self.first_run.send_replace(true);
     }
 
-    /// Shutdown: the run in progress gets [`SHUTDOWN_GRACE`] to finish; waiters are told.
+    /// Shutdown: the run in progress gets [`SHUTDOWN_GRACE`] to commit; then its Postgres
+    /// query is cancelled (a run waiting on a lock would otherwise keep its server session,
+    /// and the table's advisory lock, after mapsync is gone) and it rolls back; waiters are
+    /// told.
     async fn stop(mut self) {
+        if let Some(flight) = self.probe.flight.take() {
+            flight.abort();
+        }
         if let Some(mut running) = self.running.take() {
-            match tokio::time::timeout(SHUTDOWN_GRACE, &mut running.task).await {
+            let mut joined = tokio::time::timeout(SHUTDOWN_GRACE, &mut running.task).await;
+            if joined.is_err() {
+                if let Some(target) = &self.shared.target {
+                    let cancelled = target.cancel_running().await;
+                    tracing::warn!(
+                        cancelled,
+                        "the run in progress did not finish in time; cancelled its query, rolling it back"
+                    );
+                }
+                joined = tokio::time::timeout(CANCEL_GRACE, &mut running.task).await;
+            }
+            match joined {
                 Ok(joined) => {
                     self.running = Some(running);
                     self.finish(joined);
                 }
                 Err(_) => {
-                    tracing::warn!("the run in progress did not finish in time; rolling it back");
                     running.task.abort();
-                    let error = RunError {
-                        kind: RunErrorKind::ShuttingDown,
-                        message: "mapsync shut down during the run; it was rolled back".into(),
-                    };
+                    let error = RunError::shutting_down(
+                        "mapsync shut down during the run; it was rolled back",
+                    );
                     for w in running.waiters {
                         let _ = w.reply.send(Err(error.clone()));
                     }
                 }
             }
         }
-        let error = RunError {
-            kind: RunErrorKind::ShuttingDown,
-            message: "mapsync is shutting down: try again once it is back".into(),
-        };
+        let error = RunError::shutting_down("mapsync is shutting down: try again once it is back");
         for w in self.pending.waiters.drain(..) {
             let _ = w.reply.send(Err(error.clone()));
         }
+    }
+}
+
+/// Sleeps until `at`; never wakes when `at` is `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

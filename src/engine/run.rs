@@ -199,6 +199,10 @@ pub(super) async fn run(
     };
     shared.target_up(true);
     let report = report(&mut state, &plan, &image, diff, &outcome, elapsed);
+    if report.status.is_refused() {
+        // What the next run would change and delete, not what the last read saw change.
+        shared.record_pending(outcome.pending);
+    }
     if report.status == SyncStatus::Synced {
         shared.record_pending(0);
         shared.metrics.rows_upserted.inc_by(report.changed_count);
@@ -239,6 +243,10 @@ async fn read(
             }
             source.read(mode).map(Some)
         })();
+        if result.is_err() {
+            // The next gated run must read, even if the files look the same again.
+            source.forget();
+        }
         (source, result)
     })
     .await;

@@ -62,6 +62,9 @@ pub struct LastRun {
     pub remote_before: u64,
     pub remote_after: u64,
     pub error: Option<String>,
+    /// Why a run was refused (naming, for `refused:other_instance`, the other instance), or
+    /// what a synced run left alone.
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -225,6 +228,7 @@ impl StatusBoard {
                     remote_before: r.remote_before,
                     remote_after: r.remote_after,
                     error: None,
+                    detail: r.detail.clone(),
                 },
                 Err(e) => LastRun {
                     trigger,
@@ -237,6 +241,7 @@ impl StatusBoard {
                     remote_before: 0,
                     remote_after: 0,
                     error: Some(e.clone()),
+                    detail: None,
                 },
             };
             // As `mapsync_last_success_timestamp_seconds`: a run that mirrored, not one that

@@ -318,11 +318,12 @@ impl App {
         // A search looks at every mapping: off the runtime thread other requests share.
         // One pass: count every match, keep the page's.
         let (total, items) = tokio::task::block_in_place(|| {
-            let mut items: Vec<&Arc<Mapping>> = Vec::with_capacity(limit.min(sorted.len()));
+            let mut items: Vec<mapping::View<'_>> = Vec::with_capacity(limit.min(sorted.len()));
             let mut total = 0;
             for m in sorted.iter().filter(matches) {
                 if total >= offset && items.len() < limit {
-                    items.push(m);
+                    // The page shows what the mirror holds: no secret on screen.
+                    items.push(m.view(true));
                 }
                 total += 1;
             }
@@ -413,11 +414,12 @@ impl App {
     async fn export(&self) -> Response<Body> {
         let sorted = self.sorted().await;
         let now = Utc::now();
+        let redact = self.engine.redacts_exports();
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
         tokio::task::spawn_blocking(move || {
             let mut out = ChannelWriter::new(tx);
             // A client that goes away ends the write; nothing to report.
-            let _ = snapshot::write_document(&mut out, &sorted, now);
+            let _ = snapshot::write_document(&mut out, &sorted, now, redact);
         });
         let mut res = Response::new(BodyExt::boxed(ChannelBody(rx)));
         let h = res.headers_mut();
@@ -620,7 +622,7 @@ struct Page<'a> {
     total: usize,
     offset: usize,
     limit: usize,
-    items: Vec<&'a Arc<Mapping>>,
+    items: Vec<mapping::View<'a>>,
 }
 
 /// One readiness check.

@@ -1,11 +1,21 @@
 //! Reading mappings out of the application's SQLite file (SPEC §1, §2).
 //!
-//! Invariants: the connection is opened read-only and never writes; every read is one
-//! `BEGIN … COMMIT` that ends before the function returns (a read transaction left open would
-//! stop the application's WAL checkpoints); `data_version` is only queried outside a
-//! transaction. When the file is replaced (rename, delete and re-create) the kept connection
-//! would keep reading the old inode, so the file identity is checked on every call and the
-//! connection reopened when it moved.
+//! Invariants:
+//! - Between reads mapsync holds nothing on the application's files: no connection, no lock,
+//!   no open handle on the database, its `-wal` or its `-shm`. A read opens a read-only
+//!   connection, runs one `BEGIN … COMMIT`, and closes it before the function returns (a kept
+//!   connection would keep the application's `-wal` alive after it closes, so that a database
+//!   swapped in by rename is paired with a stale WAL, and would make `locking_mode=EXCLUSIVE`
+//!   or a `journal_mode` change by the application fail; a read transaction left open would
+//!   stop its WAL checkpoints).
+//! - "Did anything commit since the last read?" is answered from the files alone
+//!   ([`Fingerprint`]): identity, size and header of the database and of its `-wal`. Every
+//!   commit changes one of them (a WAL commit appends frames or, after a checkpoint,
+//!   rewrites the WAL header with new salts; a rollback-journal commit bumps the database
+//!   header's change counter), so a change is never missed; a checkpoint also changes them,
+//!   which costs one needless read.
+//! - A fresh open on every read means a file that was replaced, truncated or overwritten is
+//!   seen as it is now, never through pages cached from before.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -25,16 +35,12 @@ use crate::config::SourceSettings;
 use crate::fxhash::FxHasher;
 use crate::mapping::{self, Candidate, Fields, Mapping, Origin, Redactor, Warning};
 
-/// (device, inode): which file the connection has open.
-type FileId = (u64, u64);
-
 pub struct SqliteSource {
     path: PathBuf,
     busy_timeout: Duration,
     include_prompts: bool,
-    conn: Option<(Connection, FileId)>,
-    /// `data_version` as of the last successful read.
-    read_version: Option<i64>,
+    /// The files as they were just before the last successful read.
+    read_fingerprint: Option<Fingerprint>,
     rules: Rules,
     /// What the last read built, so an incremental read only normalises rows that changed
     /// (kept only by memoizing readers: one-shot readers never read twice).
@@ -73,8 +79,7 @@ impl SqliteSource {
             path: settings.sqlite_path.clone(),
             busy_timeout: settings.busy_timeout,
             include_prompts: settings.include_prompt_mappings,
-            conn: None,
-            read_version: None,
+            read_fingerprint: None,
             memo: Memo::default(),
             memoizing: false,
             prompts: Vec::new(),
@@ -105,26 +110,30 @@ impl SqliteSource {
     }
 
     /// Whether a commit may have happened since the last [`read`](Self::read): true when there
-    /// was no read yet, the file was replaced, or `PRAGMA data_version` moved. Costs one stat
-    /// and one pragma; starts no transaction.
-    pub fn changed(&mut self) -> Result<bool, SourceError> {
-        let reopened = self.ensure_open()?;
-        if reopened || self.read_version.is_none() {
-            return Ok(true);
-        }
-        let version = self.data_version()?;
-        Ok(Some(version) != self.read_version)
+    /// was no read yet or the files' [`Fingerprint`] moved. Opens no connection: a stat and a
+    /// few header bytes of the database and its `-wal`.
+    pub fn changed(&self) -> Result<bool, SourceError> {
+        let now = Fingerprint::take(&self.path)?;
+        Ok(self.read_fingerprint.as_ref() != Some(&now))
     }
 
-    /// Reads every mapping in one short read transaction.
+    /// Reads every mapping: opens the file read-only, runs one short read transaction, and
+    /// closes it again.
     pub fn read(&mut self, mode: ReadMode) -> Result<SourceImage, SourceError> {
-        self.ensure_open()?;
-        // Taken before the transaction: a commit that lands in between is read now and seen
-        // again as a change next time (one extra read), never missed.
-        let version = self.data_version()?;
-        let (conn, _) = self.conn.as_ref().expect("ensure_open succeeded");
+        // Taken before the read: a commit that lands in between is read now and seen again
+        // as a change next time (one extra read), never missed.
+        let fingerprint = Fingerprint::take(&self.path)?;
         let fail = |e| classify(&self.path, e);
+        let conn = open(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY,
+            self.busy_timeout,
+        )
+        .map_err(fail)?;
         let tx = conn.unchecked_transaction().map_err(fail)?;
+        if !table_exists(&tx, "llm_model_mappings").map_err(fail)? {
+            return Err(SourceError::NotAppDatabase(self.path.clone()));
+        }
         let mut candidates = Vec::new();
         // The memo is taken out for the read: a read that fails leaves it empty, and the
         // next one normalises every row again.
@@ -150,7 +159,8 @@ impl SqliteSource {
             read_prompt_rows(&tx, &mut self.rules, &mut candidates).map_err(fail)?;
         }
         tx.commit().map_err(fail)?;
-        self.read_version = Some(version);
+        conn.close().map_err(|(_, e)| fail(e))?;
+        self.read_fingerprint = Some(fingerprint);
         let prompts: Vec<Arc<Mapping>> = candidates[first_prompt..]
             .iter()
             .map(|c| c.mapping.clone())
@@ -167,50 +177,70 @@ impl SqliteSource {
         })
     }
 
-    /// Drops the kept connection (the daemon does this when the file vanishes).
-    pub fn close(&mut self) {
-        self.conn = None;
-        self.read_version = None;
+    /// Forgets the last read's fingerprint, so that the next gate reads (the daemon does this
+    /// when a read failed).
+    pub fn forget(&mut self) {
+        self.read_fingerprint = None;
     }
+}
 
-    /// Opens the connection when there is none or the file changed identity. Returns whether
-    /// it (re)opened.
-    fn ensure_open(&mut self) -> Result<bool, SourceError> {
-        let meta = match std::fs::metadata(&self.path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.close();
-                return Err(SourceError::Missing(self.path.clone()));
-            }
+/// What the database file and its `-wal` look like from outside: enough to tell that nothing
+/// can have committed since, without opening a connection (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    db: FileState,
+    wal: Option<FileState>,
+}
+
+/// (device, inode, size, mtime in ns) and the first bytes of a file: the database header's
+/// first 100 bytes (change counter, page count) or the WAL header's 32 (salts, checkpoint
+/// sequence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileState {
+    id: (u64, u64),
+    size: u64,
+    mtime: (i64, i64),
+    head: Vec<u8>,
+}
+
+impl Fingerprint {
+    fn take(db: &Path) -> Result<Fingerprint, SourceError> {
+        let db_state = match FileState::take(db, 100) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(SourceError::Missing(db.to_path_buf())),
             Err(e) => {
                 return Err(SourceError::Other {
-                    path: self.path.clone(),
+                    path: db.to_path_buf(),
                     reason: e.to_string(),
                 });
             }
         };
-        let id = (meta.dev(), meta.ino());
-        if matches!(&self.conn, Some((_, open_id)) if *open_id == id) {
-            return Ok(false);
-        }
-        let conn = open(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY,
-            self.busy_timeout,
-        )
-        .map_err(|e| classify(&self.path, e))?;
-        if !table_exists(&conn, "llm_model_mappings").map_err(|e| classify(&self.path, e))? {
-            return Err(SourceError::NotAppDatabase(self.path.clone()));
-        }
-        self.conn = Some((conn, id));
-        self.read_version = None;
-        Ok(true)
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        // A -wal that vanishes between the stat and the read is simply absent.
+        let wal = FileState::take(Path::new(&wal), 32).ok().flatten();
+        Ok(Fingerprint { db: db_state, wal })
     }
+}
 
-    fn data_version(&self) -> Result<i64, SourceError> {
-        let (conn, _) = self.conn.as_ref().expect("ensure_open succeeded");
-        conn.query_row("PRAGMA data_version", [], |r| r.get(0))
-            .map_err(|e| classify(&self.path, e))
+impl FileState {
+    /// `Ok(None)` when the file does not exist.
+    fn take(path: &Path, head_len: u64) -> std::io::Result<Option<FileState>> {
+        use std::io::Read;
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = file.metadata()?;
+        let mut head = Vec::with_capacity(head_len as usize);
+        file.take(head_len).read_to_end(&mut head)?;
+        Ok(Some(FileState {
+            id: (meta.dev(), meta.ino()),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            head,
+        }))
     }
 }
 
@@ -257,9 +287,18 @@ impl Rules {
         for w in &fields.warnings {
             self.warn_once(&row, &w.to_string());
         }
-        let metadata = mapping::canonical_json(&serde_json::json!({
-            "version": p.version, "category": p.category,
-        }));
+        let mut meta = serde_json::json!({"version": p.version, "category": p.category});
+        let mut nul_in = Vec::new();
+        if p.name.as_deref().is_some_and(|n| n.contains('\0')) {
+            nul_in.push("name");
+        }
+        if mapping::strip_nul(&mut meta) {
+            nul_in.push("version or category");
+        }
+        if !nul_in.is_empty() {
+            self.warn_once(&row, &Warning::NulRemoved(nul_in).to_string());
+        }
+        let metadata = mapping::Metadata::of(meta, &self.redactor);
         let scope_key = p.id.to_string();
         let name = p.name.as_deref().map(mapping::clean);
         let m = Mapping::new(Fields {
@@ -271,7 +310,8 @@ impl Rules {
             is_active: fields.is_active,
             updated_at: fields.updated_at,
             source: Origin::Prompt,
-            metadata: &metadata,
+            metadata: &metadata.whole,
+            mirror_metadata: metadata.mirror.as_deref(),
         });
         Some(Candidate::new(&format!("prompt:{}", p.id), m))
     }
@@ -401,9 +441,39 @@ pub(crate) fn mapping_of_row(
         is_active: mapping::parse_active_int(row.is_active),
         updated_at,
         source: Origin::Sqlite,
-        metadata: &metadata,
+        metadata: &metadata.whole,
+        mirror_metadata: metadata.mirror.as_deref(),
     });
-    Some((m, [w1, w2, w3].into_iter().flatten().collect()))
+    let mut warnings: Vec<Warning> = [w1, w3].into_iter().flatten().collect();
+    let nul_in: Vec<&'static str> = [
+        ("scope_type", &row.scope_type),
+        ("scope_key", &row.scope_key),
+        ("name", &row.name),
+        ("default_model", &row.default_model),
+        ("candidates_json", &row.candidates_json),
+    ]
+    .into_iter()
+    .filter(|(field, v)| {
+        v.as_deref().is_some_and(|s| {
+            s.contains('\0') || (*field == "candidates_json" && s.contains("\\u0000"))
+        })
+    })
+    .map(|(field, _)| field)
+    .collect();
+    let mut w2 = w2;
+    if let Some(i) = w2.iter().position(|w| matches!(w, Warning::NulRemoved(_))) {
+        w2.remove(i);
+        warnings.push(Warning::NulRemoved(
+            [nul_in, vec!["metadata_json"]].concat(),
+        ));
+    } else if !nul_in.is_empty() {
+        warnings.push(Warning::NulRemoved(nul_in));
+    }
+    warnings.extend(w2);
+    if !m.mirrorable() {
+        warnings.push(Warning::IdTooLong(m.id().len()));
+    }
+    Some((m, warnings))
 }
 
 struct PromptRow<'a> {
@@ -415,7 +485,8 @@ struct PromptRow<'a> {
 }
 
 /// Opens the application's file (never creating it) with `flags`, waiting up to
-/// `busy_timeout` for the application's locks. Shared with `mapsync restore`.
+/// `busy_timeout` for the application's locks. Shared with `mapsync restore`. A missing file
+/// is reported as such, not as "unable to open".
 pub(crate) fn open(
     path: &Path,
     flags: OpenFlags,

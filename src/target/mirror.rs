@@ -73,8 +73,63 @@ pub struct MirrorOutcome {
     pub deleted: u64,
     /// Remote rows absent from the source (deleted only with delete propagation).
     pub extra: u64,
-    /// Set when delete propagation was refused by the mass-delete guard; nothing was written.
-    pub refused: Option<String>,
+    /// Set when a guard refused the run; nothing was written.
+    pub refused: Option<Refusal>,
+    /// Rows the run would change or delete (what a refused or dry run leaves pending).
+    pub pending: u64,
+    /// Mappings Postgres refused to store (id, its reason): everything else was written.
+    pub rejected: Vec<Rejected>,
+}
+
+/// The status a run that wrote records in the registry.
+const SYNCED: &str = "synced";
+
+/// Why a guard refused a run (SPEC §2), with a message that says how to force it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The run would delete more than the limits allow.
+    MassDelete(String),
+    /// Another instance has written the table recently.
+    OtherInstance(String),
+}
+
+impl Refusal {
+    /// `refused:mass_delete` or `refused:other_instance`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Refusal::MassDelete(_) => "refused:mass_delete",
+            Refusal::OtherInstance(_) => "refused:other_instance",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Refusal::MassDelete(m) | Refusal::OtherInstance(m) => m,
+        }
+    }
+}
+
+/// A mapping Postgres would not take (a value a constraint, trigger or index refuses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub id: String,
+    pub reason: String,
+}
+
+impl MirrorOutcome {
+    fn record(&mut self, w: Written) {
+        self.inserted += w.inserted;
+        self.updated += w.updated;
+        self.rejected = w.rejected;
+    }
+}
+
+/// What [`write_rows`] did.
+#[derive(Debug, Default)]
+struct Written {
+    inserted: u64,
+    updated: u64,
+    rejected: Vec<Rejected>,
 }
 
 /// Why a full run failed: producing the source's mappings, or Postgres.
@@ -111,6 +166,7 @@ impl Target {
         L: AsRef<[Arc<Mapping>]>,
     {
         let mut client = self.client().await?;
+        let _running = self.register_run(&client);
         let err = |e: tokio_postgres::Error| self.classify(&e);
         let remote_side = async {
             let tx = self.begin_run(&mut client).await?;
@@ -128,7 +184,7 @@ impl Target {
         let (missing, differing, extra) = tokio::task::block_in_place(|| {
             let mut missing = Vec::new();
             let mut differing = Vec::new();
-            for m in mappings {
+            for m in mappings.iter().filter(|m| m.mirrorable()) {
                 match remote.remove(m.id()) {
                     None => missing.push(m.as_ref()),
                     Some(d) if d != row_digest(&Row::of(m)) => differing.push(m.as_ref()),
@@ -141,15 +197,23 @@ impl Target {
         let mut outcome = MirrorOutcome {
             remote_before: Some(remote_before),
             extra: extra.len() as u64,
+            pending: (missing.len() + differing.len()) as u64
+                + if opts.delete_missing {
+                    extra.len() as u64
+                } else {
+                    0
+                },
             ..Default::default()
         };
 
         // Guard.
-        if opts.delete_missing && !opts.force {
-            if let Some(why) = mass_delete(outcome.extra, remote_before, opts) {
-                outcome.refused = Some(why);
-                return Ok((outcome, local));
-            }
+        if let Some(refusal) = self
+            .guard(&tx, extra.len() as u64, Some(remote_before), opts)
+            .await?
+        {
+            outcome.refused = Some(refusal);
+            self.refuse(tx, &outcome, opts.dry_run).await?;
+            return Ok((outcome, local));
         }
         if opts.dry_run {
             outcome.inserted = missing.len() as u64;
@@ -163,23 +227,74 @@ impl Target {
         }
 
         // Write.
-        if !missing.is_empty() {
-            outcome.inserted = copy_in(&tx, &self.table.quoted(), &missing)
-                .await
-                .map_err(err)?;
-        }
-        if !differing.is_empty() {
-            let (inserted, updated) = upsert_via_stage(&tx, &self.table.quoted(), &differing)
-                .await
-                .map_err(err)?;
-            outcome.inserted += inserted;
-            outcome.updated = updated;
-        }
+        let written = write_rows(&tx, &self.table.quoted(), &missing, &differing)
+            .await
+            .map_err(err)?;
+        outcome.record(written);
         if opts.delete_missing {
             outcome.deleted = self.delete(&tx, &extra).await?;
         }
+        self.record_run(&tx, SYNCED, true).await?;
         tx.commit().await.map_err(err)?;
         Ok((outcome, local))
+    }
+
+    /// The guards of a run with delete propagation, before anything is written: another
+    /// instance writing this table, then the mass-delete limits. `remote` is the mirror's row
+    /// count, when known; it is counted here only when the limits need it.
+    async fn guard(
+        &self,
+        tx: &Transaction<'_>,
+        deletes: u64,
+        remote: Option<u64>,
+        opts: &MirrorOptions,
+    ) -> Result<Option<Refusal>, TargetError> {
+        if !opts.delete_missing || opts.force {
+            return Ok(None);
+        }
+        let others = self.recent_others(tx).await?;
+        if let Some(other) = others.first() {
+            return Ok(Some(Refusal::OtherInstance(format!(
+                "another mapsync instance, {other}, writes {} too (this one is `{}`), and deleting the rows missing from this SQLite file would delete that instance's rows: point one of them at another table, give both the same instance.name if they mirror the same file, or pass force=true (--force) once the other is gone for good",
+                self.table(),
+                self.instance_name(),
+            ))));
+        }
+        // Only a large delete needs the remote count for the guard.
+        if deletes <= opts.max_delete_floor {
+            return Ok(None);
+        }
+        let remote = match remote {
+            Some(n) => n,
+            None => {
+                let row = tx
+                    .query_one(
+                        &format!("SELECT count(*) FROM {}", self.table.quoted()),
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| self.classify(&e))?;
+                row.get::<_, i64>(0) as u64
+            }
+        };
+        Ok(mass_delete(deletes, remote, opts).map(Refusal::MassDelete))
+    }
+
+    /// Ends a refused run: nothing is written but this instance's status in the registry.
+    /// (A dry run records nothing: dropping its transaction rolls it back.)
+    async fn refuse(
+        &self,
+        tx: deadpool_postgres::Transaction<'_>,
+        outcome: &MirrorOutcome,
+        dry_run: bool,
+    ) -> Result<(), TargetError> {
+        if dry_run {
+            return Ok(());
+        }
+        if let Some(refusal) = &outcome.refused {
+            self.record_run(&tx, refusal.status(), false).await?;
+        }
+        tx.commit().await.map_err(|e| self.classify(&e))
     }
 
     /// Streams the mirror's rows (binary COPY) into a digest per id.
@@ -214,6 +329,7 @@ impl Target {
         opts: &MirrorOptions,
     ) -> Result<MirrorOutcome, TargetError> {
         let mut client = self.client().await?;
+        let _running = self.register_run(&client);
         let err = |e: tokio_postgres::Error| self.classify(&e);
         let tx = self.begin_run(&mut client).await?;
         let mut outcome = MirrorOutcome {
@@ -221,35 +337,24 @@ impl Target {
             ..Default::default()
         };
         let deletes = if opts.delete_missing { removed } else { &[] };
-        // Only a large delete needs the remote count for the guard.
-        if !opts.force && deletes.len() as u64 > opts.max_delete_floor {
-            let row = tx
-                .query_one(
-                    &format!("SELECT count(*) FROM {}", self.table.quoted()),
-                    &[],
-                )
-                .await
-                .map_err(err)?;
-            let remote = row.get::<_, i64>(0) as u64;
-            outcome.remote_before = Some(remote);
-            if let Some(why) = mass_delete(deletes.len() as u64, remote, opts) {
-                outcome.refused = Some(why);
-                return Ok(outcome);
-            }
+        outcome.pending = (changed.len() + deletes.len()) as u64;
+        if let Some(refusal) = self.guard(&tx, deletes.len() as u64, None, opts).await? {
+            outcome.refused = Some(refusal);
+            self.refuse(tx, &outcome, opts.dry_run).await?;
+            return Ok(outcome);
         }
         if opts.dry_run {
             outcome.updated = changed.len() as u64;
             outcome.deleted = deletes.len() as u64;
             return Ok(outcome);
         }
-        if !changed.is_empty() {
-            let (inserted, updated) = upsert_via_stage(&tx, &self.table.quoted(), changed)
-                .await
-                .map_err(err)?;
-            outcome.inserted = inserted;
-            outcome.updated = updated;
-        }
+        let changed: Vec<&Mapping> = changed.iter().copied().filter(|m| m.mirrorable()).collect();
+        let written = write_rows(&tx, &self.table.quoted(), &[], &changed)
+            .await
+            .map_err(err)?;
+        outcome.record(written);
         outcome.deleted = self.delete(&tx, deletes).await?;
+        self.record_run(&tx, SYNCED, true).await?;
         tx.commit().await.map_err(err)?;
         Ok(outcome)
     }
@@ -263,8 +368,10 @@ impl Target {
         let err = |e: tokio_postgres::Error| self.classify(&e);
         let tx = client.transaction().await.map_err(err)?;
         tx.batch_execute(&format!(
-            "SET LOCAL statement_timeout = {}; SELECT pg_advisory_xact_lock(hashtextextended('mapsync:{}', 0))",
+            "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
+             SELECT pg_advisory_xact_lock(hashtextextended('mapsync:{}', 0))",
             self.statement_timeout.as_millis(),
+            super::LOCK_TIMEOUT.min(self.statement_timeout).as_millis(),
             self.table,
         ))
         .await
@@ -331,7 +438,7 @@ impl<'a> Row<'a> {
             is_active: Some(m.is_active),
             updated_at: m.updated_at.map(|t| t.timestamp_micros()),
             source: Some(m.source.as_str()),
-            metadata: Some(m.metadata_json()),
+            metadata: Some(m.mirror_metadata_json()),
         }
     }
 
@@ -391,7 +498,7 @@ async fn copy_in(
                 &m.is_active,
                 &m.updated_at,
                 &m.source.as_str(),
-                &Jsonb(m.metadata_json()),
+                &Jsonb(m.mirror_metadata_json()),
             ])
             .await?;
     }
@@ -406,10 +513,12 @@ async fn upsert_via_stage(
     table: &str,
     rows: &[&Mapping],
 ) -> Result<(u64, u64), tokio_postgres::Error> {
+    // Created once per transaction (a retry of a chunk reuses it, emptied).
     tx.batch_execute(
-        "CREATE TEMP TABLE mapsync_stage (id text, scope_type text, scope_key text, name text, \
-         default_model text, candidates jsonb, is_active boolean, updated_at timestamptz, \
-         source text, metadata jsonb) ON COMMIT DROP",
+        "CREATE TEMP TABLE IF NOT EXISTS mapsync_stage (id text, scope_type text, scope_key text, \
+         name text, default_model text, candidates jsonb, is_active boolean, \
+         updated_at timestamptz, source text, metadata jsonb) ON COMMIT DROP; \
+         TRUNCATE mapsync_stage",
     )
     .await?;
     copy_in(tx, "mapsync_stage", rows).await?;
@@ -443,6 +552,105 @@ async fn upsert_via_stage(
         )
         .await?;
     Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+}
+
+/// Writes `missing` (rows the mirror lacks: straight COPY into the table) and `differing`
+/// (through [`upsert_via_stage`]) under a savepoint. When Postgres refuses a value (a data
+/// exception, a constraint, an index entry too large: SQLSTATE classes 22, 23, 54), the
+/// savepoint is rolled back and the rows are written again in halves, down to single rows,
+/// so that one row Postgres will not take is left out and every other row is written.
+async fn write_rows(
+    tx: &Transaction<'_>,
+    table: &str,
+    missing: &[&Mapping],
+    differing: &[&Mapping],
+) -> Result<Written, tokio_postgres::Error> {
+    if missing.is_empty() && differing.is_empty() {
+        return Ok(Written::default());
+    }
+    tx.batch_execute("SAVEPOINT mapsync_write").await?;
+    let fast = async {
+        let mut w = Written::default();
+        if !missing.is_empty() {
+            w.inserted = copy_in(tx, table, missing).await?;
+        }
+        if !differing.is_empty() {
+            let (inserted, updated) = upsert_via_stage(tx, table, differing).await?;
+            w.inserted += inserted;
+            w.updated = updated;
+        }
+        Ok::<_, tokio_postgres::Error>(w)
+    };
+    match fast.await {
+        Ok(w) => {
+            tx.batch_execute("RELEASE SAVEPOINT mapsync_write").await?;
+            Ok(w)
+        }
+        Err(e) if refuses_a_row(&e) => {
+            tx.batch_execute(
+                "ROLLBACK TO SAVEPOINT mapsync_write; RELEASE SAVEPOINT mapsync_write",
+            )
+            .await?;
+            let all: Vec<&Mapping> = missing.iter().chain(differing).copied().collect();
+            write_isolating(tx, table, &all).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `rows` in halves under savepoints, leaving out each single row Postgres refuses.
+async fn write_isolating(
+    tx: &Transaction<'_>,
+    table: &str,
+    rows: &[&Mapping],
+) -> Result<Written, tokio_postgres::Error> {
+    let mut w = Written::default();
+    let mut todo = vec![rows];
+    while let Some(chunk) = todo.pop() {
+        tx.batch_execute("SAVEPOINT mapsync_chunk").await?;
+        match upsert_via_stage(tx, table, chunk).await {
+            Ok((inserted, updated)) => {
+                tx.batch_execute("RELEASE SAVEPOINT mapsync_chunk").await?;
+                w.inserted += inserted;
+                w.updated += updated;
+            }
+            Err(e) if refuses_a_row(&e) => {
+                tx.batch_execute(
+                    "ROLLBACK TO SAVEPOINT mapsync_chunk; RELEASE SAVEPOINT mapsync_chunk",
+                )
+                .await?;
+                match chunk {
+                    [one] => {
+                        let reason = super::one_line(&e);
+                        tracing::warn!(id = %one.id(), reason = %reason,
+                            "Postgres refused this mapping; every other mapping is mirrored (fix the value in the application, or the constraint in Postgres)");
+                        w.rejected.push(Rejected {
+                            id: one.id().to_string(),
+                            reason,
+                        });
+                    }
+                    _ => {
+                        let (a, b) = chunk.split_at(chunk.len() / 2);
+                        todo.push(b);
+                        todo.push(a);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(w)
+}
+
+/// Whether Postgres refused a value of some row, rather than the run as a whole: a data
+/// exception (22…), an integrity constraint (23…) or a program limit such as an index entry
+/// too large (54…).
+fn refuses_a_row(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        ["22", "23", "54"]
+            .iter()
+            .any(|class| c.code().starts_with(class))
+    })
 }
 
 /// Lets other tasks run (the admin port, above all) every 1,024 rows: encoding or hashing

@@ -10,16 +10,22 @@
 //! the password), and the fix.
 
 mod mirror;
+pub mod registry;
 pub mod schema;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio_postgres::error::SqlState;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-pub use mirror::{MirrorError, MirrorOptions, MirrorOutcome};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::CancelToken;
+use tokio_postgres::error::SqlState;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+pub use mirror::{MirrorError, MirrorOptions, MirrorOutcome, Refusal, Rejected};
 pub use tls::SslMode;
 
 use crate::config::{TableName, TargetSettings};
@@ -173,6 +179,10 @@ pub enum TargetError {
         "Postgres at {at} did not answer in time ({reason}): raise target.statement_timeout_ms or check the server's load"
     )]
     Timeout { at: String, reason: String },
+    #[error(
+        "a row of {table} on {at}, or the table itself, stayed locked by another session for over 10 s: find the session in pg_stat_activity (wait_event_type = 'Lock', or another mapsync instance's long run) and end it"
+    )]
+    Locked { at: String, table: String },
     #[error("Postgres at {at} failed: {reason}")]
     Other { at: String, reason: String },
 }
@@ -184,6 +194,40 @@ pub struct Target {
     spec: ConnectSpec,
     table: TableName,
     statement_timeout: Duration,
+    /// For cancel requests (they open a connection of their own, with the same TLS).
+    tls: MakeRustlsConnect,
+    /// The cancel tokens of the runs in progress, so that shutdown can cancel their queries
+    /// (a backend waiting on a lock notices a closed client only when the wait ends).
+    running: Arc<Mutex<Vec<(u64, CancelToken)>>>,
+    /// Who this instance is, for `public.mapsync_instances`.
+    identity: Arc<Identity>,
+}
+
+/// This instance and the other-instance guard's window.
+struct Identity {
+    instance: crate::config::Instance,
+    grace: Duration,
+}
+
+/// How long a run waits for a row or table lock before it gives up (`SET LOCAL
+/// lock_timeout`): a session holding a row of the mirror must not stall mirroring for the
+/// whole `statement_timeout`.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A run's registration in [`Target::running`]; unregisters on drop.
+pub(crate) struct RunningGuard {
+    running: Arc<Mutex<Vec<(u64, CancelToken)>>>,
+    key: u64,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        lock(&self.running).retain(|(k, _)| *k != self.key);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Target {
@@ -209,7 +253,7 @@ impl Target {
             })?;
         let manager = Manager::from_config(
             spec.pg.clone(),
-            tls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -229,7 +273,41 @@ impl Target {
             spec,
             table: settings.table.clone(),
             statement_timeout: settings.statement_timeout,
+            tls,
+            running: Arc::default(),
+            identity: Arc::new(Identity {
+                instance: settings.instance.clone(),
+                grace: settings.instance_grace,
+            }),
         }))
+    }
+
+    /// Registers a run's connection so that [`Target::cancel_running`] can reach it.
+    pub(crate) fn register_run(&self, client: &tokio_postgres::Client) -> RunningGuard {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let key = NEXT.fetch_add(1, Ordering::Relaxed);
+        lock(&self.running).push((key, client.cancel_token()));
+        RunningGuard {
+            running: self.running.clone(),
+            key,
+        }
+    }
+
+    /// Asks Postgres to cancel the query of every run in progress (shutdown): the run fails,
+    /// its transaction rolls back, and its session can end. Returns how many were asked.
+    pub async fn cancel_running(&self) -> usize {
+        let tokens: Vec<CancelToken> = lock(&self.running).iter().map(|(_, t)| t.clone()).collect();
+        for token in &tokens {
+            if let Err(e) = token.cancel_query(self.tls.clone()).await {
+                tracing::warn!(target = %self.spec.display, error = %one_line(&e), "cannot cancel the run's query");
+            }
+        }
+        tokens.len()
+    }
+
+    /// Closes the pool: idle connections end now, connections in use when they come back.
+    pub fn close(&self) {
+        self.pool.close();
     }
 
     /// `user@host:port/db`, for messages and `/status`.
@@ -331,7 +409,12 @@ impl Target {
                     user: self.spec.user().to_string(),
                     reason,
                 }
-            } else if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE {
+            } else if *code == SqlState::LOCK_NOT_AVAILABLE {
+                TargetError::Locked {
+                    at,
+                    table: self.table.to_string(),
+                }
+            } else if *code == SqlState::QUERY_CANCELED {
                 TargetError::Timeout { at, reason }
             } else {
                 TargetError::Other { at, reason }

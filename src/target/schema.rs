@@ -9,7 +9,8 @@ use tokio_postgres::Transaction;
 use super::{Target, TargetError};
 
 /// The scripts `mapsync migrate` applies, in order. `sql/003_mapsync_role.sql` (the optional
-/// least-privilege role) is deliberately not among them.
+/// least-privilege role) is deliberately not among them; `sql/004` grants that role its rights
+/// on the registry when the role already exists.
 pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "sql/001_model_mappings.sql",
@@ -18,6 +19,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "sql/002_security.sql",
         include_str!("../../sql/002_security.sql"),
+    ),
+    (
+        "sql/004_mapsync_instances.sql",
+        include_str!("../../sql/004_mapsync_instances.sql"),
     ),
 ];
 
