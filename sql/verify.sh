@@ -24,6 +24,7 @@ FIXTURES=$HERE/../tests/fixtures
 F001=$SQL_DIR/001_model_mappings.sql
 F002=$SQL_DIR/002_security.sql
 F003=$SQL_DIR/003_mapsync_role.sql
+F004=$SQL_DIR/004_mapsync_instances.sql
 R001=$SQL_DIR/rollback/001_rollback.sql
 R003=$SQL_DIR/rollback/003_drop_mapsync_role.sql
 SHIM=$FIXTURES/supabase_roles_shim.sql
@@ -194,7 +195,7 @@ trap cleanup EXIT
 [ "$(q postgres -c "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")" = t ] ||
     fail "$URL does not log in as a superuser"
 echo "server: $(q postgres -c 'SHOW server_version')"
-for f in "$F001" "$F002" "$F003" "$R001" "$R003" "$SHIM" "$DEPLOYED"; do [ -r "$f" ] || fail "missing $f"; done
+for f in "$F001" "$F002" "$F003" "$F004" "$R001" "$R003" "$SHIM" "$DEPLOYED"; do [ -r "$f" ] || fail "missing $f"; done
 if role_exists mapsync; then
     fail "role mapsync already exists on this cluster; run this against a throwaway cluster (or DROP ROLE mapsync there first)"
 fi
@@ -202,9 +203,9 @@ created_mapsync_role=true # from here on any mapsync role is ours
 for d in "${DBS[@]}"; do q postgres -c "DROP DATABASE IF EXISTS ${PREFIX}_$d WITH (FORCE)" >/dev/null 2>&1; done
 
 # --- 0. the files themselves ----------------------------------------------------------------------
-meta=$(grep -nE '^[[:space:]]*[\\]' "$F001" "$F002" "$F003" "$R001" "$R003" || true)
+meta=$(grep -nE '^[[:space:]]*[\\]' "$F001" "$F002" "$F003" "$F004" "$R001" "$R003" || true)
 expect "no psql meta-commands in sql/*.sql and sql/rollback/*.sql" "" "$meta"
-for f in "$F001" "$F002" "$F003" "$R001" "$R003"; do
+for f in "$F001" "$F002" "$F003" "$F004" "$R001" "$R003"; do
     first=$(grep -vE '^[[:space:]]*(--.*)?$' "$f" | head -n 1)
     last=$(grep -vE '^[[:space:]]*(--.*)?$' "$f" | tail -n 1)
     if [ "$first" != "BEGIN;" ] || [ "$last" != "COMMIT;" ]; then
@@ -267,8 +268,21 @@ expect "empty database: one trigger, BEFORE INSERT OR UPDATE, stamping synced_at
 expect "empty database: indexes named as deployed" \
     "idx_model_mappings_scope|idx_model_mappings_updated_at|model_mappings_pkey" \
     "$(q $db -c "SELECT string_agg(indexrelid::regclass::text, '|' ORDER BY indexrelid::regclass::text) FROM pg_index WHERE indrelid = 'public.model_mappings'::regclass")"
+# The instance registry (004): RLS on, the service role only.
+apply $db "$F004"
+apply $db "$F004"
+apply_batch $db "$F004"
+ok "empty database + shim: 004 applies three times (psql -f and as one batch), no error"
+expect "004: RLS on; anon and authenticated have no privilege, service_role all; one policy" \
+    "t anon:f authenticated:f service_role:t 1" \
+    "$(q $db -c "SELECT relrowsecurity FROM pg_class WHERE oid = 'public.mapsync_instances'::regclass" \
+                -c "SELECT string_agg(format('%s:%s', r, has_table_privilege(r, 'public.mapsync_instances',
+                        'SELECT,INSERT,UPDATE,DELETE')), ' ') FROM unnest(ARRAY['anon', 'authenticated', 'service_role']) r" \
+                -c "SELECT count(*) FROM pg_policies WHERE tablename = 'mapsync_instances'" | paste -sd' ')"
 apply $db "$R001"
 apply_batch $db "$R001"
+expect "empty database: the rollback drops the instance registry" "f" \
+    "$(q $db -c "SELECT to_regclass('public.mapsync_instances') IS NOT NULL")"
 expect "empty database: 001 + 002 then the rollback (twice) = exactly the deployed fixture's schema" "$REF_FP" "$(fingerprint $db)"
 apply $db "$F001"
 apply $db "$F002"

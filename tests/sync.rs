@@ -575,3 +575,35 @@ fn concurrent_runs_against_one_table_take_turns() {
     );
     assert_eq!(remote_count(&db), 5_003);
 }
+
+/// `sql/verify.sh` (every script in sql/: fresh install, upgrade in place, idempotency, RLS
+/// and grants, the instance registry, the optional role, the rollbacks, atomicity) against a
+/// cluster of its own: it creates cluster-wide roles.
+#[test]
+fn the_sql_scripts_pass_their_checks_on_a_real_server() {
+    let cluster = PgCluster::start();
+    let url = cluster.superuser_url("postgres");
+    let psql_dir = common::pg::psql_path()
+        .parent()
+        .expect("psql's directory")
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        psql_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/verify.sh"))
+        .arg(&url)
+        .env("PATH", path)
+        .output()
+        .expect("bash runs sql/verify.sh");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "sql/verify.sh failed:\n{text}");
+    assert!(text.contains("all checks passed"), "{text}");
+    assert!(text.contains("ok: 004: RLS on"), "{text}");
+}
