@@ -219,6 +219,52 @@ async fn instances_line(target: &Target) -> CheckLine {
     }
 }
 
+/// Where `mapsync restore` takes its mappings from.
+pub enum RestoreFrom {
+    File(std::path::PathBuf),
+    /// The Postgres mirror (`--from-target`).
+    Target,
+}
+
+/// `mapsync restore`: the mappings of a file or of the mirror, back into the SQLite file or
+/// into a new database (`-o`).
+pub async fn restore(
+    settings: &Settings,
+    from: RestoreFrom,
+    opts: crate::restore::RestoreOptions,
+) -> Result<crate::restore::RestoreReport, Error> {
+    use crate::restore::Entries;
+    let redactor = Redactor::new(&settings.snapshot.redact_keys);
+    let entries = match from {
+        RestoreFrom::File(path) => Entries::from_file(&path, &redactor)?,
+        RestoreFrom::Target => {
+            let Some(target) = Target::from_settings(&settings.target)? else {
+                return Err(Error::Other(
+                    "--from-target needs a target: set target.url (or MAPSYNC_TARGET__URL) to the mirror to restore from".into(),
+                ));
+            };
+            let entries = target.read_mirror(&redactor).await?;
+            let lost = if opts.output.is_some() {
+                "the new database has none of them"
+            } else {
+                "the rows keep the ones they hold"
+            };
+            Entries {
+                origin: format!("postgres:{}", target.table()),
+                entries,
+                notes: vec![format!(
+                    "the mirror holds no secrets (metadata keys in snapshot.redact_keys are never pushed): {lost}; restore them from a snapshot, which keeps every key"
+                )],
+            }
+        }
+    };
+    let settings = settings.clone();
+    tokio::task::spawn_blocking(move || crate::restore::restore(&settings, entries, &opts))
+        .await
+        .map_err(|e| Error::Other(format!("the restore stopped: {e}")))?
+        .map_err(Error::from)
+}
+
 /// `mapsync migrate`: applies the embedded `sql/` scripts; returns their names.
 pub async fn migrate(settings: &Settings) -> Result<Vec<&'static str>, Error> {
     let Some(target) = Target::from_settings(&settings.target)? else {

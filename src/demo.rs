@@ -10,8 +10,7 @@ use rusqlite::Connection;
 use crate::Error;
 use crate::config::Settings;
 
-/// The application's SQLite schema (restated from the application; the tests use it too).
-const APP_SCHEMA: &str = include_str!("../tests/fixtures/app_sqlite_schema.sql");
+use crate::source::APP_SCHEMA;
 
 /// One demo row of `llm_model_mappings`, as the application stores it (its id is
 /// `scope_type:scope_key`).

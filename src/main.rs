@@ -53,13 +53,30 @@ enum Command {
     Check,
     /// Apply the embedded sql/ scripts to the target (idempotent).
     Migrate,
-    /// Upsert a snapshot back into the SQLite file, the way the application's import does.
+    /// Upsert a snapshot (or the Postgres mirror) back into the SQLite file, the way the
+    /// application's import does, or into a new database.
     Restore {
         /// A snapshot or an application export.
-        file: PathBuf,
+        #[arg(
+            required_unless_present = "from_target",
+            conflicts_with = "from_target"
+        )]
+        file: Option<PathBuf>,
+        /// Restore from the Postgres mirror instead of a file (it holds no secrets).
+        #[arg(long)]
+        from_target: bool,
         /// Report what would change, write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Also delete the rows the file lacks (guarded against mass deletes).
+        #[arg(long)]
+        exact: bool,
+        /// Allow an --exact delete that the mass-delete guard would refuse.
+        #[arg(long, requires = "exact")]
+        force: bool,
+        /// Write a new database with the application's schema instead of the live file.
+        #[arg(short, long, value_name = "NEW.db")]
+        output: Option<PathBuf>,
     },
 }
 
@@ -144,12 +161,28 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
                 ExitCode::FAILURE
             })
         }
-        Command::Restore { file, dry_run } => {
-            let report = tokio::task::spawn_blocking(move || {
-                mapsync::restore::restore(&settings, &file, dry_run)
-            })
-            .await
-            .map_err(|e| Error::Other(format!("the restore stopped: {e}")))??;
+        Command::Restore {
+            file,
+            from_target,
+            dry_run,
+            exact,
+            force,
+            output,
+        } => {
+            let from = match file {
+                Some(file) if !from_target => commands::RestoreFrom::File(file),
+                _ => commands::RestoreFrom::Target,
+            };
+            let opts = mapsync::restore::RestoreOptions {
+                dry_run,
+                exact,
+                force,
+                output,
+            };
+            let report = commands::restore(&settings, from, opts).await?;
+            for note in &report.notes {
+                eprintln!("note: {note}");
+            }
             print_json(&report);
             Ok(if report.errors > 0 {
                 ExitCode::FAILURE

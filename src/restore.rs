@@ -1,10 +1,17 @@
-//! `mapsync restore FILE [--dry-run]` (SPEC §7): upserts a snapshot, an application export
-//! (`{"exported_at", "count", "mappings": [...]}`) or a bare list of mappings back into the
-//! application's SQLite file, the way the application's own "import local JSON" does. This is
+//! `mapsync restore FILE|--from-target [--dry-run] [--exact [--force]] [-o NEW.db]` (SPEC §7):
+//! upserts a snapshot, an application export (`{"exported_at", "count", "mappings": [...]}`),
+//! a bare list of mappings, or the Postgres mirror's rows back into the application's SQLite
+//! file, the way the application's own "import local JSON" does; or, with `-o`, writes them
+//! into a new database with the application's schema (a host whose disk was lost). This is
 //! the only code in mapsync that writes to the SQLite file.
 //!
 //! Invariants:
-//! - Nothing is ever deleted, and no prompt is ever created.
+//! - Nothing is deleted unless `--exact`: then the rows of `llm_model_mappings` whose mapping
+//!   is not among the entries are deleted too, under the sync's mass-delete guard
+//!   (`target.max_delete_fraction` and `target.max_delete_floor`; `--force` overrides it).
+//!   No prompt is ever created or deleted.
+//! - `-o NEW.db` never touches the live file: the new database is built under a temporary
+//!   name beside NEW.db and renamed into place once complete; an existing NEW.db is refused.
 //! - All or nothing: one read-write connection (`busy_timeout` = `source.busy_timeout_ms`) and
 //!   ONE `BEGIN IMMEDIATE` transaction that reads the current rows, decides every entry, writes
 //!   and commits. Any failure rolls the whole restore back. `--dry-run` opens the file
@@ -108,17 +115,70 @@ pub enum RestoreError {
     ReadOnly { path: PathBuf, reason: String },
     #[error("cannot restore into SQLite file {path}: {reason}; nothing was restored")]
     Other { path: PathBuf, reason: String },
+    #[error(
+        "{0} already exists: -o writes a new database; choose a path that does not exist (or remove it)"
+    )]
+    OutputExists(PathBuf),
+    #[error(
+        "--exact would delete {deletes} of the {rows} rows of {path}, more than target.max_delete_fraction ({fraction}) and target.max_delete_floor ({floor}): nothing was restored; pass --force if the file really is the whole truth"
+    )]
+    MassDelete {
+        path: PathBuf,
+        deletes: usize,
+        rows: usize,
+        fraction: f64,
+        floor: u64,
+    },
+}
+
+/// How to restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Report what would change, write nothing.
+    pub dry_run: bool,
+    /// Also delete the rows whose mapping the entries lack.
+    pub exact: bool,
+    /// Let `exact` delete more than the mass-delete guard allows.
+    pub force: bool,
+    /// Write a new database there instead of touching `source.sqlite_path`.
+    pub output: Option<PathBuf>,
+}
+
+/// The mappings to restore: a file's entries, or the mirror's rows, each parsed on its own.
+pub struct Entries {
+    /// What they came from, for the report (a path, or `postgres:<table>`).
+    pub origin: String,
+    pub entries: Vec<Result<Mapping, String>>,
+    /// Said to the operator in the report (e.g. that the mirror holds no secrets).
+    pub notes: Vec<String>,
+}
+
+impl Entries {
+    /// The entries of a snapshot or an application export.
+    pub fn from_file(file: &Path, redactor: &Redactor) -> Result<Entries, RestoreError> {
+        Ok(Entries {
+            origin: file.display().to_string(),
+            entries: read_entries(file, redactor)?,
+            notes: Vec::new(),
+        })
+    }
 }
 
 /// What a restore did (or, with `dry_run`, would do), entry by entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RestoreReport {
+    /// Where the mappings came from (a file, or `postgres:<table>`).
     pub file: String,
+    /// The database written (`source.sqlite_path`, or the new one of `-o`).
+    pub database: String,
     pub dry_run: bool,
     pub imported: usize,
     pub unchanged: usize,
     pub skipped: usize,
     pub errors: usize,
+    /// Rows deleted by `--exact`.
+    pub deleted: usize,
+    pub notes: Vec<String>,
     pub entries: Vec<EntryReport>,
 }
 
@@ -139,20 +199,48 @@ pub enum Outcome {
     Unchanged,
     Skipped,
     Error,
+    /// A row the entries lack, deleted by `--exact` (its `index` is the row's rowid).
+    Deleted,
 }
 
-/// Restores `file` into `settings.source.sqlite_path` (blocking; async callers use
-/// `spawn_blocking`). With `dry_run`, computes the same report and writes nothing.
+/// Restores `entries` into `settings.source.sqlite_path`, or into a new database at
+/// `opts.output` (blocking; async callers use `spawn_blocking`). With `opts.dry_run`, computes
+/// the same report and writes nothing.
 pub fn restore(
     settings: &Settings,
-    file: &Path,
-    dry_run: bool,
+    entries: Entries,
+    opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let redactor = Redactor::new(&settings.snapshot.redact_keys);
-    let entries = read_entries(file, &redactor)?;
-    let db = settings.source.sqlite_path.as_path();
+    let rules = Rules {
+        redactor: &redactor,
+        include_prompts: settings.source.include_prompt_mappings,
+        exact: opts.exact.then_some(Guard {
+            force: opts.force,
+            fraction: settings.target.max_delete_fraction,
+            floor: settings.target.max_delete_floor,
+        }),
+    };
+    let report = match &opts.output {
+        None => into_live(&settings.source, entries, &rules, opts.dry_run)?,
+        Some(out) => into_new(out, entries, &rules, opts.dry_run)?,
+    };
+    tracing::info!(from = %report.file, db = %report.database, dry_run = opts.dry_run,
+        imported = report.imported, unchanged = report.unchanged, skipped = report.skipped,
+        errors = report.errors, deleted = report.deleted, "restore finished");
+    Ok(report)
+}
+
+/// Into the application's own file: one `BEGIN IMMEDIATE` transaction.
+fn into_live(
+    source: &SourceSettings,
+    entries: Entries,
+    rules: &Rules<'_>,
+    dry_run: bool,
+) -> Result<RestoreReport, RestoreError> {
+    let db = source.sqlite_path.as_path();
     let fail = |e| classify(db, e);
-    let mut conn = open(&settings.source, dry_run)?;
+    let mut conn = open(source, dry_run)?;
     let behavior = if dry_run {
         TransactionBehavior::Deferred
     } else {
@@ -162,21 +250,81 @@ pub fn restore(
     if !table_exists(&tx, "llm_model_mappings").map_err(fail)? {
         return Err(RestoreError::NotAppDatabase(db.to_path_buf()));
     }
-    let rules = Rules {
-        redactor: &redactor,
-        include_prompts: settings.source.include_prompt_mappings,
-    };
-    let planned = plan(&tx, entries, &rules).map_err(fail)?;
+    let planned = plan(&tx, entries.entries, rules, db)?;
     if !dry_run {
         apply(&tx, &planned).map_err(fail)?;
         tx.commit().map_err(fail)?;
     }
     // A dry run's transaction is dropped here: rolled back, and it never wrote anyway.
-    let report = summarize(file, dry_run, planned);
-    tracing::info!(file = %file.display(), db = %db.display(), dry_run, imported = report.imported,
-        unchanged = report.unchanged, skipped = report.skipped, errors = report.errors,
-        "restore finished");
-    Ok(report)
+    Ok(summarize(
+        entries.origin,
+        db,
+        dry_run,
+        entries.notes,
+        planned,
+    ))
+}
+
+/// Into a new database with the application's schema, built under a temporary name beside
+/// `out` and renamed into place once complete (a dry run builds it in memory).
+fn into_new(
+    out: &Path,
+    entries: Entries,
+    rules: &Rules<'_>,
+    dry_run: bool,
+) -> Result<RestoreReport, RestoreError> {
+    if out.exists() {
+        return Err(RestoreError::OutputExists(out.to_path_buf()));
+    }
+    let temp = {
+        let mut name = out.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".mapsync-tmp-{}", std::process::id()));
+        out.with_file_name(name)
+    };
+    let fail = |e| classify(out, e);
+    let built = (|| {
+        let mut conn = if dry_run {
+            Connection::open_in_memory().map_err(fail)?
+        } else {
+            let _ = std::fs::remove_file(&temp);
+            let conn = Connection::open(&temp).map_err(fail)?;
+            // As the application keeps its file.
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(fail)?;
+            conn
+        };
+        conn.execute_batch(source::APP_SCHEMA).map_err(fail)?;
+        let tx = conn.transaction().map_err(fail)?;
+        let planned = plan(&tx, entries.entries, rules, out)?;
+        apply(&tx, &planned).map_err(fail)?;
+        tx.commit().map_err(fail)?;
+        // Closing the only connection checkpoints the WAL into the file and removes it.
+        conn.close().map_err(|(_, e)| fail(e))?;
+        Ok(planned)
+    })();
+    let planned = match built {
+        Ok(p) => p,
+        Err(e) => {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = temp.as_os_str().to_owned();
+                p.push(suffix);
+                let _ = std::fs::remove_file(PathBuf::from(p));
+            }
+            return Err(e);
+        }
+    };
+    if !dry_run {
+        std::fs::rename(&temp, out).map_err(|e| RestoreError::Other {
+            path: out.to_path_buf(),
+            reason: one_line(&e.to_string()),
+        })?;
+    }
+    let mut notes = entries.notes;
+    notes.push(format!(
+        "{} is a new database with the application's schema: point the application's SQLITE_DB_PATH (and source.sqlite_path) at it; prompt mappings need their ai_prompts rows, which are not in a mapsync file",
+        out.display()
+    ));
+    Ok(summarize(entries.origin, out, dry_run, notes, planned))
 }
 
 /// The file's entries, each parsed on its own.
@@ -247,6 +395,15 @@ fn one_line(s: &str) -> String {
 struct Rules<'a> {
     redactor: &'a Redactor,
     include_prompts: bool,
+    /// `--exact`: delete the rows the entries lack, under this guard.
+    exact: Option<Guard>,
+}
+
+/// The mass-delete guard of `--exact` (the sync's limits).
+struct Guard {
+    force: bool,
+    fraction: f64,
+    floor: u64,
 }
 
 /// One entry's outcome and the writes it needs.
@@ -284,6 +441,8 @@ enum Write {
     Update { rowid: i64, columns: Columns },
     /// `UPDATE ai_prompts SET tools_json = ? WHERE id = ?`.
     Prompt { id: i64, tools_json: String },
+    /// `DELETE … WHERE rowid = ?` (`--exact`).
+    Delete { rowid: i64 },
 }
 
 /// The values written to a `llm_model_mappings` row, as the application stores them.
@@ -316,15 +475,17 @@ fn plan(
     tx: &Transaction<'_>,
     entries: Vec<Result<Mapping, String>>,
     rules: &Rules<'_>,
-) -> rusqlite::Result<Vec<Planned>> {
+    db: &Path,
+) -> Result<Vec<Planned>, RestoreError> {
+    let fail = |e| classify(db, e);
     let mut last: HashMap<String, usize> = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
         if let Ok(m) = e {
             last.insert(m.id().to_string(), i);
         }
     }
-    let index = Index::load(tx, rules.redactor)?;
-    let prompts_table = table_exists(tx, "ai_prompts")?;
+    let index = Index::load(tx, rules.redactor).map_err(fail)?;
+    let prompts_table = table_exists(tx, "ai_prompts").map_err(fail)?;
     let mut planned = Vec::with_capacity(entries.len());
     for (i, entry) in entries.into_iter().enumerate() {
         let m = match entry {
@@ -339,10 +500,34 @@ fn plan(
             let why = format!("superseded by entry {winner}, which has the same id");
             Planned::new(i, Some(m.id()), Outcome::Skipped, Some(why))
         } else if m.source == Origin::Prompt {
-            plan_prompt(tx, i, &m, rules, prompts_table)?
+            plan_prompt(tx, i, &m, rules, prompts_table).map_err(fail)?
         } else {
             index.plan_row(i, &m, rules.redactor)
         });
+    }
+    if let Some(guard) = &rules.exact {
+        let deletes = index.missing_from(&last);
+        let rows = index.rows.len();
+        let over_floor = deletes.len() as u64 > guard.floor;
+        let over_fraction = deletes.len() as f64 > guard.fraction * rows as f64;
+        if over_floor && over_fraction && !guard.force {
+            return Err(RestoreError::MassDelete {
+                path: db.to_path_buf(),
+                deletes: deletes.len(),
+                rows,
+                fraction: guard.fraction,
+                floor: guard.floor,
+            });
+        }
+        planned.extend(deletes.into_iter().map(|row| Planned {
+            report: EntryReport {
+                index: row.rowid as usize,
+                id: row.mapping.as_ref().map(|m| m.id().to_string()),
+                result: Outcome::Deleted,
+                reason: Some("not in the file (--exact)".into()),
+            },
+            writes: vec![Write::Delete { rowid: row.rowid }],
+        }));
     }
     Ok(planned)
 }
@@ -385,6 +570,19 @@ impl Index {
             index.push(existing);
         }
         Ok(index)
+    }
+
+    /// The rows that read as a mapping none of `ids` names (what `--exact` deletes). Rows the
+    /// reader skips (empty scope) are not mappings and are left alone.
+    fn missing_from(&self, ids: &HashMap<String, usize>) -> Vec<&Existing> {
+        self.rows
+            .iter()
+            .filter(|r| {
+                r.mapping
+                    .as_ref()
+                    .is_some_and(|m| !ids.contains_key(m.id()))
+            })
+            .collect()
     }
 
     fn push(&mut self, row: Existing) {
@@ -687,6 +885,9 @@ fn apply(tx: &Transaction<'_>, planned: &[Planned]) -> rusqlite::Result<()> {
             Write::Prompt { id, tools_json } => tx
                 .prepare_cached("UPDATE ai_prompts SET tools_json = ?2 WHERE id = ?1")?
                 .execute(params![id, tools_json])?,
+            Write::Delete { rowid } => tx
+                .prepare_cached("DELETE FROM llm_model_mappings WHERE rowid = ?1")?
+                .execute(params![rowid])?,
         };
         if changed != 1 {
             // The rows were read in this same transaction; anything else is a bug. Roll back.
@@ -696,16 +897,25 @@ fn apply(tx: &Transaction<'_>, planned: &[Planned]) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn summarize(file: &Path, dry_run: bool, planned: Vec<Planned>) -> RestoreReport {
+fn summarize(
+    origin: String,
+    db: &Path,
+    dry_run: bool,
+    notes: Vec<String>,
+    planned: Vec<Planned>,
+) -> RestoreReport {
     let entries: Vec<EntryReport> = planned.into_iter().map(|p| p.report).collect();
     let count = |o: Outcome| entries.iter().filter(|e| e.result == o).count();
     RestoreReport {
-        file: file.display().to_string(),
+        file: origin,
+        database: db.display().to_string(),
         dry_run,
         imported: count(Outcome::Imported),
         unchanged: count(Outcome::Unchanged),
         skipped: count(Outcome::Skipped),
         errors: count(Outcome::Error),
+        deleted: count(Outcome::Deleted),
+        notes,
         entries,
     }
 }

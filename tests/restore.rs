@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ::mapsync::config::Settings;
-use ::mapsync::restore::{Outcome, RestoreError, RestoreReport, restore};
+use ::mapsync::mapping::Redactor;
+use ::mapsync::restore::{Entries, Outcome, RestoreError, RestoreOptions, RestoreReport, restore};
 use common::appdb::FIXED_UPDATED_AT;
 use common::mapsync::Workspace;
 use common::*;
@@ -38,7 +39,21 @@ fn write_json(ws: &Workspace, name: &str, v: &Value) -> PathBuf {
 
 #[track_caller]
 fn run(ws: &Workspace, file: &Path, dry_run: bool) -> RestoreReport {
-    restore(&settings(ws), file, dry_run).unwrap_or_else(|e| panic!("restore failed: {e}"))
+    try_run(ws, file, dry_run).unwrap_or_else(|e| panic!("restore failed: {e}"))
+}
+
+fn try_run(ws: &Workspace, file: &Path, dry_run: bool) -> Result<RestoreReport, RestoreError> {
+    restore_file(&settings(ws), file, dry_run)
+}
+
+/// The library's restore of `file` with settings `s`.
+fn restore_file(s: &Settings, file: &Path, dry_run: bool) -> Result<RestoreReport, RestoreError> {
+    let entries = Entries::from_file(file, &Redactor::new(&s.snapshot.redact_keys))?;
+    let opts = RestoreOptions {
+        dry_run,
+        ..Default::default()
+    };
+    restore(s, entries, &opts)
 }
 
 /// (result, reason) of the entry with normalised id `id`.
@@ -161,7 +176,6 @@ fn populated() -> Workspace {
 fn restore_brings_back_changed_and_deleted_rows_and_never_deletes() {
     let ws = populated();
     let snapshot = export(&ws, "before.json");
-    let created_a = created_at(&ws.app, "mapping:a");
 
     // The application changes one row, deletes two and adds one.
     ws.app.upsert(&Row {
@@ -173,6 +187,8 @@ fn restore_brings_back_changed_and_deleted_rows_and_never_deletes() {
     ws.app.delete("mapping:b");
     ws.app.delete("mapping:中文");
     ws.app.upsert(&Row::mapping("extra", "kimi-k2"));
+    // (The test's upsert is INSERT OR REPLACE, which re-stamps created_at: read it after.)
+    let created_a = created_at(&ws.app, "mapping:a");
 
     let t = Instant::now();
     let report = run(&ws, &snapshot, false);
@@ -417,7 +433,7 @@ fn prompt_mappings_round_trip_into_tools_json_in_object_and_list_form() {
     // With prompt mappings turned off, prompts are none of restore's business.
     let mut off = settings(&ws);
     off.source.include_prompt_mappings = false;
-    let report = restore(&off, &file, true).unwrap();
+    let report = restore_file(&off, &file, true).unwrap();
     assert_eq!((report.unchanged, report.skipped), (1, 5), "{report:#?}");
     assert!(
         outcome(&report, &id(object))
@@ -644,7 +660,7 @@ fn unusable_files_and_databases_fail_with_one_line_and_change_nothing() {
     let missing = ws.path().join("missing.json");
 
     let fails = |file: &Path, s: &Settings| -> String {
-        let e = restore(s, file, false).expect_err("restore must fail");
+        let e = restore_file(s, file, false).expect_err("restore must fail");
         let line = e.to_string();
         assert!(!line.contains('\n'), "one line: {line}");
         ::mapsync::Error::from(e).to_string()
@@ -667,7 +683,7 @@ fn unusable_files_and_databases_fail_with_one_line_and_change_nothing() {
         "{line}"
     );
     assert!(matches!(
-        restore(&s, &missing, true),
+        restore_file(&s, &missing, true),
         Err(RestoreError::FileMissing(_))
     ));
     assert_eq!(dump(&ws.app), before);
@@ -720,7 +736,7 @@ fn a_database_locked_beyond_busy_timeout_fails_and_writes_nothing() {
         "BEGIN IMMEDIATE; UPDATE llm_model_mappings SET name = 'app' WHERE id = 'mapping:b';",
     );
     let t = Instant::now();
-    let e = restore(&s, &snapshot, false).expect_err("locked");
+    let e = restore_file(&s, &snapshot, false).expect_err("locked");
     let waited = t.elapsed();
     assert!(matches!(e, RestoreError::Busy { .. }), "{e}");
     // It waited for the configured 300 ms, not the 5 s default.
@@ -734,7 +750,7 @@ fn a_database_locked_beyond_busy_timeout_fails_and_writes_nothing() {
         "{line}"
     );
     // A dry run only reads: it does not wait for the application's write lock.
-    let dry = restore(&s, &snapshot, true).expect("a dry run reads through WAL");
+    let dry = restore_file(&s, &snapshot, true).expect("a dry run reads through WAL");
     assert_eq!(dry.imported, 1);
     ws.app.exec("COMMIT");
 
@@ -786,4 +802,145 @@ fn the_restore_command_prints_its_report_and_exits_by_its_result() {
     run.expect_code(1);
     assert_eq!(run.stderr.trim().lines().count(), 1, "{run:?}");
     assert!(run.stdout.is_empty());
+}
+
+/// The schema of the application's tables as SQLite stores it.
+fn schema_of(path: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .unwrap();
+    stmt.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A lost host rebuilt: from a snapshot and from the mirror, `restore -o NEW.db` writes a
+/// database with the application's schema that, synced back, leaves Postgres unchanged.
+#[test]
+fn a_lost_host_is_rebuilt_from_a_snapshot_or_the_mirror_and_postgres_stays_unchanged() {
+    use common::mapsync::{remote_count, supabase_db, xmins};
+    let db = supabase_db();
+    let ws = Workspace::new(Some(&db.url), "");
+    for r in Row::numbered("m", 25) {
+        ws.app.upsert(&r);
+    }
+    ws.app.upsert(&Row {
+        metadata_json: Some(r#"{"api_key": "sk-lost-host", "temperature": 0.2}"#.into()),
+        ..Row::mapping("secret", "gpt-4o")
+    });
+    ws.mapsync(&["migrate"]).expect_code(0);
+    ws.sync(&[]);
+    let snapshot = export(&ws, "snapshot.json");
+    let before = xmins(&db);
+
+    for (args, name) in [
+        (
+            vec!["restore", snapshot.to_str().unwrap()],
+            "from-snapshot.db",
+        ),
+        (vec!["restore", "--from-target"], "from-mirror.db"),
+    ] {
+        let out = ws.path().join(name);
+        let mut all = args.clone();
+        all.extend(["-o", out.to_str().unwrap()]);
+        let run = ws.mapsync(&all);
+        run.expect_code(0);
+        let report = run.json();
+        assert_eq!(report["imported"], 26, "{report}");
+        assert_eq!(report["database"], out.display().to_string());
+        assert_eq!(
+            schema_of(&out),
+            schema_of(&ws.db_path()),
+            "{name} has the application's schema"
+        );
+        // The rebuilt file takes the lost one's place; a sync of it changes nothing.
+        std::fs::copy(&out, ws.path().join("rebuilt.sqlite3")).unwrap();
+        let rebuilt = AppDb::open(&ws.path().join("rebuilt.sqlite3"));
+        assert_eq!(rebuilt.count(), 26);
+        let secret: String = rebuilt
+            .conn()
+            .query_row(
+                "SELECT metadata_json FROM llm_model_mappings WHERE id = 'mapping:secret'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if name == "from-mirror.db" {
+            assert!(!secret.contains("sk-lost-host"), "the mirror has no secret");
+            assert!(
+                run.stderr.contains("no secrets"),
+                "the output says so: {}",
+                run.stderr
+            );
+        } else {
+            assert!(secret.contains("sk-lost-host"), "a snapshot keeps it");
+        }
+        let config = ws.path().join("rebuilt.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[source]\nsqlite_path = {:?}\n[target]\nurl = {:?}\n[snapshot]\ndir = {:?}\n",
+                ws.path().join("rebuilt.sqlite3"),
+                db.url,
+                ws.path().join("rebuilt-snapshots")
+            ),
+        )
+        .unwrap();
+        let mut cmd = common::mapsync::command();
+        cmd.arg("--config").arg(&config).arg("sync");
+        let synced = common::mapsync::run(cmd);
+        synced.expect_code(0);
+        let synced = synced.json();
+        assert_eq!(synced["changed_count"], 0, "{name}: {synced}");
+        assert_eq!(xmins(&db), before, "{name}: Postgres unchanged");
+        assert_eq!(remote_count(&db), 26);
+        drop(rebuilt);
+        std::fs::remove_file(ws.path().join("rebuilt.sqlite3")).unwrap();
+        // -o never overwrites.
+        let again = ws.mapsync(&all);
+        again.expect_code(1);
+        assert!(again.stderr.contains("already exists"), "{}", again.stderr);
+    }
+}
+
+#[test]
+fn exact_deletes_the_rows_the_file_lacks_under_the_mass_delete_guard() {
+    let ws = Workspace::new(None, "");
+    for r in Row::numbered("keep", 5) {
+        ws.app.upsert(&r);
+    }
+    let snapshot = export(&ws, "five.json");
+    for r in Row::numbered("new", 3) {
+        ws.app.upsert(&r);
+    }
+    let run = ws.mapsync(&["restore", snapshot.to_str().unwrap(), "--exact"]);
+    run.expect_code(0);
+    let report = run.json();
+    assert_eq!(report["deleted"], 3, "{report}");
+    assert_eq!(ws.app.count(), 5);
+
+    for r in Row::numbered("more", 20) {
+        ws.app.upsert(&r);
+    }
+    let before = dump(&ws.app);
+    let refused = ws.mapsync(&["restore", snapshot.to_str().unwrap(), "--exact"]);
+    refused.expect_code(1);
+    assert!(
+        refused.stderr.contains("would delete 20 of the 25 rows")
+            && refused.stderr.contains("--force"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(dump(&ws.app), before, "nothing was restored");
+    let forced = ws.mapsync(&["restore", snapshot.to_str().unwrap(), "--exact", "--force"]);
+    forced.expect_code(0);
+    assert_eq!(forced.json()["deleted"], 20);
+    assert_eq!(ws.app.count(), 5);
+    // Without --exact nothing is ever deleted.
+    ws.app.upsert(&Row::mapping("stays", "gpt-4o"));
+    ws.mapsync(&["restore", snapshot.to_str().unwrap()])
+        .expect_code(0);
+    assert_eq!(ws.app.count(), 6);
 }

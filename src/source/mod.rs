@@ -23,6 +23,10 @@ pub use sqlite::{ReadMode, SqliteSource};
 
 use crate::mapping::Mapping;
 
+/// The application's SQLite schema (the tables mapsync reads), as its backend creates it:
+/// `mapsync restore -o` builds new databases with it, and `mapsync demo` its demo file.
+pub(crate) const APP_SCHEMA: &str = include_str!("../../tests/fixtures/app_sqlite_schema.sql");
+
 /// What one read of the SQLite file produced.
 #[derive(Debug, Clone, Default)]
 pub struct SourceImage {

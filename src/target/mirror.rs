@@ -297,6 +297,38 @@ impl Target {
         tx.commit().await.map_err(|e| self.classify(&e))
     }
 
+    /// Every mirrored row in the exported form, each parsed on its own by the export rules
+    /// (for `mapsync restore --from-target`): one read transaction, no lock taken.
+    pub async fn read_mirror(
+        &self,
+        redactor: &crate::mapping::Redactor,
+    ) -> Result<Vec<Result<Mapping, String>>, TargetError> {
+        let err = |e: tokio_postgres::Error| self.classify(&e);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(err)?;
+        super::schema::check_columns(&tx, self).await?;
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT to_json(t)::text FROM (SELECT {COLUMNS} FROM {}) t",
+                    self.table.quoted()
+                ),
+                &[],
+            )
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let text: &str = r.get(0);
+                serde_json::from_str(text)
+                    .map_err(|e| format!("not a row of the mirror ({e})"))
+                    .and_then(|v| Mapping::from_export(&v, redactor))
+            })
+            .collect())
+    }
+
     /// Streams the mirror's rows (binary COPY) into a digest per id.
     async fn remote_digests(&self, tx: &Transaction<'_>) -> Result<RemoteDigests, TargetError> {
         let err = |e: tokio_postgres::Error| self.classify(&e);
