@@ -29,8 +29,13 @@ struct Cli {
 enum Command {
     /// Run the daemon: watch the SQLite file, mirror it, snapshot it, serve the admin port.
     Run,
-    /// Create ./demo/db.sqlite3 with sample mappings (once) and run the daemon on it.
-    Demo,
+    /// Create ./demo/db.sqlite3 with sample mappings (once) and run the daemon on it,
+    /// mirroring into a throwaway PostgreSQL of its own when PostgreSQL's server is installed.
+    Demo {
+        /// Snapshots only: do not start the demo's own PostgreSQL.
+        #[arg(long)]
+        no_postgres: bool,
+    },
     /// Run one sync and print its result as JSON.
     Sync {
         /// Delete remote rows whose id is no longer in the source (guarded against mass deletes).
@@ -82,7 +87,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tune_malloc(matches!(cli.command, Command::Run | Command::Demo));
+    tune_malloc(matches!(cli.command, Command::Run | Command::Demo { .. }));
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => return fail(&Error::from(e)),
@@ -112,12 +117,8 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
             mapsync::daemon::run(settings).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => {
-            let db = mapsync::demo::create(&mapsync::demo::dir())?;
-            let settings =
-                mapsync::demo::settings(settings, db, std::env::var("MAPSYNC_TARGET__URL").ok());
-            println!("{}", mapsync::demo::banner(&settings));
-            mapsync::daemon::run(settings).await?;
+        Command::Demo { no_postgres } => {
+            mapsync::demo::run(settings, no_postgres).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync {

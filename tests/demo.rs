@@ -33,11 +33,17 @@ impl Demo {
     /// `mapsync demo` in `dir`, listening on a free loopback port, with `env` added (e.g.
     /// `MAPSYNC_TARGET__URL`); returns once `/livez` answers.
     fn start(dir: &Path, env: &[(&str, &str)]) -> Demo {
+        Self::start_with(dir, &[], env)
+    }
+
+    /// `mapsync demo <args>`, as [`Demo::start`].
+    fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Demo {
         let mut last = String::new();
         for _ in 0..3 {
             let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
             let mut cmd = command();
             cmd.arg("demo")
+                .args(args)
                 .current_dir(dir)
                 .env("MAPSYNC_HTTP__LISTEN", addr.to_string())
                 .env("MAPSYNC_LOG__FORMAT", "text")
@@ -201,7 +207,7 @@ fn curl_lines(stdout: &str) -> Vec<(String, String, String)> {
 /// the same requests through the test's HTTP client, and, where curl is installed, the lines
 /// themselves pasted into `sh` with `$TOKEN` set to `token`.
 #[track_caller]
-fn follow_curl_lines(demo: &Demo, stdout: &str, token: Option<&str>) {
+fn follow_curl_lines(demo: &Demo, stdout: &str, token: Option<&str>, sync_status: &str) {
     let base = format!("http://{}", demo.addr);
     let curls = curl_lines(stdout);
     assert_eq!(curls.len(), 2, "two curl lines: {stdout}");
@@ -227,10 +233,7 @@ fn follow_curl_lines(demo: &Demo, stdout: &str, token: Option<&str>) {
         let r = http::request(demo.addr, method, path, &headers, b"");
         assert_eq!(r.status, 200, "{method} {path}: {}", r.text());
         if method == "POST" {
-            assert_eq!(
-                r.json()["data"]["status"],
-                "skipped:supabase_not_configured"
-            );
+            assert_eq!(r.json()["data"]["status"], sync_status);
         } else {
             assert!(
                 r.header("content-disposition")
@@ -272,9 +275,30 @@ fn follow_curl_lines(demo: &Demo, stdout: &str, token: Option<&str>) {
     );
 }
 
+/// The processes whose command line names `needle` (a cluster's data directory).
+fn processes_naming(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .filter(|c| c.contains(needle))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
-fn demo_in_a_fresh_directory_serves_twenty_mappings_and_stops_on_sigterm() {
+fn demo_in_a_fresh_directory_mirrors_twenty_mappings_into_its_own_postgres() {
+    assert!(
+        common::pg::pg_bin_dir().is_dir(),
+        "the demo's whole path needs PostgreSQL's server: apt-get install -y postgresql"
+    );
     let dir = tempfile::tempdir().unwrap();
+    // As a project directory usually is: others may walk through it (PostgreSQL runs as
+    // `postgres` when the tests run as root).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut demo = Demo::start(dir.path(), &[]);
     let base = format!("http://{}", demo.addr);
 
@@ -297,18 +321,53 @@ fn demo_in_a_fresh_directory_serves_twenty_mappings_and_stops_on_sigterm() {
     assert!(page.text().contains("<title>mapsync admin</title>"));
     assert_eq!(demo.get("/livez").json()["status"], "ok");
 
+    // Its own PostgreSQL, under ./demo, with a psql line to look at the table.
+    let data_dir = dir.path().join("demo/postgres/data");
+    assert!(
+        stdout.contains(&data_dir.display().to_string()),
+        "the cluster lives under ./demo: {stdout}"
+    );
+    let psql_line = stdout
+        .lines()
+        .find_map(|l| {
+            l.split_once("look at it:")
+                .map(|(_, c)| c.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no psql line: {stdout}"));
+    let url = psql_line
+        .split('\'')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no URL in {psql_line}"))
+        .to_string();
+    let status = demo.wait_status("the start-up sync", |s| s["last_run"]["status"] == "synced");
+    assert_eq!(status["target"]["configured"], true, "{status:#}");
+    let mirrored = run_psql(&url, "SELECT count(*) FROM public.model_mappings")
+        .unwrap_or_else(|e| panic!("{psql_line}: {e}"));
+    assert_eq!(mirrored.trim(), DEMO_MAPPINGS.to_string());
+    // The line itself, pasted into a shell.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&psql_line)
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                common::pg::psql_path().parent().unwrap().display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{psql_line}: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mapping:acme"));
+
     // The two curl lines, followed to the letter.
-    follow_curl_lines(&demo, &stdout, None);
+    follow_curl_lines(&demo, &stdout, None, "synced");
 
     // Twenty mappings, including the prompt's and the legacy tenant row rebuilt.
-    let status = demo.wait_status("the first run", |s| {
+    demo.wait_status("the first run", |s| {
         !s["last_run"].is_null() && s["source"]["rows"] == DEMO_MAPPINGS
     });
-    assert_eq!(status["target"]["configured"], false, "{status:#}");
-    assert_eq!(
-        status["last_run"]["status"], "skipped:supabase_not_configured",
-        "{status:#}"
-    );
     let ready = demo.get("/readyz");
     assert_eq!(ready.status, 200, "{}", ready.text());
     let items = mappings(&demo);
@@ -348,7 +407,6 @@ fn demo_in_a_fresh_directory_serves_twenty_mappings_and_stops_on_sigterm() {
         text.contains("sk-demo-kept-in-snapshots"),
         "a snapshot keeps every metadata key"
     );
-    use std::os::unix::fs::PermissionsExt;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&files[0]), 0o600, "a snapshot is private to its owner");
     assert_eq!(mode(&snaps), 0o700, "and so is its directory");
@@ -359,6 +417,29 @@ fn demo_in_a_fresh_directory_serves_twenty_mappings_and_stops_on_sigterm() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(top, ["demo"], "the demo writes nothing outside ./demo");
+    let data = data_dir.display().to_string();
+    assert!(
+        poll_until(Duration::from_secs(10), || processes_naming(&data)
+            .is_empty()),
+        "the demo's PostgreSQL is still running: {:?}",
+        processes_naming(&data)
+    );
+}
+
+#[test]
+fn demo_without_postgres_says_how_to_get_the_whole_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Demo::start_with(dir.path(), &["--no-postgres"], &[]);
+    let stdout = demo.stdout();
+    assert!(stdout.contains("target: none (--no-postgres)"), "{stdout}");
+    let status = demo.wait_status("the first run", |s| !s["last_run"].is_null());
+    assert_eq!(
+        status["last_run"]["status"], "skipped:supabase_not_configured",
+        "{status:#}"
+    );
+    follow_curl_lines(&demo, &stdout, None, "skipped:supabase_not_configured");
+    demo.stop_cleanly(libc::SIGINT);
+    assert!(!dir.path().join("demo/postgres").exists());
 }
 
 #[test]
@@ -366,7 +447,7 @@ fn a_second_demo_in_the_same_directory_reuses_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("demo/db.sqlite3");
     {
-        let mut first = Demo::start(dir.path(), &[]);
+        let mut first = Demo::start_with(dir.path(), &["--no-postgres"], &[]);
         first.wait_status("the first run", |s| s["source"]["rows"] == DEMO_MAPPINGS);
         first.stop_cleanly(libc::SIGTERM);
     }
@@ -374,7 +455,7 @@ fn a_second_demo_in_the_same_directory_reuses_the_database() {
     // The user's own change between the two runs must survive the second.
     AppDb::open(&db).upsert(&Row::mapping("mine", "gpt-4o"));
 
-    let mut second = Demo::start(dir.path(), &[]);
+    let mut second = Demo::start_with(dir.path(), &["--no-postgres"], &[]);
     let status = second.wait_status("the first run of the second demo", |s| {
         !s["last_run"].is_null() && s["source"]["rows"] == DEMO_MAPPINGS + 1
     });
@@ -444,10 +525,19 @@ fn demo_with_a_target_mirrors_the_twenty_mappings_into_postgres() {
 fn demo_with_a_token_prints_curl_lines_that_send_it() {
     let dir = tempfile::tempdir().unwrap();
     let token = "demo-token-3b7e";
-    let mut demo = Demo::start(dir.path(), &[("MAPSYNC_HTTP__ADMIN_TOKEN", token)]);
+    let mut demo = Demo::start_with(
+        dir.path(),
+        &["--no-postgres"],
+        &[("MAPSYNC_HTTP__ADMIN_TOKEN", token)],
+    );
     let stdout = demo.stdout();
     assert!(!stdout.contains(token), "the token itself is not printed");
     assert_eq!(demo.get("/status").status, 401, "the token is enforced");
-    follow_curl_lines(&demo, &stdout, Some(token));
+    follow_curl_lines(
+        &demo,
+        &stdout,
+        Some(token),
+        "skipped:supabase_not_configured",
+    );
     demo.stop_cleanly(libc::SIGTERM);
 }

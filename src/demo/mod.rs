@@ -1,7 +1,12 @@
 //! `mapsync demo`: the first command a newcomer runs. Creates `./demo/db.sqlite3` with the
 //! application's schema and a score of realistic mappings (when it does not exist yet), then
 //! runs the daemon on it: snapshots under `./demo/snapshots`, the admin page on
-//! `http.listen` (127.0.0.1:9187 unless configured), and a Postgres target only when `MAPSYNC_TARGET__URL` is set.
+//! `http.listen` (127.0.0.1:9187 unless configured), and the Postgres mirror: the database
+//! in `MAPSYNC_TARGET__URL` when set, or else, when PostgreSQL's server is installed, a
+//! throwaway cluster of the demo's own under `./demo/postgres` ([`postgres`]), stopped when
+//! the demo stops. Without either it runs snapshots-only and says how to get the rest.
+
+mod postgres;
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +14,8 @@ use rusqlite::Connection;
 
 use crate::Error;
 use crate::config::Settings;
+
+pub use postgres::DemoPostgres;
 
 use crate::source::APP_SCHEMA;
 
@@ -121,9 +128,57 @@ pub fn create(dir: &Path) -> Result<PathBuf, Error> {
     Ok(db)
 }
 
+/// Where the demo mirrors to.
+pub enum DemoTarget {
+    /// `MAPSYNC_TARGET__URL`.
+    Given(String),
+    /// The demo's own cluster (stopped when this is dropped).
+    Own(DemoPostgres),
+    /// Snapshots only: `no_postgres` asked for it, or PostgreSQL's server is not installed.
+    None { installed: bool },
+}
+
+impl DemoTarget {
+    /// `MAPSYNC_TARGET__URL` when set; else the demo's own cluster, unless `no_postgres` or
+    /// PostgreSQL's server is missing.
+    pub fn choose(given: Option<String>, no_postgres: bool) -> Result<DemoTarget, Error> {
+        if let Some(url) = given.filter(|u| !u.trim().is_empty()) {
+            return Ok(DemoTarget::Given(url));
+        }
+        match DemoPostgres::binaries() {
+            Some(_) if no_postgres => Ok(DemoTarget::None { installed: true }),
+            Some(bin) => Ok(DemoTarget::Own(DemoPostgres::start(&dir(), bin)?)),
+            None => Ok(DemoTarget::None { installed: false }),
+        }
+    }
+
+    fn url(&self) -> Option<String> {
+        match self {
+            DemoTarget::Given(url) => Some(url.clone()),
+            DemoTarget::Own(pg) => Some(pg.url()),
+            DemoTarget::None { .. } => None,
+        }
+    }
+}
+
+/// `mapsync demo`: the demo file (created once), its mirror, the banner, then the daemon
+/// until a signal. The demo's own cluster is migrated first and stopped last.
+pub async fn run(base: Settings, no_postgres: bool) -> Result<(), Error> {
+    let db = create(&dir())?;
+    let target = DemoTarget::choose(std::env::var("MAPSYNC_TARGET__URL").ok(), no_postgres)?;
+    let settings = settings(base, db, target.url());
+    if let DemoTarget::Own(_) = target {
+        crate::commands::migrate(&settings).await?;
+    }
+    println!("{}", banner(&settings, &target));
+    let result = crate::daemon::run(settings).await;
+    drop(target);
+    result
+}
+
 /// The demo's settings: the demo file and snapshot directory, the admin port as configured
-/// (127.0.0.1:9187 by default), and a target only when `MAPSYNC_TARGET__URL` is set (a config file's
-/// target is ignored, so the demo never writes to a real mirror by accident).
+/// (127.0.0.1:9187 by default), and `target_url` as the target (a config file's target is
+/// ignored, so the demo never writes to a real mirror by accident).
 pub fn settings(base: Settings, db: PathBuf, target_url: Option<String>) -> Settings {
     let mut s = base;
     s.source.sqlite_path = db;
@@ -134,16 +189,29 @@ pub fn settings(base: Settings, db: PathBuf, target_url: Option<String>) -> Sett
     s
 }
 
-/// What the demo prints before it starts.
-pub fn banner(settings: &Settings) -> String {
+/// What the demo prints before it starts (never a password).
+pub fn banner(settings: &Settings, target: &DemoTarget) -> String {
     let addr = settings.http.listen;
     let token = if settings.http.admin_token.is_some() {
         " -H \"Authorization: Bearer $TOKEN\""
     } else {
         ""
     };
+    let target = match target {
+        DemoTarget::Given(_) => "MAPSYNC_TARGET__URL".to_string(),
+        DemoTarget::Own(pg) => format!(
+            "the demo's own PostgreSQL (data in {}), stopped with the demo\n\
+             look at it:  {}",
+            pg.data_dir().display(),
+            pg.psql_line()
+        ),
+        DemoTarget::None { installed: true } => "none (--no-postgres)".to_string(),
+        DemoTarget::None { installed: false } => {
+            format!("none, snapshots only: {}", postgres::INSTALL_HINT)
+        }
+    };
     format!(
-        "mapsync demo: {} mappings in {}, snapshots in {}, target: {}\n\
+        "mapsync demo: {} mappings in {}, snapshots in {}, target: {target}\n\
          admin page:  http://{addr}/\n\
          try:         curl -s{token} -X POST http://{addr}/api/v1/llm/model-groups/sync-to-supabase\n\
          \x20            curl -s{token} -OJ http://{addr}/export\n\
@@ -151,10 +219,5 @@ pub fn banner(settings: &Settings) -> String {
         MAPPINGS.len() + 1,
         settings.source.sqlite_path.display(),
         settings.snapshot.dir.display(),
-        if settings.target.url.is_some() {
-            "MAPSYNC_TARGET__URL"
-        } else {
-            "none (set MAPSYNC_TARGET__URL to mirror into Postgres)"
-        },
     )
 }
