@@ -38,6 +38,12 @@ pub mod source;
 pub mod sync;
 pub mod target;
 
+/// The version this binary was built as, from Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git revision it was built from (`build.rs`): a short hash, with `-dirty` when the tree
+/// had uncommitted changes, or `unknown` when it was not built from a git checkout.
+pub const REVISION: &str = env!("MAPSYNC_REVISION");
+
 /// Any failure a command can end with. `main` prints it as one line and exits with
 /// [`Error::exit_code`].
 #[derive(Debug, thiserror::Error)]

@@ -6,15 +6,23 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use mapsync::config::{LogFormat, Settings};
 use mapsync::sync::{SyncOptions, SyncStatus};
 use mapsync::{Error, commands};
 
+/// `mapsync --version`: the version and the git revision it was built from (build.rs).
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MAPSYNC_REVISION"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "mapsync",
-    version,
+    version = LONG_VERSION,
     about = "Mirror the application's SQLite model mappings to Postgres, with JSON snapshots and an admin port"
 )]
 struct Cli {
@@ -61,10 +69,37 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Print a shell completion script (bash: save it as
+    /// /usr/share/bash-completion/completions/mapsync; zsh: as _mapsync in $fpath;
+    /// fish: as ~/.config/fish/completions/mapsync.fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (mapsync.1 and one per subcommand) into DIR, or print mapsync.1.
+    #[command(hide = true)]
+    Man {
+        /// Directory to write every page into; without it, mapsync.1 goes to stdout.
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Generated from the definitions above; they need no configuration.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "mapsync",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => return man_pages(dir.as_deref()),
+        _ => {}
+    }
     tune_malloc(matches!(cli.command, Command::Run | Command::Demo));
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
@@ -157,12 +192,29 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
                 ExitCode::SUCCESS
             })
         }
+        Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS), // in main
         Command::Migrate => {
             for name in commands::migrate(&settings).await? {
                 println!("applied {name}");
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `mapsync man [DIR]`: the roff pages clap_mangen renders from the clap definitions.
+fn man_pages(dir: Option<&std::path::Path>) -> ExitCode {
+    let result = match dir {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+            .map_err(|e| format!("cannot write the man pages into {}: {e}", dir.display())),
+        None => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout().lock())
+            .map_err(|e| format!("cannot write the man page to stdout: {e}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&Error::Other(e)),
     }
 }
 

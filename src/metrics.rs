@@ -177,7 +177,10 @@ impl Metrics {
         r.register(
             "build",
             "mapsync build information",
-            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+            Info::new(vec![
+                ("version", crate::VERSION),
+                ("revision", crate::REVISION),
+            ]),
         );
         Metrics { registry, ..m }
     }
