@@ -45,7 +45,7 @@ for kv in Type=notify NotifyAccess=main WatchdogSec=30 Restart=on-failure Restar
           LoadCredential=target-url:/etc/mapsync/credentials/target-url \
           LoadCredential=admin-token:/etc/mapsync/credentials/admin-token \
           ProtectSystem=strict StateDirectory=mapsync NoNewPrivileges=yes CapabilityBoundingSet= \
-          MemoryMax=256M UMask=0027; do
+          MemoryMax=256M UMask=0027 SyslogLevelPrefix=yes; do
     grep -q "^${kv}\( \|\$\)" "$UNIT" || missing+=("$kv")
 done
 if (( ${#missing[@]} )); then fail "unit lacks: ${missing[*]}"; else ok "unit has the SPEC §9 settings"; fi

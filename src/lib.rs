@@ -17,6 +17,7 @@
 //! - [`snapshot`]: atomic rolling JSON files, and the export format.
 //! - [`engine`]: the daemon's sync loop: triggers, debounce, one run at a time, retry, status.
 //! - [`http`] and [`metrics`]: the admin port and its Prometheus registry.
+//! - [`logging`]: the log writer (stderr, with syslog priorities when it is the journal).
 //! - [`daemon`]: `mapsync run`, wiring the engine and the admin port to signals and systemd.
 //! - [`restore`] and [`demo`]: `mapsync restore` and `mapsync demo`.
 //! - [`commands`]: what each `mapsync` subcommand does; `main.rs` only parses and dispatches.
@@ -28,6 +29,7 @@ pub mod demo;
 pub mod engine;
 pub mod fxhash;
 pub mod http;
+pub mod logging;
 pub mod mapping;
 pub mod metrics;
 pub mod restore;

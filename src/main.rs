@@ -85,7 +85,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     // Generated from the definitions above; they need no configuration.
     match &cli.command {
         Command::Completions { shell } => {
@@ -152,7 +155,8 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
             print_json(&report);
             if report.status == SyncStatus::RefusedMassDelete {
                 eprintln!(
-                    "error: sync refused: {}",
+                    "{}error: sync refused: {}",
+                    mapsync::logging::error_prefix(),
                     report.detail.as_deref().unwrap_or("mass delete")
                 );
                 return Ok(ExitCode::FAILURE);
@@ -202,6 +206,22 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
     }
 }
 
+/// clap's answer to a command line it refuses (or to --help / --version): as clap prints it,
+/// but with each line marked as an error when stderr is the journal.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let prefix = mapsync::logging::error_prefix();
+    if e.use_stderr() && !prefix.is_empty() {
+        let text = e.render().to_string();
+        let mut err = std::io::stderr().lock();
+        for line in text.lines() {
+            let _ = writeln!(err, "{prefix}{line}");
+        }
+    } else {
+        let _ = e.print();
+    }
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
 /// `mapsync man [DIR]`: the roff pages clap_mangen renders from the clap definitions.
 fn man_pages(dir: Option<&std::path::Path>) -> ExitCode {
     let result = match dir {
@@ -225,7 +245,7 @@ fn print_json(value: &impl serde::Serialize) {
 }
 
 fn fail(e: &Error) -> ExitCode {
-    eprintln!("error: {e}");
+    eprintln!("{}error: {e}", mapsync::logging::error_prefix());
     ExitCode::from(e.exit_code() as u8)
 }
 
@@ -244,9 +264,12 @@ fn init_logging(settings: &Settings) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
-        .with_writer(std::io::stderr);
+        // With a `<N>` syslog priority on each line when stderr is the journal.
+        .with_writer(mapsync::logging::Stderr::detect());
     match settings.log.format {
         LogFormat::Json => builder.json().init(),
+        // journald stamps every entry itself.
+        LogFormat::Text if mapsync::logging::stderr_is_journal() => builder.without_time().init(),
         LogFormat::Text => builder.init(),
     }
 }

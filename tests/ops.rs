@@ -288,3 +288,106 @@ fn man_pages_render_with_man_and_document_every_subcommand() {
     // Without a directory the main page goes to stdout.
     assert!(mapsync(&["man"]).starts_with(".ie"), "roff on stdout");
 }
+
+/// Runs `mapsync --config CONFIG ARGS…` in `ws` with stderr written to a file; with
+/// `journal` = "stderr", `JOURNAL_STREAM` names that file's device and inode, as systemd does
+/// for a service whose stderr is the journal (other values are passed as they are). Returns
+/// stderr.
+fn stderr_of(ws: &Workspace, config: &Path, args: &[&str], journal: Option<&str>) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let path = ws
+        .path()
+        .join(format!("stderr-{}.log", common::sys::random_hex(4)));
+    let file = std::fs::File::create(&path).expect("stderr file");
+    let meta = file.metadata().expect("stat stderr file");
+    let mut cmd = command();
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .current_dir(ws.path())
+        .stdout(Stdio::null())
+        .stderr(file);
+    match journal {
+        Some("stderr") => cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino())),
+        Some(other) => cmd.env("JOURNAL_STREAM", other),
+        None => cmd.env_remove("JOURNAL_STREAM"),
+    };
+    let what = format!("{cmd:?}");
+    let mut child = cmd.stdin(Stdio::null()).spawn().expect("mapsync starts");
+    let mut status = None;
+    let done = common::sys::poll_until(DEADLINE, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if !done {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} did not finish within {DEADLINE:?}");
+    }
+    std::fs::read_to_string(&path).expect("read stderr file")
+}
+
+#[test]
+fn log_lines_carry_their_syslog_priority_when_stderr_is_the_journal() {
+    let ws = Workspace::new(None, "");
+    // A row whose candidates are not JSON: read as [] with a warning (SPEC §1).
+    let mut broken = common::Row::mapping("broken", "gpt-4o");
+    broken.candidates_json = Some("not json".into());
+    ws.app.upsert(&broken);
+    let out = ws.path().join("export.json");
+    let export = ["export", "-o", out.to_str().unwrap()];
+
+    let journal = stderr_of(&ws, &ws.config, &export, Some("stderr"));
+    let lines: Vec<&str> = journal.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<4>") && l.contains("WARN") && l.contains("candidates_json")),
+        "no <4> warning:\n{journal}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>") && l.contains("INFO") && l.contains("export written")),
+        "no <6> info line:\n{journal}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.len() > 3 && l.starts_with('<') && l.as_bytes()[2] == b'>'),
+        "every line has a priority:\n{journal}"
+    );
+    // Failures that main reports itself, outside tracing, are errors too: a bad
+    // configuration, and a command line clap refuses.
+    let missing = ws.path().join("missing.toml");
+    let failed = stderr_of(&ws, &missing, &export, Some("stderr"));
+    assert!(
+        failed.starts_with("<3>error: ") && failed.contains("missing.toml"),
+        "{failed}"
+    );
+    let usage = stderr_of(
+        &ws,
+        &ws.config,
+        &["export", "--no-such-flag"],
+        Some("stderr"),
+    );
+    assert!(usage.contains("--no-such-flag"), "{usage}");
+    assert!(
+        usage.lines().all(|l| l.starts_with("<3>")),
+        "every line of a usage error is an error:\n{usage}"
+    );
+
+    // Not the journal: a terminal, a pipe, a file, or a child that inherited JOURNAL_STREAM
+    // but whose stderr goes elsewhere. No prefixes there.
+    for journal in [None, Some("1:1"), Some("garbage")] {
+        let plain = stderr_of(&ws, &ws.config, &export, journal);
+        assert!(
+            plain.contains("WARN") && plain.contains("export written"),
+            "{plain}"
+        );
+        assert!(
+            plain.lines().all(|l| !l.starts_with('<')),
+            "JOURNAL_STREAM={journal:?}:\n{plain}"
+        );
+    }
+}
