@@ -177,7 +177,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
             for line in &lines {
                 let _ = writeln!(out, "{line}");
             }
-            Ok(if lines.iter().all(|l| l.ok) {
+            Ok(if commands::check_passed(&lines) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

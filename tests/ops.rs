@@ -391,3 +391,73 @@ fn log_lines_carry_their_syslog_priority_when_stderr_is_the_journal() {
         );
     }
 }
+
+#[test]
+fn check_warns_when_a_remote_connection_is_not_certificate_verified() {
+    let ws = Workspace::new(None, "");
+    let url = "postgresql://postgres.abcdef:s3cret-pw@db.example.invalid:5432/postgres";
+    let check = |query: &str, extra: &str| {
+        ws.write_config(
+            None,
+            &format!("[target]\nurl = \"{url}{query}\"\nconnect_timeout_ms = 2000\n{extra}"),
+        );
+        let run = ws.mapsync(&["check"]);
+        assert!(
+            !run.all_output().contains("s3cret-pw"),
+            "the password leaked: {run:#?}"
+        );
+        run
+    };
+    let warn_line = |run: &common::mapsync::Run| {
+        run.stdout
+            .lines()
+            .find(|l| l.starts_with("warn tls: "))
+            .map(str::to_string)
+    };
+
+    // The default sslmode (prefer) to a remote host: a warning that says how to fix it.
+    let run = check("", "");
+    let warn = warn_line(&run).unwrap_or_else(|| panic!("no warn line: {run:#?}"));
+    for text in [
+        "db.example.invalid",
+        "sslmode=prefer",
+        "?sslmode=verify-full",
+        "target.ssl_root_cert",
+        "Dashboard → Database settings → SSL",
+    ] {
+        assert!(warn.contains(text), "{text} missing from {warn}");
+    }
+    // The host is unreachable, so the postgres line fails; the warning comes before it.
+    let order: Vec<&str> = run
+        .stdout
+        .lines()
+        .map(|l| &l[5..l.find(':').unwrap()])
+        .collect();
+    assert_eq!(order, ["config", "sqlite", "tls", "postgres"], "{run:#?}");
+    run.expect_code(1);
+
+    let require = check("?sslmode=require", "");
+    let warn = warn_line(&require).unwrap_or_else(|| panic!("no warn line: {require:#?}"));
+    assert!(warn.contains("without target.ssl_root_cert"), "{warn}");
+
+    // Verified: no warning.
+    let ca = common::TestCa::new();
+    let root = format!("ssl_root_cert = {:?}\n", ca.ca_cert);
+    for (query, extra) in [
+        ("?sslmode=verify-full", root.as_str()),
+        ("?sslmode=verify-ca", root.as_str()),
+        ("?sslmode=require", root.as_str()),
+        ("?sslmode=verify-full", ""),
+    ] {
+        let run = check(query, extra);
+        assert_eq!(warn_line(&run), None, "{query} {extra}: {run:#?}");
+    }
+
+    // A local server with the default sslmode: no warning, and check passes.
+    let db = common::mapsync::supabase_db();
+    ws.write_config(Some(&db.url), "");
+    ws.mapsync(&["migrate"]).expect_code(0);
+    let local = ws.mapsync(&["check"]);
+    local.expect_code(0);
+    assert!(!local.stdout.contains("warn"), "{local:#?}");
+}
