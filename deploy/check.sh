@@ -79,8 +79,9 @@ fi
 if bash -n "$INSTALL" 2>"$LOG"; then ok "bash -n deploy/install.sh"; else fail "bash -n deploy/install.sh"; show "$LOG"; fi
 if bash -n "$SCRIPT_DIR/check.sh" 2>"$LOG"; then ok "bash -n deploy/check.sh"; else fail "bash -n deploy/check.sh"; show "$LOG"; fi
 if have shellcheck; then
-    if shellcheck "$INSTALL" "$SCRIPT_DIR/check.sh" >"$LOG" 2>&1; then
-        ok "shellcheck deploy/install.sh deploy/check.sh"
+    if shellcheck "$INSTALL" "$SCRIPT_DIR/check.sh" "$SCRIPT_DIR/deb.sh" "$SCRIPT_DIR/deb-check.sh" \
+            "$SCRIPT_DIR/debian/postinst" "$SCRIPT_DIR/debian/postrm" >"$LOG" 2>&1; then
+        ok "shellcheck deploy/install.sh deploy/check.sh deploy/deb.sh deploy/deb-check.sh deploy/debian/postinst deploy/debian/postrm"
     else
         fail "shellcheck"; show "$LOG"
     fi
