@@ -29,14 +29,15 @@ have() { command -v "$1" >/dev/null 2>&1; }
 
 # ------------------------------------------------------------- systemd unit ---
 # A copy of the unit whose ExecStart points at a stub, so that verify does not
-# need /usr/local/bin/mapsync.
+# need /usr/bin/mapsync (the package's path; install.sh rewrites it to
+# /usr/local/bin/mapsync).
 STUB="$TMP/mapsync-stub"
 printf '#!/bin/sh\nexit 0\n' >"$STUB"; chmod 0755 "$STUB"
 mkdir -p "$TMP/unit"
-sed "s|^ExecStart=/usr/local/bin/mapsync |ExecStart=$STUB |" "$UNIT" >"$TMP/unit/mapsync.service"
+sed "s|^ExecStart=/usr/bin/mapsync |ExecStart=$STUB |" "$UNIT" >"$TMP/unit/mapsync.service"
 
 if ! grep -q "^ExecStart=$STUB run --config /etc/mapsync/mapsync.toml\$" "$TMP/unit/mapsync.service"; then
-    fail "unit: ExecStart is not '/usr/local/bin/mapsync run --config /etc/mapsync/mapsync.toml'"
+    fail "unit: ExecStart is not '/usr/bin/mapsync run --config /etc/mapsync/mapsync.toml'"
 fi
 
 missing=()
@@ -45,7 +46,7 @@ for kv in Type=notify NotifyAccess=main WatchdogSec=30 Restart=on-failure Restar
           LoadCredential=target-url:/etc/mapsync/credentials/target-url \
           LoadCredential=admin-token:/etc/mapsync/credentials/admin-token \
           ProtectSystem=strict StateDirectory=mapsync NoNewPrivileges=yes CapabilityBoundingSet= \
-          MemoryMax=256M UMask=0027; do
+          MemoryMax=256M UMask=0027 SyslogLevelPrefix=yes; do
     grep -q "^${kv}\( \|\$\)" "$UNIT" || missing+=("$kv")
 done
 if (( ${#missing[@]} )); then fail "unit lacks: ${missing[*]}"; else ok "unit has the SPEC §9 settings"; fi
@@ -78,8 +79,9 @@ fi
 if bash -n "$INSTALL" 2>"$LOG"; then ok "bash -n deploy/install.sh"; else fail "bash -n deploy/install.sh"; show "$LOG"; fi
 if bash -n "$SCRIPT_DIR/check.sh" 2>"$LOG"; then ok "bash -n deploy/check.sh"; else fail "bash -n deploy/check.sh"; show "$LOG"; fi
 if have shellcheck; then
-    if shellcheck "$INSTALL" "$SCRIPT_DIR/check.sh" >"$LOG" 2>&1; then
-        ok "shellcheck deploy/install.sh deploy/check.sh"
+    if shellcheck "$INSTALL" "$SCRIPT_DIR/check.sh" "$SCRIPT_DIR/deb.sh" "$SCRIPT_DIR/deb-check.sh" \
+            "$SCRIPT_DIR/debian/postinst" "$SCRIPT_DIR/debian/postrm" >"$LOG" 2>&1; then
+        ok "shellcheck deploy/install.sh deploy/check.sh deploy/deb.sh deploy/deb-check.sh deploy/debian/postinst deploy/debian/postrm"
     else
         fail "shellcheck"; show "$LOG"
     fi
@@ -90,9 +92,21 @@ fi
 # A full install into a temp root, with stub inputs.
 IN="$TMP/in"; ROOT="$TMP/root"
 mkdir -p "$IN"
-printf '#!/bin/sh\necho stub-v1\n' >"$IN/mapsync-v1"
-printf '#!/bin/sh\necho stub-v2\n' >"$IN/mapsync-v2"
-chmod 0755 "$IN/mapsync-v1" "$IN/mapsync-v2"
+# Stub binaries: they print their version, and generate completions and man pages
+# the way mapsync does (`completions SHELL`, `man DIR`).
+for v in v1 v2; do
+    cat >"$IN/mapsync-$v" <<EOF
+#!/bin/sh
+case "\$1" in
+    completions) echo "# \$2 completion $v" ;;
+    man) mkdir -p "\$2" && echo ".TH mapsync 1 $v" >"\$2/mapsync.1" && echo ".TH mapsync-sync 1 $v" >"\$2/mapsync-sync.1" ;;
+    *) echo stub-$v ;;
+esac
+EOF
+    chmod 0755 "$IN/mapsync-$v"
+done
+# The unit as install.sh installs it: the package's, with /usr/local/bin/mapsync.
+sed 's|^ExecStart=/usr/bin/mapsync |ExecStart=/usr/local/bin/mapsync |' "$UNIT" >"$IN/mapsync.service.local"
 if [[ -f $REPO_DIR/config/mapsync.toml ]]; then
     CONFIG_SRC="$REPO_DIR/config/mapsync.toml"
 else
@@ -130,10 +144,21 @@ if "$INSTALL" --prefix "$ROOT" --binary "$IN/mapsync-v1" --config-src "$CONFIG_S
         /etc/mapsync/rollback 700 \
         /etc/systemd/system/mapsync.service 644 \
         /etc/systemd/system/mapsync.service.d/10-app-group.conf 644 \
-        /etc/systemd/system/mapsync.service.d/20-app-data.conf 644)
+        /etc/systemd/system/mapsync.service.d/20-app-data.conf 644 \
+        /etc/sysusers.d/mapsync.conf 644 \
+        /usr/local/share/bash-completion/completions/mapsync 644 \
+        /usr/local/share/zsh/site-functions/_mapsync 644 \
+        /usr/local/share/fish/vendor_completions.d/mapsync.fish 644 \
+        /usr/local/share/man/man1/mapsync.1 644 \
+        /usr/local/share/man/man1/mapsync-sync.1 644)
     if [[ -n $bad_modes ]]; then
         fail "install.sh --prefix: wrong or missing files:"; printf '    | %s\n' "$bad_modes"
-    elif ! cmp -s "$UNIT" "$ROOT/etc/systemd/system/mapsync.service" \
+    elif ! cmp -s "$IN/mapsync.service.local" "$ROOT/etc/systemd/system/mapsync.service" \
+        || ! grep -q '^ExecStart=/usr/local/bin/mapsync run ' "$ROOT/etc/systemd/system/mapsync.service" \
+        || ! cmp -s "$REPO_DIR/systemd/mapsync.sysusers" "$ROOT/etc/sysusers.d/mapsync.conf" \
+        || [[ $(cat "$ROOT/usr/local/share/bash-completion/completions/mapsync") != "# bash completion v1" ]] \
+        || [[ $(cat "$ROOT/usr/local/share/zsh/site-functions/_mapsync") != "# zsh completion v1" ]] \
+        || [[ $(cat "$ROOT/usr/local/share/fish/vendor_completions.d/mapsync.fish") != "# fish completion v1" ]] \
         || ! cmp -s "$IN/target-url" "$ROOT/etc/mapsync/credentials/target-url" \
         || ! cmp -s "$CONFIG_SRC" "$ROOT/etc/mapsync/mapsync.toml" \
         || [[ $("$ROOT/usr/local/bin/mapsync") != stub-v1 ]]; then
@@ -144,7 +169,7 @@ if "$INSTALL" --prefix "$ROOT" --binary "$IN/mapsync-v1" --config-src "$CONFIG_S
     elif ! grep -q 'skipping useradd' "$LOG" || ! grep -q 'skipping systemctl' "$LOG"; then
         fail "install.sh --prefix: does not say it skips useradd/systemctl"; show "$LOG"
     else
-        ok "install.sh --prefix: files, modes (0755 bin, 0750 /etc/mapsync, 0700 credentials, 0600 secrets, 0640 config, 0644 unit) and drop-ins"
+        ok "install.sh --prefix: files, modes (0755 bin, 0750 /etc/mapsync, 0700 credentials, 0600 secrets, 0640 config, 0644 unit, sysusers, completions, man pages from the binary), ExecStart=/usr/local/bin/mapsync and drop-ins"
     fi
 else
     fail "install.sh --prefix (first install)"; show "$LOG"
@@ -162,10 +187,12 @@ fi
 if [[ -f $ROOT/etc/mapsync/mapsync.toml ]]; then printf '# operator edit\n' >>"$ROOT/etc/mapsync/mapsync.toml"; fi
 if "$INSTALL" --prefix "$ROOT" --binary "$IN/mapsync-v2" --config-src "$CONFIG_SRC" >"$LOG" 2>&1 \
         && [[ $("$ROOT/usr/local/bin/mapsync") == stub-v2 && $("$ROOT/usr/local/bin/mapsync.prev") == stub-v1 ]] \
+        && [[ $(cat "$ROOT/usr/local/share/bash-completion/completions/mapsync") == "# bash completion v2" ]] \
+        && grep -q '^.TH mapsync 1 v2$' "$ROOT/usr/local/share/man/man1/mapsync.1" \
         && mode_is "$ROOT/usr/local/bin/mapsync.prev" 755 \
         && [[ -f $ROOT/etc/mapsync/rollback/mapsync.service.prev ]] \
         && grep -q '^# operator edit$' "$ROOT/etc/mapsync/mapsync.toml"; then
-    ok "install.sh --prefix: upgrade keeps mapsync.prev + mapsync.service.prev, config untouched"
+    ok "install.sh --prefix: upgrade keeps mapsync.prev + mapsync.service.prev, config untouched, completions and man pages follow the binary"
 else
     fail "install.sh --prefix: upgrade/backup"; show "$LOG"
 fi

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# Install (or upgrade, or roll back) mapsync as a systemd service.
+# Install (or upgrade, or roll back) mapsync as a systemd service, on hosts
+# without dpkg (elsewhere, prefer the Debian package: deploy/deb.sh builds it).
+# It installs the same files as the package: the unit (with ExecStart= naming
+# /usr/local/bin/mapsync), the default config, the sysusers.d entry, and the
+# shell completions and man pages that the binary generates.
 #
 # Run as root from the repository (or anywhere: paths default to the repository
 # that holds this script). Idempotent: running it again with the same inputs
@@ -12,6 +16,7 @@
 #                            absent (default: <repo>/config/mapsync.toml); an existing
 #                            config is never overwritten
 #   --unit PATH              unit file (default: <repo>/systemd/mapsync.service)
+#   --sysusers PATH          sysusers.d entry (default: <repo>/systemd/mapsync.sysusers)
 #   --app-group GROUP        the application's group: mapsync joins it (needed for the
 #                            SQLite -shm read marks); writes drop-in 10-app-group.conf
 #   --sqlite-path PATH       the application's SQLite file: its directory becomes the only
@@ -39,6 +44,7 @@ REPO_DIR=$(dirname "$SCRIPT_DIR")
 BINARY_SRC="$REPO_DIR/target/release/mapsync"
 CONFIG_SRC="$REPO_DIR/config/mapsync.toml"
 UNIT_SRC="$REPO_DIR/systemd/mapsync.service"
+SYSUSERS_SRC="$REPO_DIR/systemd/mapsync.sysusers"
 APP_GROUP=""
 SQLITE_PATH=""
 TARGET_URL_FILE=""
@@ -64,6 +70,7 @@ while [[ $# -gt 0 ]]; do
         --binary)           need_arg "$@"; BINARY_SRC=$2; shift 2 ;;
         --config-src)       need_arg "$@"; CONFIG_SRC=$2; shift 2 ;;
         --unit)             need_arg "$@"; UNIT_SRC=$2; shift 2 ;;
+        --sysusers)         need_arg "$@"; SYSUSERS_SRC=$2; shift 2 ;;
         --app-group)        need_arg "$@"; APP_GROUP=$2; shift 2 ;;
         --sqlite-path)      need_arg "$@"; SQLITE_PATH=$2; shift 2 ;;
         --target-url-file)  need_arg "$@"; TARGET_URL_FILE=$2; shift 2 ;;
@@ -84,6 +91,7 @@ abspath() { # absolute path without requiring the file to exist
 BINARY_SRC=$(abspath "$BINARY_SRC")
 CONFIG_SRC=$(abspath "$CONFIG_SRC")
 UNIT_SRC=$(abspath "$UNIT_SRC")
+SYSUSERS_SRC=$(abspath "$SYSUSERS_SRC")
 [[ -z $TARGET_URL_FILE ]] || TARGET_URL_FILE=$(abspath "$TARGET_URL_FILE")
 [[ -z $ADMIN_TOKEN_FILE ]] || ADMIN_TOKEN_FILE=$(abspath "$ADMIN_TOKEN_FILE")
 [[ $PREFIX == /* ]] || PREFIX=$(abspath "$PREFIX")
@@ -101,6 +109,8 @@ UNIT_DIR="$ROOT/etc/systemd/system"
 UNIT_DEST="$UNIT_DIR/$UNIT_NAME"
 UNIT_PREV="$BACKUP_DIR/$UNIT_NAME.prev"
 DROPIN_DIR="$UNIT_DIR/$UNIT_NAME.d"
+SYSUSERS_DEST="$ROOT/etc/sysusers.d/mapsync.conf"
+SHARE_DIR="$ROOT/usr/local/share"
 
 CHANGED=0                   # anything the running service would see changed?
 
@@ -166,7 +176,7 @@ put_file() {
         backup "$dest" "$backup_to"
     fi
     say "install: ${dest#"$ROOT"} (mode $mode)"
-    if (( DRY_RUN )) && [[ $src == "$TMP_DIR"/* ]]; then
+    if (( DRY_RUN )) && [[ $src == "$TMP_DIR"/*.conf ]]; then
         sed 's/^/    | /' "$src"   # generated drop-in: show it
     fi
     tmp="$dest.new.$$"
@@ -225,6 +235,13 @@ fi
 # ----------------------------------------------------------------- checks ---
 (( LIVE && ! DRY_RUN && EUID != 0 )) && die "run as root (or use --dry-run / --prefix DIR)"
 [[ -f $UNIT_SRC ]] || die "unit file not found: $UNIT_SRC"
+[[ -f $SYSUSERS_SRC ]] || die "sysusers.d entry not found: $SYSUSERS_SRC"
+# The unit names the package's /usr/bin/mapsync; this script installs the binary
+# as /usr/local/bin/mapsync, and that is the one line it changes.
+UNIT_RENDERED="$TMP_DIR/$UNIT_NAME"
+sed 's|^ExecStart=/usr/bin/mapsync |ExecStart=/usr/local/bin/mapsync |' "$UNIT_SRC" >"$UNIT_RENDERED"
+grep -q '^ExecStart=/usr/local/bin/mapsync ' "$UNIT_RENDERED" \
+    || die "unexpected ExecStart= in $UNIT_SRC (want /usr/bin/mapsync or /usr/local/bin/mapsync)"
 if [[ ! -x $BINARY_SRC ]]; then
     if (( DRY_RUN )); then
         warn "binary not found or not executable: $BINARY_SRC (cargo build --release?)"
@@ -305,7 +322,7 @@ verify_staged() {
     fi
     local stage="$TMP_DIR/stage" out f
     mkdir -p "$stage/$UNIT_NAME.d"
-    sed "s|^ExecStart=/usr/local/bin/mapsync |ExecStart=$BINARY_SRC |" "$UNIT_SRC" >"$stage/$UNIT_NAME"
+    sed "s|^ExecStart=/usr/local/bin/mapsync |ExecStart=$BINARY_SRC |" "$UNIT_RENDERED" >"$stage/$UNIT_NAME"
     grep -q "^ExecStart=$BINARY_SRC " "$stage/$UNIT_NAME" || die "unexpected ExecStart= in $UNIT_SRC"
     # the drop-ins already installed, overridden by the ones about to be written
     if [[ -d $DROPIN_DIR ]]; then
@@ -322,16 +339,24 @@ verify_staged() {
 verify_staged
 
 # ------------------------------------------------------------ user, group ---
+# The package's sysusers.d entry, in the administrator's /etc/sysusers.d.
+# (Neither this nor the completions and man pages below need a restart.)
+changed_before=$CHANGED
+make_dir "$(dirname "$SYSUSERS_DEST")" 0755 root root
+put_file "$SYSUSERS_SRC" "$SYSUSERS_DEST" 0644 root root
+CHANGED=$changed_before
 if (( LIVE )); then
-    if getent group "$SVC_GROUP" >/dev/null; then
-        say "group $SVC_GROUP exists"
-    else
-        say "creating system group $SVC_GROUP"
-        run groupadd --system "$SVC_GROUP"
-    fi
-    if getent passwd "$SVC_USER" >/dev/null; then
+    if getent passwd "$SVC_USER" >/dev/null && getent group "$SVC_GROUP" >/dev/null; then
         say "user $SVC_USER exists"
+    elif command -v systemd-sysusers >/dev/null; then
+        say "creating system user and group $SVC_USER (systemd-sysusers ${SYSUSERS_DEST#"$ROOT"})"
+        run systemd-sysusers "$SYSUSERS_DEST"
     else
+        # The same user by hand: no login shell, no home.
+        if ! getent group "$SVC_GROUP" >/dev/null; then
+            say "creating system group $SVC_GROUP"
+            run groupadd --system "$SVC_GROUP"
+        fi
         say "creating system user $SVC_USER (no login shell, no home)"
         run useradd --system --gid "$SVC_GROUP" --no-create-home --home-dir /nonexistent \
             --shell /usr/sbin/nologin --comment "mapsync daemon" "$SVC_USER"
@@ -363,7 +388,7 @@ make_dir "$UNIT_DIR" 0755 root root
 # existing .prev files.
 bin_diff=0; unit_diff=0
 if [[ -x $BINARY_SRC && -f $BIN_DEST ]] && ! cmp -s "$BINARY_SRC" "$BIN_DEST"; then bin_diff=1; fi
-if [[ -f $UNIT_DEST ]] && ! cmp -s "$UNIT_SRC" "$UNIT_DEST"; then unit_diff=1; fi
+if [[ -f $UNIT_DEST ]] && ! cmp -s "$UNIT_RENDERED" "$UNIT_DEST"; then unit_diff=1; fi
 if (( bin_diff || unit_diff )); then
     if [[ -f $BIN_DEST ]]; then backup "$BIN_DEST" "$BIN_PREV"; fi
     if [[ -f $UNIT_DEST ]]; then backup "$UNIT_DEST" "$UNIT_PREV"; fi
@@ -388,6 +413,36 @@ else
     die "config source not found: $CONFIG_SRC (use --config-src PATH)"
 fi
 
+# ------------------------------------------ completions and man pages ---
+# Generated by the binary being installed, as the package build does.
+install_generated() {
+    local gen="$TMP_DIR/generated" page
+    if [[ ! -x $BINARY_SRC ]]; then
+        say "would install the shell completions and man pages that $BINARY_SRC generates"
+        return 0
+    fi
+    mkdir -p "$gen/man"
+    if ! { "$BINARY_SRC" completions bash >"$gen/bash" && "$BINARY_SRC" completions zsh >"$gen/zsh" \
+            && "$BINARY_SRC" completions fish >"$gen/fish" && "$BINARY_SRC" man "$gen/man"; } 2>/dev/null; then
+        warn "$BINARY_SRC cannot generate completions and man pages (too old?): none installed"
+        return 0
+    fi
+    make_dir "$SHARE_DIR/bash-completion/completions" 0755 root root
+    make_dir "$SHARE_DIR/zsh/site-functions" 0755 root root
+    make_dir "$SHARE_DIR/fish/vendor_completions.d" 0755 root root
+    make_dir "$SHARE_DIR/man/man1" 0755 root root
+    put_file "$gen/bash" "$SHARE_DIR/bash-completion/completions/mapsync" 0644 root root
+    put_file "$gen/zsh" "$SHARE_DIR/zsh/site-functions/_mapsync" 0644 root root
+    put_file "$gen/fish" "$SHARE_DIR/fish/vendor_completions.d/mapsync.fish" 0644 root root
+    for page in "$gen"/man/*.1; do
+        [[ -f $page ]] && put_file "$page" "$SHARE_DIR/man/man1/${page##*/}" 0644 root root
+    done
+    return 0
+}
+changed_before=$CHANGED
+install_generated
+CHANGED=$changed_before
+
 # ------------------------------------------------------------ credentials ---
 # Only written when given. Without them the unit falls back to empty
 # credentials (SetCredential=): snapshots-only mode and no admin token.
@@ -403,7 +458,7 @@ elif [[ ! -f $CRED_DIR/admin-token ]]; then
 fi
 
 # ----------------------------------------------------- unit and drop-ins ---
-put_file "$UNIT_SRC" "$UNIT_DEST" 0644 root root
+put_file "$UNIT_RENDERED" "$UNIT_DEST" 0644 root root
 if [[ -n $DROPIN_GROUP_SRC || -n $DROPIN_DATA_SRC ]]; then
     make_dir "$DROPIN_DIR" 0755 root root
     if [[ -n $DROPIN_GROUP_SRC ]]; then

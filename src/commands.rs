@@ -1,5 +1,8 @@
 //! What each one-shot subcommand does (`sync`, `export`, `check`, `migrate`). `main.rs` parses
 //! the command line and prints; everything with behaviour lives here, testable as a library.
+//!
+//! `check` prints one line per check; a `warn` line (a connection to a remote host whose
+//! certificate is not verified) points at a fix but never fails the check.
 
 use std::future::Future;
 use std::io::Write;
@@ -13,7 +16,7 @@ use crate::mapping::{self, Redactor};
 use crate::snapshot;
 use crate::source::{ReadMode, SourceImage, SqliteSource};
 use crate::sync::{self, SyncOptions, SyncReport, Trigger};
-use crate::target::{MirrorError, Target};
+use crate::target::{ConnectSpec, MirrorError, SslMode, Target};
 
 /// Reads the source once on the blocking pool. The read starts at once, before the
 /// returned future is first polled, so the caller can do other work meanwhile.
@@ -73,24 +76,97 @@ pub async fn export(
     Ok(image.mappings.len())
 }
 
+/// How a line of `mapsync check` came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// Works, but should be fixed; does not fail the check.
+    Warn,
+    Fail,
+}
+
 /// One line of `mapsync check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckLine {
-    pub ok: bool,
+    pub verdict: Verdict,
     pub what: &'static str,
     pub detail: String,
 }
 
+impl CheckLine {
+    pub fn failed(&self) -> bool {
+        self.verdict == Verdict::Fail
+    }
+}
+
 impl std::fmt::Display for CheckLine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mark = if self.ok { "ok  " } else { "FAIL" };
+        let mark = match self.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+        };
         write!(f, "{mark} {}: {}", self.what, self.detail)
     }
 }
 
-/// `mapsync check`: the config (already loaded), the SQLite file, Postgres, the table.
+/// Whether `mapsync check` passed: no line failed (warnings pass).
+pub fn check_passed(lines: &[CheckLine]) -> bool {
+    !lines.iter().any(CheckLine::failed)
+}
+
+/// Why the connection to `spec`'s host is not certificate-verified, when that host is not
+/// this machine: TLS is off or optional (`disable`, `prefer`), or `require` has no root
+/// certificate to check the chain against. `None` when it is verified, or local.
+pub fn unverified_tls(spec: &ConnectSpec) -> Option<String> {
+    use tokio_postgres::config::Host;
+    let remote: Vec<&str> = spec
+        .pg
+        .get_hosts()
+        .iter()
+        .filter_map(|h| match h {
+            Host::Tcp(name) if !is_local_host(name) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    let how = match spec.ssl_mode {
+        SslMode::VerifyFull | SslMode::VerifyCa => return None,
+        SslMode::Require if spec.ssl_root_cert.is_some() => return None,
+        SslMode::Require => {
+            "sslmode=require without target.ssl_root_cert: encrypted, but any certificate is accepted"
+        }
+        SslMode::Prefer => {
+            "sslmode=prefer: TLS only if the server offers it, any certificate accepted"
+        }
+        SslMode::Disable => "sslmode=disable: not encrypted",
+    };
+    let host = remote.first()?;
+    Some(format!(
+        "the connection to {host} is not certificate-verified ({how}), so a machine on the path \
+         could read the password and the rows; fix: set sslmode=verify-full in target.url \
+         (…/postgres?sslmode=verify-full) and target.ssl_root_cert to the server's CA certificate (Supabase: Dashboard → \
+         Database settings → SSL Configuration → Download certificate)"
+    ))
+}
+
+/// A host name that stays on this machine: `localhost` (and `*.localhost`) or a loopback
+/// address. Unix sockets are not TCP hosts at all.
+fn is_local_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.to_ascii_lowercase().ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `mapsync check`: the config (already loaded), the SQLite file, TLS, Postgres, the table.
 pub async fn check(settings: &Settings) -> Vec<CheckLine> {
-    let line = |ok, what, detail: String| CheckLine { ok, what, detail };
+    let line = |ok: bool, what, detail: String| CheckLine {
+        verdict: if ok { Verdict::Ok } else { Verdict::Fail },
+        what,
+        detail,
+    };
     let mut lines = vec![line(
         true,
         "config",
@@ -136,6 +212,16 @@ pub async fn check(settings: &Settings) -> Vec<CheckLine> {
             return lines;
         }
     };
+    let spec = settings.target.url.as_ref().and_then(|url| {
+        ConnectSpec::parse(url.expose(), settings.target.ssl_root_cert.as_deref()).ok()
+    });
+    if let Some(why) = spec.as_ref().and_then(unverified_tls) {
+        lines.push(CheckLine {
+            verdict: Verdict::Warn,
+            what: "tls",
+            detail: why,
+        });
+    }
     match target.describe_server().await {
         Ok((version, tls)) => lines.push(line(
             true,
@@ -166,14 +252,14 @@ pub async fn check(settings: &Settings) -> Vec<CheckLine> {
 /// Which other mapsync instances write the same table (SPEC §2).
 async fn instances_line(target: &Target) -> CheckLine {
     let me = target.instance_name();
-    let line = |ok, detail| CheckLine {
-        ok,
+    let line = |verdict, detail| CheckLine {
+        verdict,
         what: "instances",
         detail,
     };
     match target.instances().await {
         Ok(None) => line(
-            false,
+            Verdict::Warn,
             format!(
                 "{} is missing: run `mapsync migrate` (sql/004_mapsync_instances.sql); until then a run cannot tell whether another instance writes {}",
                 crate::target::registry::REGISTRY,
@@ -181,7 +267,7 @@ async fn instances_line(target: &Target) -> CheckLine {
             ),
         ),
         Ok(Some(others)) if others.is_empty() => line(
-            true,
+            Verdict::Ok,
             format!(
                 "this instance is `{me}`; no other instance writes {}",
                 target.table()
@@ -197,7 +283,7 @@ async fn instances_line(target: &Target) -> CheckLine {
             let all: Vec<String> = others.iter().map(ToString::to_string).collect();
             if recent.is_empty() {
                 line(
-                    true,
+                    Verdict::Ok,
                     format!(
                         "this instance is `{me}`; other instances recorded for {}, none within target.instance_grace_s: {}",
                         target.table(),
@@ -206,7 +292,7 @@ async fn instances_line(target: &Target) -> CheckLine {
                 )
             } else {
                 line(
-                    false,
+                    Verdict::Fail,
                     format!(
                         "this instance is `{me}`, and another writes {} too: {}; with delete propagation its runs are refused (refused:other_instance) until the other stops for target.instance_grace_s, or give both the same instance.name if they mirror the same file",
                         target.table(),
@@ -215,7 +301,7 @@ async fn instances_line(target: &Target) -> CheckLine {
                 )
             }
         }
-        Err(e) => line(false, e.to_string()),
+        Err(e) => line(Verdict::Fail, e.to_string()),
     }
 }
 
@@ -273,4 +359,75 @@ pub async fn migrate(settings: &Settings) -> Result<Vec<&'static str>, Error> {
         ));
     };
     Ok(target.migrate().await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn warning(url: &str, root: Option<&str>) -> Option<String> {
+        let spec = ConnectSpec::parse(url, root.map(Path::new)).expect("a valid URL");
+        unverified_tls(&spec)
+    }
+
+    #[test]
+    fn a_remote_host_without_certificate_checks_is_warned_about() {
+        let host =
+            "postgresql://postgres.ref:pw@aws-0-eu-central-1.pooler.supabase.com:5432/postgres";
+        for (query, root, why) in [
+            ("", None, "sslmode=prefer"),
+            ("?sslmode=prefer", None, "sslmode=prefer"),
+            ("?sslmode=disable", None, "not encrypted"),
+            ("?sslmode=require", None, "without target.ssl_root_cert"),
+        ] {
+            let w = warning(&format!("{host}{query}"), root)
+                .unwrap_or_else(|| panic!("no warning for {query:?}"));
+            assert!(w.contains(why), "{query}: {w}");
+            assert!(w.contains("aws-0-eu-central-1.pooler.supabase.com"), "{w}");
+            assert!(
+                w.contains("?sslmode=verify-full") && w.contains("target.ssl_root_cert"),
+                "{w}"
+            );
+            assert!(w.contains("Database settings"), "{w}");
+            assert!(!w.contains("pw"), "never the password: {w}");
+            assert!(!w.contains('\n'), "one line: {w}");
+        }
+        for (query, root) in [
+            ("?sslmode=verify-full", None),
+            ("?sslmode=verify-ca", None),
+            ("?sslmode=require", Some("/etc/mapsync/supabase-ca.crt")),
+            ("?sslmode=verify-full&sslrootcert=/etc/ca.pem", None),
+        ] {
+            assert_eq!(warning(&format!("{host}{query}"), root), None, "{query}");
+        }
+    }
+
+    #[test]
+    fn local_connections_are_not_warned_about() {
+        for url in [
+            "postgres://u:p@localhost:5432/db",
+            "postgres://u:p@127.0.0.1:5432/db?sslmode=disable",
+            "postgres://u:p@127.0.0.53/db",
+            "postgres://u:p@[::1]:5432/db",
+            "postgres://u:p@db.localhost/db",
+            "host=/var/run/postgresql user=u dbname=db",
+        ] {
+            assert_eq!(warning(url, None), None, "{url}");
+        }
+        assert!(warning("postgres://u:p@10.0.0.5/db", None).is_some());
+        assert!(warning("host=db.internal user=u dbname=db sslmode=require", None).is_some());
+    }
+
+    #[test]
+    fn a_warning_does_not_fail_the_check() {
+        let l = |verdict| CheckLine {
+            verdict,
+            what: "x",
+            detail: "d".into(),
+        };
+        assert!(check_passed(&[l(Verdict::Ok), l(Verdict::Warn)]));
+        assert!(!check_passed(&[l(Verdict::Warn), l(Verdict::Fail)]));
+        assert_eq!(l(Verdict::Warn).to_string(), "warn x: d");
+        assert_eq!(l(Verdict::Ok).to_string(), "ok   x: d");
+    }
 }

@@ -17,6 +17,7 @@
 //! - [`snapshot`]: atomic rolling JSON files, and the export format.
 //! - [`engine`]: the daemon's sync loop: triggers, debounce, one run at a time, retry, status.
 //! - [`http`] and [`metrics`]: the admin port and its Prometheus registry.
+//! - [`logging`]: the log writer (stderr, with syslog priorities when it is the journal).
 //! - [`daemon`]: `mapsync run`, wiring the engine and the admin port to signals and systemd.
 //! - [`restore`] and [`demo`]: `mapsync restore` and `mapsync demo`.
 //! - [`commands`]: what each `mapsync` subcommand does; `main.rs` only parses and dispatches.
@@ -28,6 +29,7 @@ pub mod demo;
 pub mod engine;
 pub mod fxhash;
 pub mod http;
+pub mod logging;
 pub mod mapping;
 pub mod metrics;
 pub mod restore;
@@ -37,6 +39,12 @@ pub mod snapshot;
 pub mod source;
 pub mod sync;
 pub mod target;
+
+/// The version this binary was built as, from Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git revision it was built from (`build.rs`): a short hash, with `-dirty` when the tree
+/// had uncommitted changes, or `unknown` when it was not built from a git checkout.
+pub const REVISION: &str = env!("MAPSYNC_REVISION");
 
 /// Any failure a command can end with. `main` prints it as one line and exits with
 /// [`Error::exit_code`].

@@ -6,15 +6,23 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use mapsync::config::{LogFormat, Settings};
 use mapsync::sync::SyncOptions;
 use mapsync::{Error, commands};
 
+/// `mapsync --version`: the version and the git revision it was built from (build.rs).
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MAPSYNC_REVISION"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "mapsync",
-    version,
+    version = LONG_VERSION,
     about = "Mirror the application's SQLite model mappings to Postgres, with JSON snapshots and an admin port"
 )]
 struct Cli {
@@ -83,10 +91,40 @@ enum Command {
         #[arg(short, long, value_name = "NEW.db")]
         output: Option<PathBuf>,
     },
+    /// Print a shell completion script (bash: save it as
+    /// /usr/share/bash-completion/completions/mapsync; zsh: as _mapsync in $fpath;
+    /// fish: as ~/.config/fish/completions/mapsync.fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (mapsync.1 and one per subcommand) into DIR, or print mapsync.1.
+    #[command(hide = true)]
+    Man {
+        /// Directory to write every page into; without it, mapsync.1 goes to stdout.
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    // Generated from the definitions above; they need no configuration.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "mapsync",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => return man_pages(dir.as_deref()),
+        _ => {}
+    }
     tune_malloc(matches!(cli.command, Command::Run | Command::Demo { .. }));
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
@@ -135,7 +173,8 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
             print_json(&report);
             if report.status.is_refused() {
                 eprintln!(
-                    "error: sync refused: {}",
+                    "{}error: sync refused: {}",
+                    mapsync::logging::error_prefix(),
                     report.detail.as_deref().unwrap_or("mass delete")
                 );
                 return Ok(ExitCode::FAILURE);
@@ -156,7 +195,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
             for line in &lines {
                 let _ = writeln!(out, "{line}");
             }
-            Ok(if lines.iter().all(|l| l.ok) {
+            Ok(if commands::check_passed(&lines) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -191,12 +230,45 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
                 ExitCode::SUCCESS
             })
         }
+        Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS), // in main
         Command::Migrate => {
             for name in commands::migrate(&settings).await? {
                 println!("applied {name}");
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// clap's answer to a command line it refuses (or to --help / --version): as clap prints it,
+/// but with each line marked as an error when stderr is the journal.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let prefix = mapsync::logging::error_prefix();
+    if e.use_stderr() && !prefix.is_empty() {
+        let text = e.render().to_string();
+        let mut err = std::io::stderr().lock();
+        for line in text.lines() {
+            let _ = writeln!(err, "{prefix}{line}");
+        }
+    } else {
+        let _ = e.print();
+    }
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
+/// `mapsync man [DIR]`: the roff pages clap_mangen renders from the clap definitions.
+fn man_pages(dir: Option<&std::path::Path>) -> ExitCode {
+    let result = match dir {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+            .map_err(|e| format!("cannot write the man pages into {}: {e}", dir.display())),
+        None => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout().lock())
+            .map_err(|e| format!("cannot write the man page to stdout: {e}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&Error::Other(e)),
     }
 }
 
@@ -207,7 +279,7 @@ fn print_json(value: &impl serde::Serialize) {
 }
 
 fn fail(e: &Error) -> ExitCode {
-    eprintln!("error: {e}");
+    eprintln!("{}error: {e}", mapsync::logging::error_prefix());
     ExitCode::from(e.exit_code() as u8)
 }
 
@@ -226,9 +298,12 @@ fn init_logging(settings: &Settings) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
-        .with_writer(std::io::stderr);
+        // With a `<N>` syslog priority on each line when stderr is the journal.
+        .with_writer(mapsync::logging::Stderr::detect());
     match settings.log.format {
         LogFormat::Json => builder.json().init(),
+        // journald stamps every entry itself.
+        LogFormat::Text if mapsync::logging::stderr_is_journal() => builder.without_time().init(),
         LogFormat::Text => builder.init(),
     }
 }

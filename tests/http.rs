@@ -36,7 +36,7 @@ const MAPPING_FIELDS: [&str; 10] = [
     "metadata",
 ];
 /// Every metric name of SPEC §5, as its samples start (counters end in `_total`).
-const METRIC_NAMES: [&str; 15] = [
+const METRIC_NAMES: [&str; 24] = [
     "mapsync_sync_runs_total{",
     "mapsync_sync_duration_seconds_bucket{",
     "mapsync_rows_upserted_total ",
@@ -52,7 +52,19 @@ const METRIC_NAMES: [&str; 15] = [
     "mapsync_snapshot_bytes ",
     "mapsync_http_requests_total{",
     "mapsync_build_info{version=",
+    "mapsync_sync_failures_total{reason=",
+    "mapsync_target_rows ",
+    "mapsync_snapshot_age_seconds ",
+    "process_cpu_seconds_total ",
+    "process_resident_memory_bytes ",
+    "process_virtual_memory_bytes ",
+    "process_open_fds ",
+    "process_max_fds ",
+    "process_start_time_seconds ",
 ];
+
+/// Metrics that exist only when a target is configured.
+const TARGET_ONLY: [&str; 2] = ["mapsync_target_up ", "mapsync_target_rows "];
 
 fn workspace(rows: &[Row]) -> Workspace {
     let ws = Workspace::new(None, "");
@@ -219,14 +231,17 @@ fn probes_metrics_status_and_the_page_answer_without_a_target() {
         "no target, no target check: {ready}"
     );
 
+    // mapsync_snapshot_age_seconds exists once a snapshot does.
+    wait_snapshot(&d);
     let m = http::get(d.addr, "/metrics", None);
     assert_eq!(m.status, 200);
     assert_eq!(m.header("content-type"), Some(METRICS_TYPE));
     let text = m.text();
     assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
     for name in METRIC_NAMES {
-        if name == "mapsync_target_up " {
-            continue; // only with a target
+        if TARGET_ONLY.contains(&name) {
+            assert!(!text.contains(name), "{name} without a target:\n{text}");
+            continue;
         }
         assert!(
             text.lines().any(|l| l.starts_with(name)),

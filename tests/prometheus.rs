@@ -123,6 +123,51 @@ fn prometheus_scrapes_every_spec_metric_with_the_right_values() {
         Some(0.0)
     );
     prom.wait_value("mapsync_snapshot_bytes", WAIT, |v| v > 0.0);
+    // The start-up snapshot is minutes old at most.
+    prom.wait_value("mapsync_snapshot_age_seconds", WAIT, |v| {
+        (0.0..600.0).contains(&v)
+    });
+
+    // Why runs failed: every reason exists from the start (so increase() sees the first one),
+    // and none has happened.
+    let failures = prom.query("mapsync_sync_failures_total");
+    let mut reasons: Vec<&str> = failures
+        .iter()
+        .map(|s| s.labels["reason"].as_str().unwrap_or_default())
+        .collect();
+    reasons.sort_unstable();
+    assert_eq!(
+        reasons,
+        [
+            "mass_delete",
+            "other_instance",
+            "source",
+            "target_auth",
+            "target_network",
+            "target_schema",
+            "target_timeout",
+            "target_tls"
+        ],
+        "{failures:#?}"
+    );
+    assert!(failures.iter().all(|s| s.value == 0.0), "{failures:#?}");
+    assert_eq!(
+        prom.query("mapsync_target_rows").len(),
+        1,
+        "a target, a row count"
+    );
+
+    // The daemon's own process: started during this test, holding memory and descriptors.
+    let process_start = prom.wait_value("process_start_time_seconds", WAIT, |v| v > 0.0);
+    assert!(
+        process_start >= started - 1.0 && process_start <= now_secs() + 1.0,
+        "process_start_time_seconds = {process_start}, test started at {started}"
+    );
+    prom.wait_value("process_resident_memory_bytes", WAIT, |v| v > 1e6);
+    prom.wait_value("process_virtual_memory_bytes", WAIT, |v| v > 1e6);
+    let fds = prom.wait_value("process_open_fds", WAIT, |v| v >= 3.0);
+    prom.wait_value("process_max_fds", WAIT, |v| v >= fds);
+    prom.wait_value("process_cpu_seconds_total", WAIT, |v| v > 0.0);
     // Scrape n counts scrapes 1..n-1: after a few scrapes /metrics has a 200 series.
     prom.wait_value(
         r#"mapsync_http_requests_total{route="/metrics",code="200"}"#,
@@ -161,6 +206,12 @@ fn prometheus_scrapes_every_spec_metric_with_the_right_values() {
         ("mapsync_fs_events", "counter"),
         ("mapsync_http_requests", "counter"),
         ("mapsync_build", "info"),
+        ("mapsync_sync_failures", "counter"),
+        ("mapsync_target_rows", "gauge"),
+        ("mapsync_snapshot_age_seconds", "gauge"),
+        ("process_cpu_seconds", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_start_time_seconds", "gauge"),
     ] {
         assert_eq!(
             type_of(metric).as_deref(),

@@ -368,7 +368,11 @@ pub async fn start(
         settings.target.table.to_string(),
         settings.snapshot.dir.display().to_string(),
     );
-    board.snapshot_written(snapshots::newest_on_disk(&store));
+    let newest = snapshots::newest_on_disk(&store);
+    if let Some(at) = newest.as_ref().and_then(|s| s.written_at.parse().ok()) {
+        metrics.snapshot_written_at(at);
+    }
+    board.snapshot_written(newest);
     let shared = Arc::new(Shared {
         board,
         metrics,

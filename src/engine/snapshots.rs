@@ -122,6 +122,7 @@ async fn write(
             tracing::info!(file = %info.name, mappings = ?info.count, bytes = info.bytes, "snapshot written");
             count(shared, "ok");
             metrics.snapshot_bytes.set(info.bytes as i64);
+            metrics.snapshot_written_at(Utc::now());
             shared.board.snapshot_written(Some(info.clone()));
             Ok(Written::New(info))
         }
