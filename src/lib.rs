@@ -27,7 +27,6 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod engine;
-pub mod fxhash;
 pub mod http;
 pub mod logging;
 pub mod mapping;

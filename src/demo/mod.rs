@@ -3,7 +3,7 @@
 //! runs the daemon on it: snapshots under `./demo/snapshots`, the admin page on
 //! `http.listen` (127.0.0.1:9187 unless configured), and the Postgres mirror: the database
 //! in `MAPSYNC_TARGET__URL` when set, or else, when PostgreSQL's server is installed, a
-//! throwaway cluster of the demo's own under `./demo/postgres` ([`postgres`]), stopped when
+//! throwaway cluster of the demo's own under `./demo/postgres` (`postgres`), stopped when
 //! the demo stops. Without either it runs snapshots-only and says how to get the rest.
 
 mod postgres;

@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use super::{RunError, Shared};
-use crate::fxhash::FxHashSet;
 use crate::mapping::Mapping;
 use crate::source::{Delta, ReadMode, SourceImage, SqliteSource};
 use crate::sync::{SyncOptions, SyncReport, SyncStatus, Trigger};
 use crate::target::{MirrorError, MirrorOutcome};
+use foldhash::HashSet as FxHashSet;
 
 /// What runs carry from one to the next.
 pub(super) struct RunState {

@@ -9,7 +9,7 @@
 //!   or a `journal_mode` change by the application fail; a read transaction left open would
 //!   stop its WAL checkpoints).
 //! - "Did anything commit since the last read?" is answered from the files alone
-//!   ([`Fingerprint`]): identity, size and header of the database and of its `-wal`. Every
+//!   (`Fingerprint`): identity, size and header of the database and of its `-wal`. Every
 //!   commit changes one of them (a WAL commit appends frames or, after a checkpoint,
 //!   rewrites the WAL header with new salts; a rollback-journal commit bumps the database
 //!   header's change counter), so a change is never missed; a checkpoint also changes them,
@@ -32,8 +32,10 @@ use serde_json::Value;
 
 use super::{Delta, SourceError, SourceImage};
 use crate::config::SourceSettings;
-use crate::fxhash::FxHasher;
+use std::hash::BuildHasher;
+
 use crate::mapping::{self, Candidate, Fields, Mapping, Origin, Redactor, Warning};
+use foldhash::fast::FixedState;
 
 pub struct SqliteSource {
     path: PathBuf,
@@ -110,7 +112,7 @@ impl SqliteSource {
     }
 
     /// Whether a commit may have happened since the last [`read`](Self::read): true when there
-    /// was no read yet or the files' [`Fingerprint`] moved. Opens no connection: a stat and a
+    /// was no read yet or the files' fingerprint moved. Opens no connection: a stat and a
     /// few header bytes of the database and its `-wal`.
     pub fn changed(&self) -> Result<bool, SourceError> {
         let now = Fingerprint::take(&self.path)?;
@@ -615,7 +617,8 @@ fn read_prompt_rows(
 /// A hash of a row's stored bytes (the mapping columns after the rowid), column by column:
 /// type, length and content.
 fn row_hash(r: &rusqlite::Row<'_>) -> rusqlite::Result<u64> {
-    let mut h = FxHasher::default();
+    // Fixed seed: hashes are compared across reads.
+    let mut h = FixedState::default().build_hasher();
     for i in 1..=9 {
         match r.get_ref(i)? {
             ValueRef::Null => h.write_u8(0),

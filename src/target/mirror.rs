@@ -32,8 +32,8 @@ use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutRow, BinaryCo
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 use super::{Target, TargetError};
-use crate::fxhash::FxHashMap;
 use crate::mapping::Mapping;
+use foldhash::HashMap as FxHashMap;
 
 /// The ten mirrored columns, in the order of the exported form.
 const COLUMNS: &str = "id, scope_type, scope_key, name, default_model, candidates, is_active, updated_at, source, metadata";
