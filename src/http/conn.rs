@@ -85,18 +85,13 @@ fn judge(buf: &[u8]) -> Option<Result<(), Refused>> {
     let parsed = req.parse(buf);
     let method = req.method.unwrap_or("").to_string();
     let path = req.path.unwrap_or("").to_string();
-    let request_id = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("x-request-id"))
-        .map(|h| String::from_utf8_lossy(h.value).into_owned());
     let refuse = |status: StatusCode, msg: String| {
         Some(Err(Refused {
             status,
             msg,
             method: method.clone(),
             path: path.clone(),
-            request_id: request_id.clone(),
+            request_id: scan_request_id(buf),
         }))
     };
     match parsed {
@@ -127,7 +122,13 @@ fn judge(buf: &[u8]) -> Option<Result<(), Refused>> {
             StatusCode::BAD_REQUEST,
             format!("malformed request head: {e}"),
         ),
-        Ok(httparse::Status::Complete(_)) => {
+        Ok(httparse::Status::Complete(head_len)) => {
+            if head_len > HEAD_MAX {
+                return refuse(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    format!("the request head is larger than {} KiB", HEAD_MAX / 1024),
+                );
+            }
             if path.len() > TARGET_MAX {
                 return refuse(
                     StatusCode::URI_TOO_LONG,
@@ -143,6 +144,16 @@ fn judge(buf: &[u8]) -> Option<Result<(), Refused>> {
             }
         }
     }
+}
+
+/// The `X-Request-Id` of a head that did not parse, looked for line by line.
+fn scan_request_id(buf: &[u8]) -> Option<String> {
+    buf.split(|&b| b == b'\n').skip(1).find_map(|line| {
+        let (name, value) = line.split_at(line.iter().position(|&b| b == b':')?);
+        name.trim_ascii()
+            .eq_ignore_ascii_case(b"x-request-id")
+            .then(|| String::from_utf8_lossy(value[1..].trim_ascii()).into_owned())
+    })
 }
 
 /// What hyper would refuse in a complete head, refused here first.
@@ -362,6 +373,12 @@ mod tests {
         assert_eq!(status(long.as_bytes()), Some(StatusCode::URI_TOO_LONG));
         let mut big = b"GET / HTTP/1.1\r\n".to_vec();
         big.extend(b"X-A: ".iter().chain(&[b'a'; HEAD_MAX]));
+        assert_eq!(
+            status(&big),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        // A head over the limit that completes in the read that crosses it.
+        big.extend(b"\r\n\r\n");
         assert_eq!(
             status(&big),
             Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)

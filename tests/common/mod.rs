@@ -12,6 +12,7 @@ pub mod appdb;
 pub mod browser;
 pub mod daemon;
 pub mod fixture;
+pub mod flood;
 pub mod http;
 pub mod mapsync;
 pub mod pg;
