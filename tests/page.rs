@@ -16,11 +16,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use common::daemon::Daemon;
 use common::http::{self, Reply};
@@ -237,61 +233,6 @@ fn a_jwt_issuer_is_only_checked_when_set_and_the_audience_is_configurable() {
     );
 }
 
-/// A stand-in for the application behind the same nginx: answers every request with its
-/// own envelope, until dropped.
-struct FakeApp {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl FakeApp {
-    fn start() -> FakeApp {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        stream.set_nonblocking(false).unwrap();
-                        stream
-                            .set_read_timeout(Some(Duration::from_secs(5)))
-                            .unwrap();
-                        let mut buf = [0u8; 8192];
-                        let _ = stream.read(&mut buf);
-                        let body = r#"{"code":200,"msg":"from the application","data":null}"#;
-                        let _ = stream.write_all(
-                            format!(
-                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .as_bytes(),
-                        );
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        FakeApp {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for FakeApp {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 #[test]
 fn the_pages_requests_through_nginx_get_the_envelopes_it_expects() {
     common::nginx::nginx_path(); // fails with the install command before anything starts
@@ -312,7 +253,11 @@ fn the_pages_requests_through_nginx_get_the_envelopes_it_expects() {
     );
     let first = d.wait_first_run();
     assert_eq!(first["last_run"]["status"], "synced", "{first}");
-    let app = FakeApp::start();
+    // A stand-in for the application behind the same nginx.
+    let app = http::StubServer::start(
+        "application/json",
+        r#"{"code":200,"msg":"from the application","data":null}"#,
+    );
     let nginx = Nginx::start(d.addr, app.addr);
     // The browser's Host: the page's origin, on nginx's port.
     let host = format!("{APP_HOST}:{}", nginx.addr.port());
