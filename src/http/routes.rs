@@ -281,7 +281,7 @@ impl App {
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_string)
             });
-        let Some(host) = host.filter(|h| self.host_allowed(h, peer.local)) else {
+        let Some(host) = host.filter(|h| host_allowed(h, peer.local, &self.allowed_hosts)) else {
             return Outcome::new(
                 "other",
                 reply::envelope_error(
@@ -414,27 +414,6 @@ impl App {
             }
         };
         Outcome { route, caller, res }
-    }
-
-    /// Whether `host` (a `Host` value) names this server: the address the client connected
-    /// to, `localhost` on any port, or one of `http.allowed_hosts` (an entry without a port
-    /// matches any port).
-    fn host_allowed(&self, host: &str, local: SocketAddr) -> bool {
-        let host = host.trim().to_ascii_lowercase();
-        let (name, port) = split_port(&host);
-        if name == "localhost" {
-            return true;
-        }
-        let local_name = match local {
-            SocketAddr::V4(a) => a.ip().to_string(),
-            SocketAddr::V6(a) => format!("[{}]", a.ip()),
-        };
-        if name == local_name && port.unwrap_or(80) == local.port() {
-            return true;
-        }
-        self.allowed_hosts
-            .iter()
-            .any(|a| *a == host || (split_port(a).1.is_none() && split_port(a).0 == name))
     }
 
     /// The request's `Origin`, when it is one of `http.cors_origins`.
@@ -874,6 +853,31 @@ fn refusal_msg(report: &SyncReport) -> Option<String> {
     ))
 }
 
+/// Whether `host` (a `Host` value) names this server: the address the client connected
+/// to, `localhost` on any port, or one of `http.allowed_hosts` (an entry without a port
+/// matches any port).
+fn host_allowed(host: &str, local: SocketAddr, allowed_hosts: &[String]) -> bool {
+    let host = host.trim().to_ascii_lowercase();
+    let (name, port) = split_port(&host);
+    if name == "localhost" {
+        return true;
+    }
+    // A dual-stack socket sees an IPv4 client's address as ::ffff:a.b.c.d.
+    let local_names = match local {
+        SocketAddr::V4(a) => [Some(a.ip().to_string()), None],
+        SocketAddr::V6(a) => [
+            Some(format!("[{}]", a.ip())),
+            a.ip().to_ipv4_mapped().map(|v4| v4.to_string()),
+        ],
+    };
+    if local_names.iter().flatten().any(|n| *n == name) && port.unwrap_or(80) == local.port() {
+        return true;
+    }
+    allowed_hosts
+        .iter()
+        .any(|a| *a == host || (split_port(a).1.is_none() && split_port(a).0 == name))
+}
+
 /// `Origin` is the origin of a page served from `host` (http or https, default ports
 /// spelled or not).
 fn same_origin(origin: &str, host: &str) -> bool {
@@ -1038,6 +1042,52 @@ impl Check {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_and_origins() {
+        let local: SocketAddr = "127.0.0.1:9187".parse().unwrap();
+        let allowed = [
+            "app.example.com".to_string(),
+            "ops.example.com:8443".to_string(),
+        ];
+        for ok in [
+            "127.0.0.1:9187",
+            "localhost",
+            "LocalHost:1234",
+            "app.example.com",
+            "app.example.com:9999",
+            "ops.example.com:8443",
+        ] {
+            assert!(host_allowed(ok, local, &allowed), "{ok}");
+        }
+        for no in [
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "evil.example:9187",
+            "ops.example.com",
+            "app.example.com.evil",
+            "",
+        ] {
+            assert!(!host_allowed(no, local, &allowed), "{no}");
+        }
+        let dual: SocketAddr = "[::ffff:127.0.0.1]:9187".parse().unwrap();
+        assert!(host_allowed("127.0.0.1:9187", dual, &[]));
+        assert!(host_allowed("[::ffff:127.0.0.1]:9187", dual, &[]));
+        assert!(same_origin("http://127.0.0.1:9187", "127.0.0.1:9187"));
+        assert!(same_origin("https://app.example.com", "app.example.com"));
+        assert!(same_origin(
+            "https://app.example.com",
+            "app.example.com:443"
+        ));
+        assert!(!same_origin(
+            "http://app.example.com",
+            "app.example.com:443"
+        ));
+        assert!(!same_origin("null", "127.0.0.1:9187"));
+        assert!(!same_origin("http://127.0.0.1:9188", "127.0.0.1:9187"));
+        assert_eq!(split_port("[::1]:80"), ("[::1]", Some(80)));
+        assert_eq!(split_port("[::1]"), ("[::1]", None));
+    }
 
     #[test]
     fn queries_are_decoded_and_flags_checked() {
