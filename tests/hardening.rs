@@ -29,6 +29,14 @@ fn workspace(n: usize) -> Workspace {
     ws
 }
 
+/// The daemon on `n` mappings, with no credential and no target, after its first run.
+fn open_daemon(n: usize) -> (Workspace, Daemon) {
+    let ws = workspace(n);
+    let d = Daemon::start(&ws, None, "");
+    d.wait_first_run();
+    (ws, d)
+}
+
 /// The sum of every `/metrics` sample whose line starts with `prefix`.
 fn metric(d: &Daemon, prefix: &str) -> f64 {
     http::get(d.addr, "/metrics", None)
@@ -77,9 +85,7 @@ fn send(addr: SocketAddr, request: &[u8]) -> Reply {
 #[test]
 fn trickled_bodies_hold_memory_in_proportion_and_livez_answers_throughout() {
     // No credential: the sync route reads bodies from anyone on loopback (same-origin).
-    let ws = workspace(3);
-    let d = Daemon::start(&ws, None, "");
-    d.wait_first_run();
+    let (_ws, d) = open_daemon(3);
     let pid = d.child.id();
     // Idle: after a few requests, so the port's own first allocations are in.
     for _ in 0..20 {
@@ -116,17 +122,10 @@ fn trickled_bodies_hold_memory_in_proportion_and_livez_answers_throughout() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    let sent: u64 = floods
-        .iter()
-        .map(|f| f.bytes.load(std::sync::atomic::Ordering::Relaxed))
-        .sum();
-    let connects: u64 = floods
-        .iter()
-        .map(|f| f.connects.load(std::sync::atomic::Ordering::Relaxed))
-        .sum();
-    for f in floods {
-        f.stop();
-    }
+    let flood::Totals {
+        connects,
+        bytes: sent,
+    } = flood::stop_all(floods);
     assert!(sent > 50_000, "the clients trickled only {sent} bytes");
     // The body deadline (10 s) cut the slow bodies off, and they reconnected.
     assert!(
@@ -142,9 +141,7 @@ fn trickled_bodies_hold_memory_in_proportion_and_livez_answers_throughout() {
 
 #[test]
 fn five_hundred_slow_reconnecting_clients_never_keep_livez_or_a_sync_from_answering() {
-    let ws = workspace(3);
-    let d = Daemon::start(&ws, None, "");
-    d.wait_first_run();
+    let (_ws, d) = open_daemon(3);
     let limit = Duration::from_secs(25);
     let floods: Vec<_> = (0..4)
         .map(|_| flood::slow_heads(d.addr, 125, Duration::from_millis(50), limit))
@@ -164,13 +161,7 @@ fn five_hundred_slow_reconnecting_clients_never_keep_livez_or_a_sync_from_answer
     // Syncing is not starved either.
     let r = http::post(d.addr, "/sync", None, b"");
     assert_eq!(r.status, 200, "{}", r.text());
-    let connects: u64 = floods
-        .iter()
-        .map(|f| f.connects.load(std::sync::atomic::Ordering::Relaxed))
-        .sum();
-    for f in floods {
-        f.stop();
-    }
+    let connects = flood::stop_all(floods).connects;
     assert!(
         missed.is_empty(),
         "/livez went unanswered under 500 slow clients ({answered} answered):\n{}",
@@ -409,9 +400,7 @@ fn symbolic_links_in_the_snapshot_directory_are_never_followed() {
 
 #[test]
 fn json_fields_of_the_wrong_type_are_named_and_start_nothing() {
-    let ws = workspace(2);
-    let d = Daemon::start(&ws, None, "");
-    d.wait_first_run();
+    let (_ws, d) = open_daemon(2);
     let before = manual_runs(&d);
     for (body, field) in [
         (r#"{"direction":1}"#, "direction"),
@@ -441,9 +430,7 @@ fn json_fields_of_the_wrong_type_are_named_and_start_nothing() {
 
 #[test]
 fn error_bodies_are_one_short_line_and_heads_hyper_refuses_get_the_envelope() {
-    let ws = workspace(2);
-    let d = Daemon::start(&ws, None, "");
-    d.wait_first_run();
+    let (_ws, d) = open_daemon(2);
     let host = d.addr.to_string();
 
     let r = http::post(d.addr, "/sync?delete_missing=%0Ainjected%0Aline", None, b"");

@@ -19,17 +19,31 @@ use std::time::{Duration, Instant};
 pub struct Flood {
     stop: Arc<AtomicBool>,
     /// Connections opened so far (the first ones and every reconnect).
-    pub connects: Arc<AtomicU64>,
+    connects: Arc<AtomicU64>,
     /// Bytes written so far.
-    pub bytes: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Flood {
-    pub fn stop(mut self) {
-        self.halt();
-    }
+/// What a set of floods did: connections opened and bytes sent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    pub connects: u64,
+    pub bytes: u64,
+}
 
+/// Stops every flood and adds up what they did.
+pub fn stop_all(floods: impl IntoIterator<Item = Flood>) -> Totals {
+    let mut t = Totals::default();
+    for mut f in floods {
+        f.halt();
+        t.connects += f.connects.load(Ordering::Relaxed);
+        t.bytes += f.bytes.load(Ordering::Relaxed);
+    }
+    t
+}
+
+impl Flood {
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -44,15 +58,16 @@ impl Drop for Flood {
     }
 }
 
-/// `n` clients that each send `head` one byte every `every`, and start again on a new
-/// connection whenever the server closes theirs or answers; for at most `limit`.
+/// `n` clients that each send `first` whole on connecting, then `then` (cycled) one byte
+/// every `every`, and start again on a new connection whenever the server answers or closes
+/// theirs; for at most `limit`.
 fn run(
     addr: SocketAddr,
     n: usize,
-    head: Vec<u8>,
+    first: Vec<u8>,
+    then: Vec<u8>,
     every: Duration,
     limit: Duration,
-    reconnect: bool,
 ) -> Flood {
     let stop = Arc::new(AtomicBool::new(false));
     let connects = Arc::new(AtomicU64::new(0));
@@ -61,114 +76,28 @@ fn run(
     let thread = std::thread::spawn(move || {
         let deadline = Instant::now() + limit;
         let connect = || {
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-            s.set_nonblocking(true).ok()?;
-            s.set_nodelay(true).ok()?;
+            let mut st = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+            st.write_all(&first).ok()?;
+            st.set_nonblocking(true).ok()?;
+            st.set_nodelay(true).ok()?;
             c.fetch_add(1, Ordering::Relaxed);
-            Some((s, 0usize))
+            Some((st, 0usize))
         };
         let mut clients: Vec<Option<(TcpStream, usize)>> = (0..n).map(|_| connect()).collect();
         let mut sink = [0u8; 4096];
         while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
             let tick = Instant::now();
             for slot in clients.iter_mut() {
-                if s.load(Ordering::Relaxed) || Instant::now() >= deadline {
-                    break;
-                }
                 let alive = match slot {
                     Some((stream, sent)) => {
-                        let answered = match stream.read(&mut sink) {
-                            Ok(_) => true, // an answer, or the close
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
-                            Err(_) => true,
-                        };
-                        let byte = head[*sent % head.len()];
-                        let wrote = match stream.write(&[byte]) {
-                            Ok(1) => {
-                                *sent += 1;
-                                b.fetch_add(1, Ordering::Relaxed);
-                                true
-                            }
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => true,
-                            _ => false,
-                        };
-                        !answered && wrote
-                    }
-                    None => false,
-                };
-                if !alive {
-                    *slot = if reconnect { connect() } else { None };
-                }
-            }
-            if let Some(rest) = every.checked_sub(tick.elapsed()) {
-                std::thread::sleep(rest);
-            }
-        }
-    });
-    Flood {
-        stop,
-        connects,
-        bytes,
-        thread: Some(thread),
-    }
-}
-
-/// `n` clients sending a request head that never ends, one byte per client every `every`,
-/// reconnecting whenever cut off.
-pub fn slow_heads(addr: SocketAddr, n: usize, every: Duration, limit: Duration) -> Flood {
-    let mut head = format!("GET /livez HTTP/1.1\r\nHost: {addr}\r\n").into_bytes();
-    // Header lines that go on and on: the head never completes.
-    for i in 0..2000 {
-        head.extend_from_slice(format!("X-Slow-{i}: {}\r\n", "s".repeat(20)).as_bytes());
-    }
-    run(addr, n, head, every, limit, true)
-}
-
-/// `n` clients that each send a whole head for `method path` declaring `Content-Length:
-/// 60000`, then trickle the body one byte per client every `every`, reconnecting whenever
-/// cut off or answered.
-pub fn trickle(
-    addr: SocketAddr,
-    n: usize,
-    method: &str,
-    path: &str,
-    every: Duration,
-    limit: Duration,
-) -> Flood {
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n\r\n"
-    );
-    // The head goes out whole first (it is one "byte" in the loop), then the body.
-    let mut out = head.into_bytes();
-    out.extend(std::iter::repeat_n(b' ', 60_000));
-    let stop = Arc::new(AtomicBool::new(false));
-    let connects = Arc::new(AtomicU64::new(0));
-    let bytes = Arc::new(AtomicU64::new(0));
-    let (s, c, b) = (stop.clone(), connects.clone(), bytes.clone());
-    let head_len = out.len() - 60_000;
-    let thread = std::thread::spawn(move || {
-        let deadline = Instant::now() + limit;
-        let connect = || {
-            let mut st = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-            st.write_all(&out[..head_len]).ok()?;
-            st.set_nonblocking(true).ok()?;
-            st.set_nodelay(true).ok()?;
-            c.fetch_add(1, Ordering::Relaxed);
-            Some(st)
-        };
-        let mut clients: Vec<Option<TcpStream>> = (0..n).map(|_| connect()).collect();
-        let mut sink = [0u8; 4096];
-        while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
-            let tick = Instant::now();
-            for slot in clients.iter_mut() {
-                let alive = match slot {
-                    Some(stream) => {
+                        // Anything to read is an answer or the close: start again.
                         let answered = !matches!(
                             stream.read(&mut sink),
                             Err(ref e) if e.kind() == ErrorKind::WouldBlock
                         );
-                        let wrote = match stream.write(b" ") {
+                        let wrote = match stream.write(&[then[*sent % then.len()]]) {
                             Ok(1) => {
+                                *sent += 1;
                                 b.fetch_add(1, Ordering::Relaxed);
                                 true
                             }
@@ -194,6 +123,34 @@ pub fn trickle(
         bytes,
         thread: Some(thread),
     }
+}
+
+/// `n` clients sending a request head that never ends, one byte per client every `every`,
+/// reconnecting whenever cut off.
+pub fn slow_heads(addr: SocketAddr, n: usize, every: Duration, limit: Duration) -> Flood {
+    let mut head = format!("GET /livez HTTP/1.1\r\nHost: {addr}\r\n").into_bytes();
+    // Header lines that go on and on: the head never completes.
+    for i in 0..2000 {
+        head.extend_from_slice(format!("X-Slow-{i}: {}\r\n", "s".repeat(20)).as_bytes());
+    }
+    run(addr, n, Vec::new(), head, every, limit)
+}
+
+/// `n` clients that each send a whole head for `method path` declaring `Content-Length:
+/// 60000`, then trickle the body one byte per client every `every`, reconnecting whenever
+/// cut off or answered.
+pub fn trickle(
+    addr: SocketAddr,
+    n: usize,
+    method: &str,
+    path: &str,
+    every: Duration,
+    limit: Duration,
+) -> Flood {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n\r\n"
+    );
+    run(addr, n, head.into_bytes(), vec![b' '], every, limit)
 }
 
 /// One `GET /livez` on a new connection: its status and how long the whole exchange took,
