@@ -970,13 +970,7 @@ fn http_port(b: &Bench) -> Vec<Check> {
             took
         })
         .collect();
-    let mut d = d;
-    let (status, _) = d.stop(Duration::from_secs(10));
-    assert!(
-        status.success(),
-        "mapsync run exited with {status}:\n{}",
-        d.log()
-    );
+    stop_daemon(d);
 
     println!(
         "`/livez` under wrk (`-t1 -c{WRK_CONNECTIONS} --latency`, a Lua `delay()` of {PACE_MS} ms per connection):\n"
@@ -1138,13 +1132,7 @@ fn http_flood(b: &Bench) -> Vec<Check> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let trickled = common::flood::stop_all(trickles).bytes;
-    let mut d = d;
-    let (status, _) = d.stop(Duration::from_secs(10));
-    assert!(
-        status.success(),
-        "mapsync run exited with {status}:\n{}",
-        d.log()
-    );
+    stop_daemon(d);
 
     let (quiet, slow, during) = (
         Percentiles::of(&quiet),
@@ -1189,6 +1177,16 @@ fn http_flood(b: &Bench) -> Vec<Check> {
             met: grew <= TRICKLE_MAX_MIB,
         },
     ]
+}
+
+/// Stops a daemon with SIGTERM; it must exit 0.
+fn stop_daemon(mut d: Daemon) {
+    let (status, _) = d.stop(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "mapsync run exited with {status}:\n{}",
+        d.log()
+    );
 }
 
 /// One `/livez` probe's time in ms; a probe that gets no 200 within 10 s stops the

@@ -37,6 +37,17 @@ fn open_daemon(n: usize) -> (Workspace, Daemon) {
     (ws, d)
 }
 
+/// The daemon on `n` mappings with the admin token [`TOKEN`], no target.
+fn token_daemon(n: usize) -> (Workspace, Daemon) {
+    let ws = workspace(n);
+    let d = Daemon::start(
+        &ws,
+        None,
+        &format!("[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\n"),
+    );
+    (ws, d)
+}
+
 /// The sum of every `/metrics` sample whose line starts with `prefix`.
 fn metric(d: &Daemon, prefix: &str) -> f64 {
     http::get(d.addr, "/metrics", None)
@@ -342,12 +353,7 @@ fn settings_from_the_environment_are_literal() {
 
 #[test]
 fn symbolic_links_in_the_snapshot_directory_are_never_followed() {
-    let ws = workspace(3);
-    let d = Daemon::start(
-        &ws,
-        None,
-        &format!("[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\n"),
-    );
+    let (ws, d) = token_daemon(3);
     d.wait_status(Duration::from_secs(30), "a snapshot", |s| {
         !s["snapshot"]["newest"].is_null()
     });
@@ -493,12 +499,7 @@ fn error_bodies_are_one_short_line_and_heads_hyper_refuses_get_the_envelope() {
 
 #[test]
 fn every_request_is_logged_once_with_who_asked_and_never_a_credential() {
-    let ws = workspace(2);
-    let d = Daemon::start(
-        &ws,
-        None,
-        &format!("[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\n"),
-    );
+    let (_ws, d) = token_daemon(2);
     d.wait_first_run();
     let authz = format!("Bearer {TOKEN}");
     let r = http::request(
