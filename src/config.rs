@@ -499,9 +499,7 @@ impl Settings {
             let text = std::fs::read_to_string(&file).map_err(|e| {
                 ConfigError::new(format!("cannot read config file {}: {e}", file.display()))
             })?;
-            layers
-                .add_file(&text)
-                .map_err(|e| ConfigError::new(format!("{}: {e}", file.display())))?;
+            layers.add_file(&file, &text)?;
         }
         layers.add_env(env)?;
         let Layers { table, origins } = layers;
@@ -520,34 +518,35 @@ struct Layers {
 }
 
 impl Layers {
-    fn add_file(&mut self, text: &str) -> Result<(), String> {
+    fn add_file(&mut self, file: &Path, text: &str) -> Result<(), ConfigError> {
+        let fail = |msg: String| ConfigError::new(format!("{}: {msg}", file.display()));
         let parsed: toml::Table = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
-            match line {
+            fail(match line {
                 Some(n) => format!("line {n}: {}", one_line(e.message())),
                 None => one_line(e.message()),
-            }
+            })
         })?;
         for (section, keys) in parsed {
             let toml::Value::Table(keys) = keys else {
-                return Err(format!(
+                return Err(fail(format!(
                     "`{section}` is not a section: settings go under [source], [watch], [target], [schedule], [snapshot], [http] or [log]"
-                ));
+                )));
             };
             if !SCHEMA
                 .iter()
                 .any(|(k, _)| k.split('.').next() == Some(&section))
             {
-                return Err(unknown(&format!("{section}.")));
+                return Err(fail(unknown(&format!("{section}."))));
             }
             for (key, value) in keys {
                 let full = format!("{section}.{key}");
                 let Some(kind) = kind_of(&full) else {
-                    return Err(unknown(&full));
+                    return Err(fail(unknown(&full)));
                 };
-                check(kind, &value).map_err(|why| format!("{full}: {why}"))?;
+                check(kind, &value).map_err(|why| fail(format!("{full}: {why}")))?;
                 self.put(&section, key, value, Origin::File);
             }
         }
@@ -608,11 +607,30 @@ fn unknown(key: &str) -> String {
     }
 }
 
-/// Whether a value from the file has the key's type. Never echoes a string (it may be a
-/// secret).
-fn check(kind: Kind, value: &toml::Value) -> Result<(), String> {
+/// A value of another type than its key's.
+#[derive(Debug, thiserror::Error)]
+#[error("expected {}, found {found}", expected(*.kind))]
+struct Mismatch {
+    kind: Kind,
+    found: String,
+}
+
+/// What a key of `kind` takes, for messages.
+fn expected(kind: Kind) -> String {
+    match kind {
+        Kind::Str => "a string".into(),
+        Kind::Bool => "true or false".into(),
+        Kind::UInt => "a non-negative integer (digits)".into(),
+        Kind::Float => "a number".into(),
+        Kind::List => "a list of strings".into(),
+        Kind::OneOf(allowed) => format!("one of {}", allowed.join(", ")),
+    }
+}
+
+/// Whether a value from the file has the key's type. Never echoes a string that may be a
+/// secret (only the allowed words of a [`Kind::OneOf`]).
+fn check(kind: Kind, value: &toml::Value) -> Result<(), Mismatch> {
     use toml::Value as V;
-    let found = || format!("found {}", value.type_str());
     match (kind, value) {
         (Kind::Str, V::String(_)) | (Kind::Bool, V::Boolean(_)) => Ok(()),
         (Kind::UInt, V::Integer(i)) if *i >= 0 => Ok(()),
@@ -620,72 +638,59 @@ fn check(kind: Kind, value: &toml::Value) -> Result<(), String> {
         (Kind::Float, V::Integer(_)) => Ok(()),
         (Kind::List, V::Array(items)) if items.iter().all(|i| i.is_str()) => Ok(()),
         (Kind::OneOf(allowed), V::String(s)) if allowed.contains(&s.as_str()) => Ok(()),
-        (Kind::Str, _) => Err(format!("expected a string, {}", found())),
-        (Kind::Bool, _) => Err(format!("expected true or false, {}", found())),
-        (Kind::UInt, V::Integer(i)) => Err(format!("expected a non-negative integer, found {i}")),
-        (Kind::UInt, _) => Err(format!("expected a non-negative integer, {}", found())),
-        (Kind::Float, _) => Err(format!("expected a number, {}", found())),
-        (Kind::List, _) => Err(format!("expected a list of strings, {}", found())),
-        (Kind::OneOf(allowed), V::String(s)) => Err(format!(
-            "expected one of {}, found \"{}\"",
-            allowed.join(", "),
-            s.escape_default()
-        )),
-        (Kind::OneOf(allowed), _) => Err(format!(
-            "expected one of {}, {}",
-            allowed.join(", "),
-            found()
-        )),
+        (Kind::UInt, V::Integer(i)) => Err(Mismatch {
+            kind,
+            found: i.to_string(),
+        }),
+        (Kind::OneOf(_), V::String(s)) => Err(Mismatch {
+            kind,
+            found: format!("\"{}\"", s.escape_default()),
+        }),
+        _ => Err(Mismatch {
+            kind,
+            found: format!("a {}", value.type_str()),
+        }),
     }
 }
 
 /// An environment value read as the key's type, and nothing else.
-fn from_env(kind: Kind, text: &str) -> Result<toml::Value, String> {
+fn from_env(kind: Kind, text: &str) -> Result<toml::Value, Mismatch> {
     use toml::Value as V;
-    let shown = || {
-        let cut: String = text.chars().take(40).collect();
-        format!("\"{}\"", cut.escape_default())
-    };
-    match kind {
-        Kind::Str => Ok(V::String(text.to_string())),
+    let value = match kind {
+        Kind::Str => Some(V::String(text.to_string())),
         Kind::Bool => match text {
-            "true" => Ok(V::Boolean(true)),
-            "false" => Ok(V::Boolean(false)),
-            _ => Err(format!("expected true or false, found {}", shown())),
+            "true" => Some(V::Boolean(true)),
+            "false" => Some(V::Boolean(false)),
+            _ => None,
         },
         Kind::UInt => text
             .bytes()
             .all(|b| b.is_ascii_digit())
             .then(|| text.parse::<i64>().ok())
             .flatten()
-            .map(V::Integer)
-            .ok_or_else(|| {
-                format!(
-                    "expected a non-negative integer (digits), found {}",
-                    shown()
-                )
-            }),
+            .map(V::Integer),
         Kind::Float => text
             .trim()
             .parse::<f64>()
             .ok()
             .filter(|f| f.is_finite())
-            .map(V::Float)
-            .ok_or_else(|| format!("expected a number, found {}", shown())),
-        Kind::List => Ok(V::Array(
+            .map(V::Float),
+        Kind::List => Some(V::Array(
             text.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(|s| V::String(s.to_string()))
                 .collect(),
         )),
-        Kind::OneOf(allowed) if allowed.contains(&text) => Ok(V::String(text.to_string())),
-        Kind::OneOf(allowed) => Err(format!(
-            "expected one of {}, found {}",
-            allowed.join(", "),
-            shown()
-        )),
-    }
+        Kind::OneOf(allowed) => allowed.contains(&text).then(|| V::String(text.to_string())),
+    };
+    value.ok_or_else(|| {
+        let cut: String = text.chars().take(40).collect();
+        Mismatch {
+            kind,
+            found: format!("\"{}\"", cut.escape_default()),
+        }
+    })
 }
 
 fn one_line(msg: &str) -> String {

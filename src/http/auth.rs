@@ -48,19 +48,34 @@ impl fmt::Debug for Jwks {
     }
 }
 
+/// Why a JWKS document cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("not a JWKS document ({0})")]
+    NotJwks(serde_json::Error),
+    #[error("key {kid}: {source}")]
+    BadKey {
+        kid: String,
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error(
+        "no ES256 (EC P-256) or RS256 (RSA) signing key in it: use the project's JWKS (…/auth/v1/.well-known/jwks.json)"
+    )]
+    NoUsableKey,
+}
+
 impl Jwks {
     /// Reads a JWKS document (`{"keys": [...]}`, or one JWK). Keys of other types (HMAC,
     /// Ed25519, P-384, encryption keys) are left out; a document without a P-256 or RSA
     /// signing key is an error.
-    pub fn parse(text: &str) -> Result<Jwks, String> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| format!("not a JSON document ({e})"))?;
+    pub fn parse(text: &str) -> Result<Jwks, JwksError> {
+        let value: Value = serde_json::from_str(text).map_err(JwksError::NotJwks)?;
         let set: JwkSet = if value.get("keys").is_some() {
             serde_json::from_value(value)
         } else {
             serde_json::from_value(serde_json::json!({ "keys": [value] }))
         }
-        .map_err(|e| format!("not a JWKS document ({e})"))?;
+        .map_err(JwksError::NotJwks)?;
         let mut keys = Vec::new();
         for jwk in &set.keys {
             let alg = match &jwk.algorithm {
@@ -79,15 +94,14 @@ impl Jwks {
                 }
             }
             let kid = jwk.common.key_id.clone();
-            let key = DecodingKey::from_jwk(jwk)
-                .map_err(|e| format!("key {}: {e}", kid.as_deref().unwrap_or("without a kid")))?;
+            let key = DecodingKey::from_jwk(jwk).map_err(|source| JwksError::BadKey {
+                kid: kid.clone().unwrap_or_else(|| "without a kid".into()),
+                source,
+            })?;
             keys.push(JwksKey { kid, alg, key });
         }
         if keys.is_empty() {
-            return Err(
-                "no ES256 (EC P-256) or RS256 (RSA) signing key in it: use the project's JWKS (…/auth/v1/.well-known/jwks.json)"
-                    .into(),
-            );
+            return Err(JwksError::NoUsableKey);
         }
         Ok(Jwks(keys.into()))
     }
@@ -312,7 +326,7 @@ mod tests {
     #[test]
     fn a_jwks_without_a_usable_key_is_refused() {
         let oct = r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#;
-        assert!(Jwks::parse(oct).unwrap_err().contains("ES256"));
+        assert!(Jwks::parse(oct).unwrap_err().to_string().contains("ES256"));
         assert!(Jwks::parse("[").is_err());
     }
 }

@@ -140,7 +140,7 @@ fn judge(buf: &[u8]) -> Option<Result<(), Refused>> {
             }
             match check_fields(&req) {
                 Ok(()) => Some(Ok(())),
-                Err(msg) => refuse(StatusCode::BAD_REQUEST, msg),
+                Err(msg) => refuse(StatusCode::BAD_REQUEST, msg.into()),
             }
         }
     }
@@ -157,13 +157,13 @@ fn scan_request_id(buf: &[u8]) -> Option<String> {
 }
 
 /// What hyper would refuse in a complete head, refused here first.
-fn check_fields(req: &httparse::Request<'_, '_>) -> Result<(), String> {
+fn check_fields(req: &httparse::Request<'_, '_>) -> Result<(), &'static str> {
     let version = req.version.unwrap_or(1);
     if hyper::Method::from_bytes(req.method.unwrap_or("").as_bytes()).is_err() {
-        return Err("malformed request head: invalid method".into());
+        return Err("malformed request head: invalid method");
     }
     if req.path.unwrap_or("").parse::<hyper::Uri>().is_err() {
-        return Err("malformed request target".into());
+        return Err("malformed request target");
     }
     let mut length: Option<&[u8]> = None;
     let mut chunked = false;
@@ -171,27 +171,27 @@ fn check_fields(req: &httparse::Request<'_, '_>) -> Result<(), String> {
         if HeaderName::from_bytes(h.name.as_bytes()).is_err()
             || HeaderValue::from_bytes(h.value).is_err()
         {
-            return Err("malformed header field".into());
+            return Err("malformed header field");
         }
         if h.name.eq_ignore_ascii_case("content-length") {
             let value = h.value.trim_ascii();
             if value.is_empty() || !value.iter().all(u8::is_ascii_digit) || value.len() > 18 {
-                return Err("Content-Length is not a number".into());
+                return Err("Content-Length is not a number");
             }
             if length.is_some_and(|l| l != value) {
-                return Err("two different Content-Length values".into());
+                return Err("two different Content-Length values");
             }
             length = Some(value);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             if version == 0 || !last.trim_ascii().eq_ignore_ascii_case(b"chunked") || chunked {
-                return Err("unsupported Transfer-Encoding (only chunked, on HTTP/1.1)".into());
+                return Err("unsupported Transfer-Encoding (only chunked, on HTTP/1.1)");
             }
             chunked = true;
         }
     }
     if chunked && length.is_some() {
-        return Err("both Content-Length and Transfer-Encoding".into());
+        return Err("both Content-Length and Transfer-Encoding");
     }
     Ok(())
 }
