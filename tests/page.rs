@@ -234,6 +234,42 @@ fn a_jwt_issuer_is_only_checked_when_set_and_the_audience_is_configurable() {
 }
 
 #[test]
+fn rs256_and_es256_tokens_are_each_checked_with_a_key_of_their_own_type() {
+    let ws = Workspace::new(None, "");
+    ws.app.upsert(&Row::mapping("one", "gpt-4o"));
+    let keys = Keys::generate(ws.path());
+    let section = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\njwt_jwks_file = {:?}\n",
+        keys.both_jwks_file
+    );
+    let d = Daemon::start(&ws, None, &section);
+    d.wait_first_run();
+    let host = d.addr.to_string();
+    let call = |t: &str| page_post(d.addr, &host, COMPAT_PATH, t, b"");
+    let admin = jwt::admin("rsa-admin");
+    envelope(&call(&keys.rs256(&admin, jwt::RSA_KID)), 200);
+    envelope(&call(&keys.es256(&admin, Some(jwt::KID))), 200);
+    // A token naming the other type's key, or no key when there are two: refused.
+    unauthorized(
+        &call(&keys.rs256(&admin, jwt::KID)),
+        "RS256 naming the EC key",
+    );
+    unauthorized(
+        &call(&keys.es256(&admin, Some(jwt::RSA_KID))),
+        "ES256 naming the RSA key",
+    );
+    unauthorized(&call(&keys.es256(&admin, None)), "no kid among two keys");
+    // No HS256 secret is configured: an HS256 token is refused, whatever signed it.
+    unauthorized(&call(&keys.hs256(&admin)), "HS256 without a secret");
+    unauthorized(
+        &call(&jwt::hs256_with(keys.public_pem.as_bytes(), &admin)),
+        "HS256 signed with the public key",
+    );
+    let user = claims("rsa-user", json!({}));
+    assert_eq!(call(&keys.rs256(&user, jwt::RSA_KID)).status, 403);
+}
+
+#[test]
 fn the_pages_requests_through_nginx_get_the_envelopes_it_expects() {
     common::nginx::nginx_path(); // fails with the install command before anything starts
     let db = supabase_db();

@@ -16,6 +16,7 @@ use super::sys::which;
 pub const ISSUER: &str = "https://project-ref.supabase.co/auth/v1";
 pub const AUDIENCE: &str = "authenticated";
 pub const KID: &str = "test-es256-key";
+pub const RSA_KID: &str = "test-rs256-key";
 const NO_OPENSSL: &str = "openssl not found: install it with `apt-get install -y openssl`";
 
 /// Test keys, written under `dir`: `jwt-secret` (HS256) and `jwks.json` (the ES256 public
@@ -31,6 +32,10 @@ pub struct Keys {
     pub public_pem: String,
     pub public_der: Vec<u8>,
     pub jwk: Value,
+    /// A JWKS document with the ES256 key and an RS256 key, and the RS256 private key
+    /// (PKCS#1 DER).
+    pub both_jwks_file: PathBuf,
+    rs_private: Vec<u8>,
 }
 
 fn openssl(args: &[&str], dir: &Path) -> Vec<u8> {
@@ -93,6 +98,33 @@ impl Keys {
         });
         let jwks_file = dir.join("jwks.json");
         std::fs::write(&jwks_file, json!({ "keys": [jwk] }).to_string()).unwrap();
+        openssl(&["genrsa", "-out", "rs256.pem", "2048"], dir);
+        let rs_private = openssl(
+            &["rsa", "-in", "rs256.pem", "-traditional", "-outform", "DER"],
+            dir,
+        );
+        let modulus = String::from_utf8(openssl(
+            &["rsa", "-in", "rs256.pem", "-noout", "-modulus"],
+            dir,
+        ))
+        .expect("text");
+        let hex = modulus
+            .trim()
+            .strip_prefix("Modulus=")
+            .expect("Modulus=<hex>");
+        let n: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        // openssl genrsa uses the exponent 65537.
+        let rsa_jwk = json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": RSA_KID,
+                             "n": B64.encode(&n), "e": "AQAB"});
+        let both_jwks_file = dir.join("jwks-both.json");
+        std::fs::write(
+            &both_jwks_file,
+            json!({ "keys": [jwk, rsa_jwk] }).to_string(),
+        )
+        .unwrap();
         Keys {
             secret,
             secret_file,
@@ -101,6 +133,8 @@ impl Keys {
             public_pem,
             public_der,
             jwk,
+            both_jwks_file,
+            rs_private,
         }
     }
 
@@ -115,6 +149,20 @@ impl Keys {
         header.kid = kid.map(str::to_string);
         jsonwebtoken::encode(&header, claims, &EncodingKey::from_ec_der(&self.es_private))
             .expect("an ES256 token")
+    }
+}
+
+impl Keys {
+    /// RS256 with the test RSA key, naming `kid`.
+    pub fn rs256(&self, claims: &Value, kid: &str) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_string());
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &EncodingKey::from_rsa_der(&self.rs_private),
+        )
+        .expect("an RS256 token")
     }
 }
 
