@@ -203,7 +203,13 @@ impl App {
         )
         .into_bytes();
         out.extend_from_slice(&body);
-        let method = refused.method.chars().take(16).collect::<String>();
+        // A refused head's method may be anything: only its first visible characters.
+        let method: String = refused
+            .method
+            .chars()
+            .filter(char::is_ascii_graphic)
+            .take(16)
+            .collect();
         self.record(
             &method,
             "other",
@@ -239,10 +245,10 @@ impl App {
             .inc();
         tracing::info!(
             target: "mapsync::access",
-            method = %reply::quote(method),
+            method,
             route,
             status = status.as_u16(),
-            duration_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
+            duration_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0,
             request_id,
             peer = %peer,
             caller = caller.unwrap_or("-"),
