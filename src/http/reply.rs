@@ -147,19 +147,26 @@ impl HttpBody for ChannelBody {
 }
 
 /// An `io::Write` that sends what is written, in chunks, to a [`ChannelBody`]. For use on the
-/// blocking pool only (it blocks while the client is slower than the writer).
+/// blocking pool only: it blocks while the client is slower than the writer, and gives up
+/// when the client has taken nothing for [`STALL_MAX`] (a client that stops reading must not
+/// hold a blocking thread for ever).
 pub struct ChannelWriter {
     tx: mpsc::Sender<Bytes>,
     buf: Vec<u8>,
+    runtime: tokio::runtime::Handle,
 }
 
 const CHUNK: usize = 64 * 1024;
+/// The longest a download may wait for its client to take the next chunk.
+pub const STALL_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ChannelWriter {
+    /// Must be called within the runtime (the blocking pool is).
     pub fn new(tx: mpsc::Sender<Bytes>) -> Self {
         ChannelWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -168,9 +175,14 @@ impl ChannelWriter {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx.blocking_send(chunk).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
-        })
+        self.runtime
+            .block_on(self.tx.send_timeout(chunk, STALL_MAX))
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the client went away or stopped reading",
+                )
+            })
     }
 }
 
