@@ -125,6 +125,11 @@ fn trickled_bodies_hold_memory_in_proportion_and_livez_answers_throughout() {
             started.elapsed()
         );
         probes += 1;
+        if probes % 10 == 0 {
+            // A real request on the body route still gets through.
+            let r = http::post(d.addr, PUSH_PATH, None, br#"{"direction":"push"}"#);
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
         peak = peak.max(rss_kib(pid));
         assert!(
             peak <= idle + 32 * 1024,
@@ -145,8 +150,8 @@ fn trickled_bodies_hold_memory_in_proportion_and_livez_answers_throughout() {
     );
     assert!(probes >= 20);
     eprintln!("idle {idle} KiB, peak {peak} KiB, {sent} bytes trickled, {connects} connections");
-    // The daemon is fine, and never ran a sync for a half-sent body.
-    assert_eq!(manual_runs(&d), 0.0);
+    // The daemon is fine, and never ran a sync for a half-sent body: only the real ones ran.
+    assert_eq!(manual_runs(&d), (probes / 10) as f64);
     assert_eq!(http::get(d.addr, "/livez", None).status, 200);
 }
 

@@ -196,8 +196,9 @@ fn check_fields(req: &httparse::Request<'_, '_>) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The connections waiting for their request head, oldest first. Entering when full closes
-/// the oldest one (its task sees its receiver end).
+/// The connections waiting on their client — for their request head, or for the body the
+/// one body-taking route reads — oldest first. Entering when full closes the oldest one (its
+/// task sees its receiver end).
 #[derive(Default)]
 pub struct Pending {
     inner: Mutex<PendingInner>,

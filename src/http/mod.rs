@@ -11,7 +11,8 @@
 //! - at most [`MAX_CONNECTIONS`] connections are open; beyond that a new one is closed at
 //!   once;
 //! - bodies are read only by the route that takes one, within a deadline and a shared
-//!   budget ([`routes`]);
+//!   budget ([`routes`]); a connection waiting for its body counts among the waiting heads,
+//!   so slow bodies cannot pile up either;
 //! - handlers never do heavy work on the event loop: sorting, searching and serialising
 //!   100,000 mappings run on the blocking pool (or under `block_in_place`).
 //!
@@ -53,7 +54,7 @@ pub async fn serve(
 ) {
     let app = Arc::new(App::new(settings, engine));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let pending = Arc::new(conn::Pending::default());
+    let pending = app.pending().clone();
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())

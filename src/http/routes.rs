@@ -45,7 +45,7 @@ use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::auth::{Auth, Caller, Refusal};
-use super::conn::Refused;
+use super::conn::{Pending, Refused};
 use super::reply::{self, Body, ChannelBody, ChannelWriter, quote};
 use crate::config::HttpSettings;
 use crate::engine::{EngineHandle, RunErrorKind};
@@ -87,6 +87,9 @@ pub struct App {
     ready_max_lag: Duration,
     /// Bytes of request bodies held now, as permits of a semaphore of [`BODY_BUDGET`].
     body_budget: Arc<Semaphore>,
+    /// Connections waiting on their client (for a head, or for a body): the oldest is
+    /// pushed out when one more would exceed the limit.
+    pending: Arc<Pending>,
     /// For generated request ids: the start time and a counter.
     started_us: u64,
     next_id: AtomicU64,
@@ -138,6 +141,7 @@ impl App {
             allowed_hosts: settings.allowed_hosts.clone(),
             ready_max_lag: settings.ready_max_lag,
             body_budget: Arc::new(Semaphore::new(BODY_BUDGET)),
+            pending: Arc::new(Pending::default()),
             started_us: Utc::now().timestamp_micros().unsigned_abs(),
             next_id: AtomicU64::new(0),
             sorted: Mutex::new(None),
@@ -176,6 +180,11 @@ impl App {
             caller.as_deref(),
         );
         res
+    }
+
+    /// The connections waiting on their client, shared with the head reader.
+    pub fn pending(&self) -> &Arc<Pending> {
+        &self.pending
     }
 
     /// The whole answer (status line, headers, envelope) to a request head refused before
@@ -432,9 +441,11 @@ impl App {
     }
 
     /// Reads the request's body: 413 over [`BODY_LIMIT`], 408 when it takes longer than
-    /// [`BODY_TIMEOUT`], 503 when [`BODY_BUDGET`] is spent. Each frame is copied and dropped
-    /// at once, so the memory held follows the bytes received (a frame kept whole would pin
-    /// hyper's whole read buffer). The permit holds the bytes' share of the budget.
+    /// [`BODY_TIMEOUT`], 503 when [`BODY_BUDGET`] is spent or when newer connections push
+    /// this one out of the waiting list (a body counts as waiting on the client, like a
+    /// head). Each frame is copied and dropped at once, so the memory held follows the bytes
+    /// received (a frame kept whole would pin hyper's whole read buffer). The permit holds
+    /// the bytes' share of the budget.
     async fn read_body(
         &self,
         req: Request<Incoming>,
@@ -488,7 +499,17 @@ impl App {
                 }
                 Ok(())
             };
-        match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        let (_place, pushed_out) = self.pending.enter();
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(BODY_TIMEOUT, read) => r,
+            _ = pushed_out => {
+                return Err(reply::envelope_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many slow requests: this body was arriving too slowly",
+                ));
+            }
+        };
+        match outcome {
             Ok(Ok(())) => Ok((buf, held)),
             Ok(Err(res)) => Err(res),
             Err(_) => Err(reply::envelope_error(
