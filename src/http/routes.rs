@@ -869,14 +869,16 @@ fn refused(refusal: Refusal) -> (Response<Body>, String) {
 
 /// For a refused run (`refused:…`): what happened and how an operator forces it.
 fn refusal_msg(report: &SyncReport) -> Option<String> {
-    let status = report.status.as_str();
-    let kind = status.strip_prefix("refused:")?;
-    let detail = report
-        .detail
-        .clone()
-        .unwrap_or_else(|| format!("the run was refused ({kind}); nothing was changed"));
+    let kind = report.status.as_str().strip_prefix("refused:")?;
+    let detail = report.detail.as_deref().unwrap_or("");
+    let how = if detail.contains("--force") {
+        ""
+    } else {
+        ". An operator forces it with `mapsync sync --delete-missing --force` or POST /sync?delete_missing=true&force=true"
+    };
+    let sep = if detail.is_empty() { "" } else { ": " };
     Some(format!(
-        "sync refused, nothing was changed: {detail}. To force it, an operator runs `mapsync sync --delete-missing --force` or POST /sync?delete_missing=true&force=true"
+        "sync refused ({kind}), nothing was changed{sep}{detail}{how}"
     ))
 }
 
@@ -1114,6 +1116,21 @@ mod tests {
         assert!(!same_origin("http://127.0.0.1:9188", "127.0.0.1:9187"));
         assert_eq!(split_port("[::1]:80"), ("[::1]", Some(80)));
         assert_eq!(split_port("[::1]"), ("[::1]", None));
+    }
+
+    #[test]
+    fn a_refusal_says_what_happened_and_how_to_force_it() {
+        let mut report = SyncReport::skipped(crate::sync::Trigger::Manual);
+        assert_eq!(refusal_msg(&report), None);
+        report.status = crate::sync::SyncStatus::RefusedMassDelete;
+        let msg = refusal_msg(&report).unwrap();
+        assert!(msg.contains("mass_delete") && msg.contains("--force"), "{msg}");
+        report.detail = Some("would delete 9 of 10 remote rows: pass --force".into());
+        let msg = refusal_msg(&report).unwrap();
+        assert_eq!(
+            msg,
+            "sync refused (mass_delete), nothing was changed: would delete 9 of 10 remote rows: pass --force"
+        );
     }
 
     #[test]
