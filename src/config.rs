@@ -1128,14 +1128,23 @@ mod tests {
 
     #[test]
     fn secrets_never_show_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let jwt = dir.path().join("jwt-secret");
+        std::fs::write(&jwt, "jwt-secret-value\n").unwrap();
         let s = load(
-            "[target]\nurl = \"postgres://u:hunter2@h/db\"\n[http]\nadmin_token = \"tok-secret\"\n",
+            &format!(
+                "[target]\nurl = \"postgres://u:hunter2@h/db\"\n[http]\nadmin_token = \"tok-secret\"\njwt_secret_file = \"{}\"\n",
+                jwt.display()
+            ),
             &[],
         )
         .unwrap();
+        assert!(s.http.jwt.secret.is_some());
         let debug = format!("{s:?}");
         assert!(
-            !debug.contains("hunter2") && !debug.contains("tok-secret"),
+            !debug.contains("hunter2")
+                && !debug.contains("tok-secret")
+                && !debug.contains("jwt-secret-value"),
             "{debug}"
         );
     }

@@ -1124,7 +1124,10 @@ mod tests {
         assert_eq!(refusal_msg(&report), None);
         report.status = crate::sync::SyncStatus::RefusedMassDelete;
         let msg = refusal_msg(&report).unwrap();
-        assert!(msg.contains("mass_delete") && msg.contains("--force"), "{msg}");
+        assert!(
+            msg.contains("mass_delete") && msg.contains("--force"),
+            "{msg}"
+        );
         report.detail = Some("would delete 9 of 10 remote rows: pass --force".into());
         let msg = refusal_msg(&report).unwrap();
         assert_eq!(
