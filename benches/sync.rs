@@ -8,8 +8,8 @@
 //!
 //! Environment: `MAPSYNC_BENCH_ROWS` (default 100000) source rows, `MAPSYNC_BENCH_REPS`
 //! (default 5) repetitions of each measurement (the daemon section makes 40 single-row changes
-//! and idles 12 s per repetition), `MAPSYNC_BENCH_SECTIONS` (default `sync,daemon,http`) the
-//! sections to run.
+//! and idles 12 s per repetition), `MAPSYNC_BENCH_SECTIONS` (default `sync,daemon,http,flood`)
+//! the sections to run.
 //!
 //! Peak RSS comes from `wait4`. Linux starts a child's `ru_maxrss` at its parent's resident
 //! high-water mark (exec records the peak of the address space it replaces), so this process
@@ -86,6 +86,9 @@ fn main() {
     }
     if sections.contains(&"http") {
         checks.extend(http_port(&bench));
+    }
+    if sections.contains(&"flood") {
+        checks.extend(http_flood(&bench));
     }
 
     print_verdict(&checks);
@@ -967,13 +970,7 @@ fn http_port(b: &Bench) -> Vec<Check> {
             took
         })
         .collect();
-    let mut d = d;
-    let (status, _) = d.stop(Duration::from_secs(10));
-    assert!(
-        status.success(),
-        "mapsync run exited with {status}:\n{}",
-        d.log()
-    );
+    stop_daemon(d);
 
     println!(
         "`/livez` under wrk (`-t1 -c{WRK_CONNECTIONS} --latency`, a Lua `delay()` of {PACE_MS} ms per connection):\n"
@@ -1062,6 +1059,143 @@ fn http_port(b: &Bench) -> Vec<Check> {
             met: scrape.p99 < HTTP_P99_MS,
         },
     ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Section: the HTTP admin port under hostile clients (issue 9)
+// ---------------------------------------------------------------------------------------------
+
+/// `/livez` p99 under [`SLOW_CLIENTS`] slow clients.
+const FLOOD_P99_MS: f64 = 100.0;
+/// Slow clients sending a never-ending head, one byte each every [`SLOW_EVERY`],
+/// reconnecting when cut off.
+const SLOW_CLIENTS: usize = 500;
+const SLOW_EVERY: Duration = Duration::from_millis(50);
+/// `/livez` probes while they run, one every [`PROBE_EVERY`], each on a new connection.
+const PROBES: usize = 400;
+const PROBE_EVERY: Duration = Duration::from_millis(25);
+/// Connections trickling declared 60000-byte bodies, one byte each every [`TRICKLE_EVERY`],
+/// for [`TRICKLE_FOR`] (longer than the 10 s body deadline).
+const TRICKLERS: usize = 200;
+const TRICKLE_EVERY: Duration = Duration::from_millis(10);
+const TRICKLE_FOR: Duration = Duration::from_secs(15);
+/// Resident memory the trickle may add, in MiB.
+const TRICKLE_MAX_MIB: f64 = 32.0;
+
+/// The admin port with every mapping held, under clients from loopback: 500 slow clients
+/// reconnecting and sending heads byte by byte (`/livez` latency meanwhile), then 200
+/// connections trickling bodies (the daemon's RSS meanwhile).
+fn http_flood(b: &Bench) -> Vec<Check> {
+    println!(
+        "## HTTP admin port under hostile clients ({} rows held)\n",
+        b.rows
+    );
+    let d = b.start_daemon("mirror");
+    let pid = d.child.id();
+    let quiet: Vec<f64> = (0..PROBES / 4).map(|_| probe_ms(&d)).collect();
+
+    eprintln!("flood: {SLOW_CLIENTS} slow clients, {PROBES} /livez probes…");
+    let limit = Duration::from_secs(60);
+    let floods: Vec<_> = (0..4)
+        .map(|_| common::flood::slow_heads(d.addr, SLOW_CLIENTS / 4, SLOW_EVERY, limit))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let slow: Vec<f64> = (0..PROBES)
+        .map(|_| {
+            std::thread::sleep(PROBE_EVERY);
+            probe_ms(&d)
+        })
+        .collect();
+    let connects = common::flood::stop_all(floods).connects;
+
+    eprintln!("flood: {TRICKLERS} trickled bodies for {TRICKLE_FOR:?}…");
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = common::flood::rss_kib(pid);
+    let half = TRICKLERS / 2;
+    let trickles = [
+        common::flood::trickle(
+            d.addr,
+            half,
+            "POST",
+            "/api/v1/llm/model-groups/sync",
+            TRICKLE_EVERY,
+            TRICKLE_FOR,
+        ),
+        common::flood::trickle(d.addr, half, "GET", "/livez", TRICKLE_EVERY, TRICKLE_FOR),
+    ];
+    let started = Instant::now();
+    let mut peak = idle;
+    let mut during = Vec::new();
+    while started.elapsed() < TRICKLE_FOR {
+        peak = peak.max(common::flood::rss_kib(pid));
+        during.push(probe_ms(&d));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let trickled = common::flood::stop_all(trickles).bytes;
+    stop_daemon(d);
+
+    let (quiet, slow, during) = (
+        Percentiles::of(&quiet),
+        Percentiles::of(&slow),
+        Percentiles::of(&during),
+    );
+    println!("`/livez`, each probe on a new connection (connect, `GET`, read to the close):\n");
+    println!("| when | probes | min | p50 | p90 | p99 | max |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| no other client | {} | {quiet} |", PROBES / 4);
+    println!(
+        "| {SLOW_CLIENTS} slow clients (one head byte each per {} ms, reconnecting; {connects} connections in all) | {PROBES} | {slow} |",
+        SLOW_EVERY.as_millis()
+    );
+    println!(
+        "| {TRICKLERS} trickled bodies | {} | {during} |\n",
+        (TRICKLE_FOR.as_millis() / 100)
+    );
+    let grew = (peak as f64 - idle as f64) / 1024.0;
+    println!(
+        "RSS under {TRICKLERS} connections declaring 60000-byte bodies and sending one byte each \
+         per {} ms for {} s ({trickled} bytes in all; half to the sync route, which reads \
+         bodies, half to `/livez`): {:.1} MiB before, {:.1} MiB at the peak (+{grew:.1} MiB).\n",
+        TRICKLE_EVERY.as_millis(),
+        TRICKLE_FOR.as_secs(),
+        idle as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    vec![
+        Check {
+            target: format!(
+                "HTTP: `/livez` p99 < {FLOOD_P99_MS:.0} ms under {SLOW_CLIENTS} slow clients"
+            ),
+            measured: format!("{} (max {})", fmt_ms(slow.p99), fmt_ms(slow.max)),
+            met: slow.p99 < FLOOD_P99_MS,
+        },
+        Check {
+            target: format!(
+                "HTTP: RSS + ≤ {TRICKLE_MAX_MIB:.0} MiB under {TRICKLERS} trickled bodies"
+            ),
+            measured: format!("+{grew:.1} MiB"),
+            met: grew <= TRICKLE_MAX_MIB,
+        },
+    ]
+}
+
+/// Stops a daemon with SIGTERM; it must exit 0.
+fn stop_daemon(mut d: Daemon) {
+    let (status, _) = d.stop(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "mapsync run exited with {status}:\n{}",
+        d.log()
+    );
+}
+
+/// One `/livez` probe's time in ms; a probe that gets no 200 within 10 s stops the
+/// benchmark.
+fn probe_ms(d: &Daemon) -> f64 {
+    match common::flood::probe(d.addr, Duration::from_secs(10)) {
+        Some((200, took)) => ms(took),
+        other => panic!("/livez did not answer: {other:?}\n{}", d.log()),
+    }
 }
 
 /// `POST /sync` into an emptied mirror; checks that it wrote every row and returns its
@@ -1511,7 +1645,7 @@ fn read(path: &str) -> String {
 /// The sections named in `MAPSYNC_BENCH_SECTIONS` (a comma list), in run order; all of them
 /// when unset.
 fn sections_from_env() -> Vec<&'static str> {
-    const ALL: [&str; 3] = ["sync", "daemon", "http"];
+    const ALL: [&str; 4] = ["sync", "daemon", "http", "flood"];
     let Ok(list) = std::env::var("MAPSYNC_BENCH_SECTIONS") else {
         return ALL.to_vec();
     };

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Offline checks of the systemd unit, the deploy scripts and the Prometheus files.
+# Offline checks of the systemd unit, the deploy scripts, the Prometheus files and the
+# nginx site.
 # Prints one "ok: ..." line per check ("FAIL: ..." / "skip: ..." otherwise) and
 # exits 1 if any check failed. Needs no mapsync binary and no running systemd
-# (systemd and prometheus packages installed; run as root, e.g. from .ci/run).
+# (systemd, prometheus and nginx packages installed; run as root, e.g. from .ci/run).
 # Everything it creates lives in one temp directory, removed on exit; nothing
 # is written to /usr/local/bin, /etc or the repository.
 set -euo pipefail
@@ -258,6 +259,25 @@ if diff <(job_of "$PROM/scrape.yml") <(job_of "$PROM/prometheus.example.yml") >"
     ok "prometheus.example.yml carries the scrape.yml job unchanged"
 else
     fail "prometheus.example.yml and scrape.yml disagree on the mapsync job"; show "$LOG"
+fi
+
+# -------------------------------------------------------------------- nginx ---
+NGINX=$(command -v nginx || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true)
+if [[ -z $NGINX ]]; then
+    fail "nginx not found (apt-get install nginx)"
+else
+    mkdir -p "$TMP/nginx"
+    cat >"$TMP/nginx/nginx.conf" <<CONF
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log;
+events { worker_connections 16; }
+http { include $SCRIPT_DIR/nginx/mapsync.conf; }
+CONF
+    if "$NGINX" -t -q -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$LOG" 2>&1; then
+        ok "nginx -t accepts deploy/nginx/mapsync.conf"
+    else
+        fail "nginx -t deploy/nginx/mapsync.conf"; show "$LOG"
+    fi
 fi
 
 # ------------------------------------------------------------------ cleanup ---

@@ -6,16 +6,22 @@
 //! naming the key, which `main` turns into exit code 78 (EX_CONFIG), the code the systemd unit
 //! refuses to restart on.
 //!
-//! Secrets (`target.url`, `http.admin_token`) are kept in [`Secret`], whose `Debug` prints
-//! nothing, so they cannot leak through a log line by accident.
+//! Values are literal (SPEC §6): every key has one type in [`SCHEMA`]; a file value of another
+//! TOML type is an error, and an environment value is read as that type only — a string as the
+//! exact text (`000123` stays `000123`), a boolean as `true` or `false`, an integer as digits.
+//! Nothing is guessed from what a value looks like. [`Settings::origins`] records, for every
+//! key, whether its value came from the defaults, the file or the environment.
+//!
+//! Secrets (`target.url`, `http.admin_token`, the JWT secret) are kept in [`Secret`], whose
+//! `Debug` prints nothing, so they cannot leak through a log line by accident.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Where `--config` points when it is not given. A missing file at this default path is not an
 /// error (the defaults and the environment apply); a missing file that was asked for is.
@@ -64,6 +70,8 @@ pub struct Settings {
     pub snapshot: SnapshotSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    /// Where each key's value came from.
+    pub origins: Origins,
 }
 
 #[derive(Debug, Clone)]
@@ -131,8 +139,31 @@ pub struct SnapshotSettings {
 pub struct HttpSettings {
     pub listen: SocketAddr,
     pub admin_token: Option<Secret>,
+    pub jwt: JwtSettings,
+    /// Origins allowed to call the port from a browser (CORS), without a trailing `/`.
     pub cors_origins: Vec<String>,
+    /// `Host` values accepted besides the listen address and `localhost[:port]`, lower-cased.
+    pub allowed_hosts: Vec<String>,
     pub ready_max_lag: Duration,
+}
+
+impl HttpSettings {
+    /// True when some credential guards the token routes (else they are open to same-origin
+    /// requests only).
+    pub fn has_credential(&self) -> bool {
+        self.admin_token.is_some() || self.jwt.secret.is_some() || self.jwt.jwks.is_some()
+    }
+}
+
+/// How the application's login tokens are checked (SPEC §4).
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    /// The HS256 secret (`http.jwt_secret_file`).
+    pub secret: Option<Secret>,
+    /// The ES256/RS256 keys of `http.jwt_jwks_file`.
+    pub jwks: Option<crate::http::Jwks>,
+    pub audience: String,
+    pub issuer: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -337,7 +368,12 @@ struct RawHttp {
     listen: String,
     admin_token: Option<String>,
     admin_token_file: Option<PathBuf>,
+    jwt_secret_file: Option<PathBuf>,
+    jwt_jwks_file: Option<PathBuf>,
+    jwt_audience: String,
+    jwt_issuer: Option<String>,
     cors_origins: Vec<String>,
+    allowed_hosts: Vec<String>,
     ready_max_lag_s: u64,
 }
 
@@ -347,7 +383,12 @@ impl Default for RawHttp {
             listen: "127.0.0.1:9187".into(),
             admin_token: None,
             admin_token_file: None,
+            jwt_secret_file: None,
+            jwt_jwks_file: None,
+            jwt_audience: "authenticated".into(),
+            jwt_issuer: None,
             cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             ready_max_lag_s: 60,
         }
     }
@@ -369,8 +410,103 @@ impl Default for RawLog {
     }
 }
 
-/// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: &[&str] = &["http.cors_origins", "snapshot.redact_keys"];
+/// The type of a key's value; the only type it is read as, from the file or the environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Any text, taken literally.
+    Str,
+    /// `true` or `false`.
+    Bool,
+    /// A non-negative integer (digits only in the environment).
+    UInt,
+    /// A number (an integer is accepted).
+    Float,
+    /// A list of strings; comma-separated in the environment.
+    List,
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
+}
+
+/// Every key mapsync knows, `section.key`, with its type. The raw structs below must have
+/// exactly these fields (a unit test checks every key loads).
+const SCHEMA: &[(&str, Kind)] = &[
+    ("source.sqlite_path", Kind::Str),
+    ("source.include_prompt_mappings", Kind::Bool),
+    ("source.busy_timeout_ms", Kind::UInt),
+    ("watch.debounce_ms", Kind::UInt),
+    ("watch.max_delay_ms", Kind::UInt),
+    ("target.url", Kind::Str),
+    ("target.url_file", Kind::Str),
+    ("target.table", Kind::Str),
+    ("target.ssl_root_cert", Kind::Str),
+    ("target.pool_size", Kind::UInt),
+    ("target.connect_timeout_ms", Kind::UInt),
+    ("target.statement_timeout_ms", Kind::UInt),
+    ("target.delete_missing", Kind::Bool),
+    ("target.max_delete_fraction", Kind::Float),
+    ("target.max_delete_floor", Kind::UInt),
+    ("target.retry_max", Kind::UInt),
+    ("target.instance_grace_s", Kind::UInt),
+    ("schedule.reconcile", Kind::Str),
+    ("schedule.snapshot", Kind::Str),
+    ("snapshot.dir", Kind::Str),
+    ("snapshot.keep", Kind::UInt),
+    ("snapshot.redact_keys", Kind::List),
+    ("snapshot.min_interval_s", Kind::UInt),
+    ("snapshot.redact", Kind::Bool),
+    ("http.listen", Kind::Str),
+    ("http.admin_token", Kind::Str),
+    ("http.admin_token_file", Kind::Str),
+    ("http.jwt_secret_file", Kind::Str),
+    ("http.jwt_jwks_file", Kind::Str),
+    ("http.jwt_audience", Kind::Str),
+    ("http.jwt_issuer", Kind::Str),
+    ("http.cors_origins", Kind::List),
+    ("http.allowed_hosts", Kind::List),
+    ("http.ready_max_lag_s", Kind::UInt),
+    ("instance.name", Kind::Str),
+    ("log.level", Kind::Str),
+    ("log.format", Kind::OneOf(&["text", "json"])),
+];
+
+fn kind_of(key: &str) -> Option<Kind> {
+    SCHEMA
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, kind)| *kind)
+}
+
+/// Where a key's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Default,
+    File,
+    Environment,
+}
+
+/// The origin of every key that was set; the others are [`Origin::Default`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origins(BTreeMap<&'static str, Origin>);
+
+impl Origins {
+    /// Where `key` (`section.key`) came from.
+    pub fn of(&self, key: &str) -> Origin {
+        self.0.get(key).copied().unwrap_or(Origin::Default)
+    }
+
+    /// Every key mapsync knows, in the order `config/mapsync.toml` documents them, with its
+    /// origin.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, Origin)> + '_ {
+        SCHEMA.iter().map(|(k, _)| (*k, self.of(k)))
+    }
+
+    fn set(&mut self, key: &str, origin: Origin) {
+        if let Some((k, _)) = SCHEMA.iter().find(|(k, _)| *k == key) {
+            self.0.insert(k, origin);
+        }
+    }
+}
 
 impl Settings {
     /// Loads the settings from `path` (or [`DEFAULT_CONFIG_PATH`] when `None`) and the process
@@ -384,58 +520,211 @@ impl Settings {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let mut builder = config::Config::builder();
         let (file, required) = match path {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
         };
+        let mut layers = Layers::default();
         if required || file.exists() {
             let text = std::fs::read_to_string(&file).map_err(|e| {
                 ConfigError::new(format!("cannot read config file {}: {e}", file.display()))
             })?;
-            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+            layers.add_file(&file, &text)?;
         }
-        let mut environment = config::Environment::with_prefix("MAPSYNC")
-            .prefix_separator("_")
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .source(Some(section_vars(env)));
-        for key in LIST_KEYS {
-            environment = environment.with_list_parse_key(key);
-        }
-        let raw: RawSettings = builder
-            .add_source(environment)
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::new(describe(&e, &file)))?;
-        raw.validate()
+        layers.add_env(env)?;
+        let Layers { table, origins } = layers;
+        let raw: RawSettings = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::new(one_line(e.message())))?;
+        raw.validate(origins)
     }
 }
 
-/// Only `MAPSYNC_<SECTION>__<KEY>` variables are configuration; others that share the prefix
-/// (`MAPSYNC_CONFIG`, `MAPSYNC_TEST_DATABASE_URL`) are not and must not trip the unknown-key
-/// check.
-fn section_vars(env: impl IntoIterator<Item = (String, String)>) -> config::Map<String, String> {
-    env.into_iter()
-        .filter(|(k, _)| {
-            k.strip_prefix(ENV_PREFIX)
-                .is_some_and(|rest| rest.contains("__"))
-        })
-        .collect::<HashMap<_, _>>()
-        .into_iter()
-        .collect()
+/// The file's and the environment's values, merged in order and checked against [`SCHEMA`].
+#[derive(Default)]
+struct Layers {
+    table: toml::Table,
+    origins: Origins,
 }
 
-/// One line from the config crate's error, naming the file when the problem is in it.
-fn describe(e: &config::ConfigError, file: &Path) -> String {
-    let msg = e.to_string().replace('\n', " ");
-    match e {
-        config::ConfigError::FileParse { .. } | config::ConfigError::Foreign(_) => {
-            format!("{}: {msg}", file.display())
+impl Layers {
+    fn add_file(&mut self, file: &Path, text: &str) -> Result<(), ConfigError> {
+        let fail = |msg: String| ConfigError::new(format!("{}: {msg}", file.display()));
+        let parsed: toml::Table = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            fail(match line {
+                Some(n) => format!("line {n}: {}", one_line(e.message())),
+                None => one_line(e.message()),
+            })
+        })?;
+        for (section, keys) in parsed {
+            let toml::Value::Table(keys) = keys else {
+                return Err(fail(format!(
+                    "`{section}` is not a section: settings go under [source], [watch], [target], [schedule], [snapshot], [http] or [log]"
+                )));
+            };
+            if !SCHEMA
+                .iter()
+                .any(|(k, _)| k.split('.').next() == Some(&section))
+            {
+                return Err(fail(unknown(&format!("{section}."))));
+            }
+            for (key, value) in keys {
+                let full = format!("{section}.{key}");
+                let Some(kind) = kind_of(&full) else {
+                    return Err(fail(unknown(&full)));
+                };
+                check(kind, &value).map_err(|why| fail(format!("{full}: {why}")))?;
+                self.put(&section, key, value, Origin::File);
+            }
         }
-        _ => msg,
+        Ok(())
     }
+
+    /// `MAPSYNC_<SECTION>__<KEY>` variables. Others that share the prefix (`MAPSYNC_CONFIG`,
+    /// `MAPSYNC_TEST_DATABASE_URL`) are not configuration and are ignored.
+    fn add_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        let vars: BTreeMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| {
+                k.strip_prefix(ENV_PREFIX)
+                    .is_some_and(|rest| rest.contains("__"))
+            })
+            .collect();
+        for (name, text) in vars {
+            let rest = &name[ENV_PREFIX.len()..];
+            let (section, key) = rest.split_once("__").unwrap_or((rest, ""));
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            let full = format!("{section}.{key}");
+            let Some(kind) = kind_of(&full) else {
+                return Err(ConfigError::new(format!("{name}: {}", unknown(&full))));
+            };
+            let value = from_env(kind, &text)
+                .map_err(|why| ConfigError::new(format!("{name} ({full}): {why}")))?;
+            self.put(&section, key, value, Origin::Environment);
+        }
+        Ok(())
+    }
+
+    fn put(&mut self, section: &str, key: String, value: toml::Value, origin: Origin) {
+        self.origins.set(&format!("{section}.{key}"), origin);
+        let entry = self
+            .table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(t) = entry {
+            t.insert(key, value);
+        }
+    }
+}
+
+fn unknown(key: &str) -> String {
+    let section = key.split('.').next().unwrap_or(key);
+    if SCHEMA
+        .iter()
+        .any(|(k, _)| k.split('.').next() == Some(section))
+    {
+        format!("unknown key {key} (config/mapsync.toml lists every key)")
+    } else {
+        format!(
+            "unknown section [{section}] (sections: source, watch, target, schedule, snapshot, http, instance, log)"
+        )
+    }
+}
+
+/// A value of another type than its key's.
+#[derive(Debug, thiserror::Error)]
+#[error("expected {}, found {found}", expected(*.kind))]
+struct Mismatch {
+    kind: Kind,
+    found: String,
+}
+
+/// What a key of `kind` takes, for messages.
+fn expected(kind: Kind) -> String {
+    match kind {
+        Kind::Str => "a string".into(),
+        Kind::Bool => "true or false".into(),
+        Kind::UInt => "a non-negative integer (digits)".into(),
+        Kind::Float => "a number".into(),
+        Kind::List => "a list of strings".into(),
+        Kind::OneOf(allowed) => format!("one of {}", allowed.join(", ")),
+    }
+}
+
+/// Whether a value from the file has the key's type. Never echoes a string that may be a
+/// secret (only the allowed words of a [`Kind::OneOf`]).
+fn check(kind: Kind, value: &toml::Value) -> Result<(), Mismatch> {
+    use toml::Value as V;
+    match (kind, value) {
+        (Kind::Str, V::String(_)) | (Kind::Bool, V::Boolean(_)) => Ok(()),
+        (Kind::UInt, V::Integer(i)) if *i >= 0 => Ok(()),
+        (Kind::Float, V::Float(f)) if f.is_finite() => Ok(()),
+        (Kind::Float, V::Integer(_)) => Ok(()),
+        (Kind::List, V::Array(items)) if items.iter().all(|i| i.is_str()) => Ok(()),
+        (Kind::OneOf(allowed), V::String(s)) if allowed.contains(&s.as_str()) => Ok(()),
+        (Kind::UInt, V::Integer(i)) => Err(Mismatch {
+            kind,
+            found: i.to_string(),
+        }),
+        (Kind::OneOf(_), V::String(s)) => Err(Mismatch {
+            kind,
+            found: format!("\"{}\"", s.escape_default()),
+        }),
+        _ => Err(Mismatch {
+            kind,
+            found: format!("a {}", value.type_str()),
+        }),
+    }
+}
+
+/// An environment value read as the key's type, and nothing else.
+fn from_env(kind: Kind, text: &str) -> Result<toml::Value, Mismatch> {
+    use toml::Value as V;
+    let value = match kind {
+        Kind::Str => Some(V::String(text.to_string())),
+        Kind::Bool => match text {
+            "true" => Some(V::Boolean(true)),
+            "false" => Some(V::Boolean(false)),
+            _ => None,
+        },
+        Kind::UInt => text
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| text.parse::<i64>().ok())
+            .flatten()
+            .map(V::Integer),
+        Kind::Float => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite())
+            .map(V::Float),
+        Kind::List => Some(V::Array(
+            text.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| V::String(s.to_string()))
+                .collect(),
+        )),
+        Kind::OneOf(allowed) => allowed.contains(&text).then(|| V::String(text.to_string())),
+    };
+    value.ok_or_else(|| {
+        let cut: String = text.chars().take(40).collect();
+        Mismatch {
+            kind,
+            found: format!("\"{}\"", cut.escape_default()),
+        }
+    })
+}
+
+fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// A secret from a file, trimmed. An empty (or whitespace-only) file means "not set": systemd
@@ -477,7 +766,7 @@ fn non_empty_path(p: Option<PathBuf>) -> Option<PathBuf> {
 }
 
 impl RawSettings {
-    fn validate(self) -> Result<Settings, ConfigError> {
+    fn validate(self, origins: Origins) -> Result<Settings, ConfigError> {
         let err = |key: &str, msg: &str| Err(ConfigError::new(format!("{key}: {msg}")));
 
         // source
@@ -566,11 +855,41 @@ impl RawSettings {
             "http.admin_token_file",
             h.admin_token_file,
         )?;
-        if !listen.ip().is_loopback() && admin_token.is_none() {
+        let jwks = match non_empty_path(h.jwt_jwks_file) {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError::new(format!(
+                        "http.jwt_jwks_file: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                Some(crate::http::Jwks::parse(&text).map_err(|e| {
+                    ConfigError::new(format!("http.jwt_jwks_file: {}: {e}", path.display()))
+                })?)
+            }
+            None => None,
+        };
+        let jwt = JwtSettings {
+            secret: match non_empty_path(h.jwt_secret_file) {
+                Some(path) => read_secret_file("http.jwt_secret_file", &path)?,
+                None => None,
+            },
+            jwks,
+            audience: h.jwt_audience.trim().to_string(),
+            issuer: non_empty(h.jwt_issuer).map(|i| i.trim().to_string()),
+        };
+        if jwt.audience.is_empty() {
+            return err(
+                "http.jwt_audience",
+                "must not be empty (the application's login tokens say \"authenticated\")",
+            );
+        }
+        let credential = admin_token.is_some() || jwt.secret.is_some() || jwt.jwks.is_some();
+        if !listen.ip().is_loopback() && !credential {
             return err(
                 "http.admin_token",
                 &format!(
-                    "must be set (or http.admin_token_file) when http.listen ({listen}) is not a loopback address"
+                    "must be set (or http.admin_token_file, http.jwt_secret_file or http.jwt_jwks_file) when http.listen ({listen}) is not a loopback address"
                 ),
             );
         }
@@ -587,6 +906,30 @@ impl RawSettings {
             return err(
                 "http.cors_origins",
                 &format!("`{bad}` is not an origin like https://admin.example.com"),
+            );
+        }
+        if !credential && cors_origins.iter().any(|o| o == "*") {
+            return err(
+                "http.cors_origins",
+                "`*` lets every web page call the sync routes: list the origins, or set http.admin_token or a JWT key",
+            );
+        }
+        let allowed_hosts: Vec<String> = h
+            .allowed_hosts
+            .iter()
+            .map(|a| a.trim().to_ascii_lowercase())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if let Some(bad) = allowed_hosts.iter().find(|a| {
+            a.contains("://")
+                || a.contains(['/', '@', '?', '#'])
+                || a.chars().any(char::is_whitespace)
+        }) {
+            return err(
+                "http.allowed_hosts",
+                &format!(
+                    "`{bad}` is not a Host value like app.example.com or app.example.com:8443"
+                ),
             );
         }
 
@@ -640,13 +983,16 @@ impl RawSettings {
             http: HttpSettings {
                 listen,
                 admin_token,
+                jwt,
                 cors_origins,
+                allowed_hosts,
                 ready_max_lag: Duration::from_secs(h.ready_max_lag_s),
             },
             log: LogSettings {
                 level: self.log.level,
                 format: self.log.format,
             },
+            origins,
         })
     }
 }
@@ -678,7 +1024,7 @@ impl Default for Settings {
     /// The built-in defaults, as documented in `config/mapsync.toml`.
     fn default() -> Self {
         RawSettings::default()
-            .validate()
+            .validate(Origins::default())
             .expect("the built-in defaults are valid")
     }
 }
@@ -701,6 +1047,15 @@ mod tests {
     fn the_shipped_config_file_documents_exactly_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
         let shipped = Settings::load_with_env(Some(&path), []).unwrap();
+        assert!(
+            shipped.origins.iter().any(|(_, o)| o == Origin::File),
+            "{:?}",
+            shipped.origins
+        );
+        let shipped = Settings {
+            origins: Origins::default(),
+            ..shipped
+        };
         assert_eq!(format!("{shipped:?}"), format!("{:?}", Settings::default()));
     }
 
@@ -830,15 +1185,223 @@ mod tests {
 
     #[test]
     fn secrets_never_show_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let jwt = dir.path().join("jwt-secret");
+        std::fs::write(&jwt, "jwt-secret-value\n").unwrap();
         let s = load(
-            "[target]\nurl = \"postgres://u:hunter2@h/db\"\n[http]\nadmin_token = \"tok-secret\"\n",
+            &format!(
+                "[target]\nurl = \"postgres://u:hunter2@h/db\"\n[http]\nadmin_token = \"tok-secret\"\njwt_secret_file = \"{}\"\n",
+                jwt.display()
+            ),
             &[],
         )
         .unwrap();
+        assert!(s.http.jwt.secret.is_some());
         let debug = format!("{s:?}");
         assert!(
-            !debug.contains("hunter2") && !debug.contains("tok-secret"),
+            !debug.contains("hunter2")
+                && !debug.contains("tok-secret")
+                && !debug.contains("jwt-secret-value"),
             "{debug}"
         );
+    }
+
+    /// The environment variable that sets `key`.
+    fn env_name(key: &str) -> String {
+        let (section, name) = key.split_once('.').unwrap();
+        format!(
+            "MAPSYNC_{}__{}",
+            section.to_uppercase(),
+            name.to_uppercase()
+        )
+    }
+
+    const TRICKY: [&str; 7] = [
+        "000123",
+        "1e3",
+        "TRUE",
+        "false",
+        "12345678901234567890123",
+        "0x1F",
+        "null",
+    ];
+
+    #[test]
+    fn every_string_key_is_taken_literally_from_the_environment() {
+        let strings: Vec<&str> = SCHEMA
+            .iter()
+            .filter(|(_, kind)| *kind == Kind::Str)
+            .map(|(k, _)| *k)
+            .collect();
+        assert!(strings.len() >= 16, "{strings:?}");
+        for key in &strings {
+            for value in TRICKY {
+                let mut layers = Layers::default();
+                layers
+                    .add_env([(env_name(key), value.to_string())])
+                    .unwrap_or_else(|e| panic!("{key}={value}: {e}"));
+                let (section, name) = key.split_once('.').unwrap();
+                assert_eq!(
+                    layers.table[section][name],
+                    toml::Value::String(value.into()),
+                    "{key}={value}"
+                );
+                assert_eq!(layers.origins.of(key), Origin::Environment);
+            }
+        }
+        // And through to the settings, for the strings that reach them as they are.
+        for value in TRICKY {
+            let s = load(
+                "",
+                &[
+                    ("MAPSYNC_HTTP__ADMIN_TOKEN", value),
+                    ("MAPSYNC_HTTP__JWT_AUDIENCE", value),
+                    ("MAPSYNC_HTTP__JWT_ISSUER", value),
+                    ("MAPSYNC_SOURCE__SQLITE_PATH", value),
+                    ("MAPSYNC_SNAPSHOT__DIR", value),
+                    ("MAPSYNC_TARGET__TABLE", &format!("t{value}")),
+                ],
+            )
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(s.http.admin_token.unwrap().expose(), value);
+            assert_eq!(s.http.jwt.audience, value);
+            assert_eq!(s.http.jwt.issuer.as_deref(), Some(value));
+            assert_eq!(s.source.sqlite_path, PathBuf::from(value));
+            assert_eq!(s.snapshot.dir, PathBuf::from(value));
+            assert_eq!(s.target.table.table, format!("t{value}"));
+            assert_eq!(s.origins.of("http.admin_token"), Origin::Environment);
+        }
+        let s = load(
+            "",
+            &[
+                ("MAPSYNC_HTTP__CORS_ORIGINS", "https://000123.example"),
+                ("MAPSYNC_SNAPSHOT__REDACT_KEYS", "000123, 1e3,TRUE"),
+                ("MAPSYNC_HTTP__ALLOWED_HOSTS", "1e3,000123:8080"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.snapshot.redact_keys, ["000123", "1e3", "TRUE"]);
+        assert_eq!(s.http.allowed_hosts, ["1e3", "000123:8080"]);
+        assert_eq!(s.http.cors_origins, ["https://000123.example"]);
+    }
+
+    #[test]
+    fn booleans_and_numbers_are_never_guessed() {
+        for (var, value) in [
+            ("MAPSYNC_TARGET__DELETE_MISSING", "1"),
+            ("MAPSYNC_TARGET__DELETE_MISSING", "TRUE"),
+            ("MAPSYNC_TARGET__DELETE_MISSING", "yes"),
+            ("MAPSYNC_SOURCE__INCLUDE_PROMPT_MAPPINGS", ""),
+            ("MAPSYNC_WATCH__DEBOUNCE_MS", "1e3"),
+            ("MAPSYNC_WATCH__DEBOUNCE_MS", "-1"),
+            ("MAPSYNC_WATCH__DEBOUNCE_MS", "12345678901234567890123"),
+            ("MAPSYNC_WATCH__DEBOUNCE_MS", " 50"),
+            ("MAPSYNC_TARGET__MAX_DELETE_FRACTION", "half"),
+            ("MAPSYNC_LOG__FORMAT", "JSON"),
+        ] {
+            let e = load("", &[(var, value)]).unwrap_err().to_string();
+            assert!(e.contains(var), "{var}={value}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        for (toml, key) in [
+            ("[target]\ndelete_missing = 3\n", "target.delete_missing"),
+            (
+                "[target]\ndelete_missing = \"true\"\n",
+                "target.delete_missing",
+            ),
+            ("[watch]\ndebounce_ms = 1.5\n", "watch.debounce_ms"),
+            ("[watch]\ndebounce_ms = -5\n", "watch.debounce_ms"),
+            ("[http]\nadmin_token = 123\n", "http.admin_token"),
+            (
+                "[http]\ncors_origins = \"https://a\"\n",
+                "http.cors_origins",
+            ),
+            ("source = 1\n", "source"),
+        ] {
+            let e = load(toml, &[]).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let s = load(
+            "[target]\nmax_delete_fraction = 1\n",
+            &[
+                ("MAPSYNC_WATCH__DEBOUNCE_MS", "050"),
+                ("MAPSYNC_TARGET__DELETE_MISSING", "true"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.watch.debounce, Duration::from_millis(50));
+        assert!(s.target.delete_missing);
+        assert_eq!(s.target.max_delete_fraction, 1.0);
+    }
+
+    #[test]
+    fn each_key_says_where_its_value_came_from() {
+        let s = load(
+            "[watch]\ndebounce_ms = 300\n[http]\nadmin_token = \"from-file\"\n",
+            &[("MAPSYNC_HTTP__ADMIN_TOKEN", "from-env")],
+        )
+        .unwrap();
+        assert_eq!(s.origins.of("watch.debounce_ms"), Origin::File);
+        assert_eq!(s.origins.of("http.admin_token"), Origin::Environment);
+        assert_eq!(s.origins.of("watch.max_delay_ms"), Origin::Default);
+        assert_eq!(s.origins.iter().count(), SCHEMA.len());
+        assert_eq!(s.http.admin_token.unwrap().expose(), "from-env");
+    }
+
+    #[test]
+    fn every_key_of_the_schema_loads() {
+        // Catches a key in SCHEMA that the raw structs lack (serde would call it unknown).
+        for (key, kind) in SCHEMA {
+            let value = match kind {
+                Kind::Str => "",
+                Kind::Bool => "false",
+                Kind::UInt => "7",
+                Kind::Float => "0.5",
+                Kind::List => "",
+                Kind::OneOf(v) => v[0],
+            };
+            let r = load("", &[(&env_name(key), value)]);
+            if let Err(e) = r {
+                assert!(!e.to_string().contains("unknown"), "{key}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_public_address_needs_a_credential_and_star_needs_one_too() {
+        let e = load("[http]\nlisten = \"0.0.0.0:9187\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.admin_token") && e.contains("jwt"), "{e}");
+        let e = load("[http]\ncors_origins = [\"*\"]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.cors_origins"), "{e}");
+        let e = load("[http]\nallowed_hosts = [\"https://a.example\"]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.allowed_hosts"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("jwt-secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let s = load(
+            &format!(
+                "[http]\nlisten = \"0.0.0.0:9187\"\njwt_secret_file = \"{}\"\n",
+                secret.display()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.http.jwt.secret.unwrap().expose(), "s3cret");
+        let jwks = dir.path().join("jwks.json");
+        std::fs::write(&jwks, r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#).unwrap();
+        let e = load(
+            &format!("[http]\njwt_jwks_file = \"{}\"\n", jwks.display()),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("http.jwt_jwks_file"), "{e}");
     }
 }

@@ -11,9 +11,14 @@
 //!   the mappings, not the `exported_at` stamp).
 //! - Documents are serialised straight into the file: 100,000 mappings never sit in memory
 //!   as text.
+//! - Only regular files are listed, served or deleted: a file is opened without following a
+//!   symbolic link (`O_NOFOLLOW`) and checked to be a regular file on the descriptor it was
+//!   opened as ([`SnapshotStore::open`]), so a link planted in the directory is never
+//!   followed, not even to a name that looks like a snapshot.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -339,6 +344,8 @@ impl SnapshotStore {
         }
     }
 
+    /// The timestamped snapshots in the directory: regular files only (a directory entry's
+    /// type is that of the entry itself, never of a link's target).
     fn timestamped_names(&self) -> Vec<String> {
         fs::read_dir(&self.dir)
             .map(|entries| {
@@ -360,9 +367,7 @@ impl SnapshotStore {
             Err(e) => return Err(SnapshotError::new("read", &self.dir, e)),
         };
         names.sort_unstable_by(|a, b| b.cmp(a));
-        if self.dir.join(LATEST).exists() {
-            names.insert(0, LATEST.to_string());
-        }
+        names.insert(0, LATEST.to_string());
         Ok(names.iter().filter_map(|n| self.info(n)).collect())
     }
 
@@ -373,9 +378,10 @@ impl SnapshotStore {
         self.info(newest)
     }
 
+    /// What `GET /snapshots` says of `name`; `None` unless it is a regular snapshot file.
     fn info(&self, name: &str) -> Option<SnapshotInfo> {
-        let path = self.dir.join(name);
-        let meta = fs::metadata(&path).ok()?;
+        let mut file = self.open(name)?;
+        let meta = file.metadata().ok()?;
         let written_at = match stamp_of(name) {
             Some(t) => t,
             None => meta.modified().ok().map(DateTime::<Utc>::from)?,
@@ -384,16 +390,24 @@ impl SnapshotStore {
             name: name.to_string(),
             bytes: meta.len(),
             written_at: format_timestamp(&written_at),
-            count: read_count(&path),
+            count: read_count(&mut file),
         })
     }
 
-    /// The path of snapshot `name`, if `name` is a snapshot file name (no directories, no
-    /// other files) and it exists.
-    pub fn path_of(&self, name: &str) -> Option<PathBuf> {
+    /// Snapshot `name`, opened for reading: only a snapshot file name (no directories, no
+    /// other files), never through a symbolic link, and only a regular file.
+    pub fn open(&self, name: &str) -> Option<File> {
         let valid = name == LATEST || stamp_of(name).is_some();
-        let path = self.dir.join(name);
-        (valid && path.is_file()).then_some(path)
+        if !valid {
+            return None;
+        }
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.dir.join(name))
+            .ok()?;
+        // Checked on the descriptor: what was opened, not what the name points at now.
+        file.metadata().ok()?.is_file().then_some(file)
     }
 }
 
@@ -409,9 +423,9 @@ fn stamp_of(name: &str) -> Option<DateTime<Utc>> {
 }
 
 /// `count` from a document's head, without reading the whole file.
-fn read_count(path: &Path) -> Option<u64> {
+fn read_count(file: &mut File) -> Option<u64> {
     let mut head = [0u8; 256];
-    let n = File::open(path).ok()?.read(&mut head).ok()?;
+    let n = file.read(&mut head).ok()?;
     let text = std::str::from_utf8(&head[..n]).ok()?;
     let after = &text[text.find("\"count\"")? + 7..];
     let digits: String = after

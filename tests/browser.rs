@@ -550,3 +550,85 @@ fn chromium_leaves_nothing_running_after_drop() {
     });
     assert!(gone, "Chromium processes left running: {left:?}");
 }
+
+/// The metric sum of `mapsync_sync_runs_total{trigger="manual",…}`.
+fn manual_runs(d: &Daemon) -> f64 {
+    common::http::get(d.addr, "/metrics", None)
+        .text()
+        .lines()
+        .filter(|l| l.starts_with("mapsync_sync_runs_total{trigger=\"manual\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A page on another origin calls the compat route the way the mapping page's HTTP client
+/// does (`fetch` with `Authorization` and `X-Request-Id`, so the browser sends a preflight
+/// first): from an origin in `http.cors_origins` the preflight passes and the answer is read;
+/// from any other the browser blocks the call and no run starts.
+#[test]
+fn a_listed_origin_may_call_the_sync_route_cross_origin_and_others_are_blocked() {
+    chromium_path();
+    let page = "<!doctype html><html><head><meta charset=utf-8><title>app</title></head><body>app</body></html>";
+    let listed = common::http::StubServer::start("text/html; charset=utf-8", page);
+    let unlisted = common::http::StubServer::start("text/html; charset=utf-8", page);
+    let ws = Workspace::new(None, "");
+    for r in rows(3, 1) {
+        ws.app.upsert(&r);
+    }
+    let daemon = Daemon::start(
+        &ws,
+        None,
+        &format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\ncors_origins = [\"http://{}\"]\n",
+            listed.addr
+        ),
+    );
+    daemon.wait_first_run();
+    let call = format!(
+        "fetch('http://{}/api/v1/llm/model-groups/sync-to-supabase', {{method: 'POST', \
+         headers: {{'Authorization': 'Bearer {TOKEN}', 'X-Request-Id': 'browser-req-1'}}}})\
+         .then(function (r) {{ return r.json().then(function (b) {{ \
+           return {{ok: true, status: r.status, id: r.headers.get('X-Request-Id'), body: b}}; }}); }},\
+           function (e) {{ return {{ok: false, error: String(e)}}; }})",
+        daemon.addr
+    );
+    let browser = Browser::launch();
+    let before = manual_runs(&daemon);
+
+    let tab = browser.open(&format!("http://{}/", listed.addr));
+    let got = tab.eval(&call);
+    assert_eq!(
+        got["ok"], true,
+        "the call from a listed origin failed: {got}"
+    );
+    assert_eq!(got["status"], 200, "{got}");
+    assert_eq!(
+        got["id"], "browser-req-1",
+        "X-Request-Id is echoed and readable: {got}"
+    );
+    assert_eq!(got["body"]["code"], 200, "{got}");
+    assert_eq!(
+        got["body"]["data"]["status"],
+        "skipped:supabase_not_configured"
+    );
+    assert_eq!(manual_runs(&daemon), before + 1.0);
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("OPTIONS") && l.contains("sync-to-supabase") && l.contains("204")),
+        "the browser sent a preflight: {log}"
+    );
+    assert_no_exceptions(&tab);
+
+    let tab = browser.open(&format!("http://{}/", unlisted.addr));
+    let got = tab.eval(&call);
+    assert_eq!(
+        got["ok"], false,
+        "an unlisted origin read the answer: {got}"
+    );
+    assert_eq!(
+        manual_runs(&daemon),
+        before + 1.0,
+        "a blocked cross-origin call started a run"
+    );
+}

@@ -135,6 +135,22 @@ fn error_msg(r: &Reply, status: u16) -> String {
     msg
 }
 
+/// Asserts `r` is a refused run: HTTP 409, `{"code":409,"msg":"<what; how to force it>",
+/// "data":<the result>}`; returns `data`.
+#[track_caller]
+fn refused_data(r: &Reply) -> Value {
+    assert_eq!(r.status, 409, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["code"], 409, "{v}");
+    let msg = v["msg"].as_str().expect("a msg");
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    assert!(
+        msg.contains("would delete 20 of 30") && msg.contains("force"),
+        "says what and how to force it: {msg}"
+    );
+    v["data"].clone()
+}
+
 /// Asserts a sync result has the eight SPEC fields (and nothing but the optional `detail`).
 #[track_caller]
 fn assert_sync_result(data: &Value) {
@@ -366,8 +382,14 @@ fn without_a_target_every_sync_route_answers_skipped_never_5xx() {
     let data = ok_data(&d.post(PUSH_PATH, b""));
     assert_eq!(data["push"]["status"], "skipped:supabase_not_configured");
 
-    let msg = error_msg(&d.post(PUSH_PATH, br#"{"direction":"pull"}"#), 400);
-    assert!(msg.contains("unsupported_direction"), "{msg}");
+    for direction in ["pull", "both"] {
+        let body = format!(r#"{{"direction":"{direction}","overwrite":true}}"#);
+        let msg = error_msg(&d.post(PUSH_PATH, body.as_bytes()), 400);
+        assert!(
+            msg.contains("one way") && msg.contains("application"),
+            "says mapsync only pushes and pulling is the application's: {msg}"
+        );
+    }
 }
 
 #[test]
@@ -522,7 +544,7 @@ fn sync_routes_mirror_into_postgres_and_guard_mass_deletes() {
     assert_eq!(push["status"], "synced");
     assert_eq!(push["synced_count"], 30);
     let msg = error_msg(&d.post(PUSH_PATH, br#"{"direction":"pull"}"#), 400);
-    assert!(msg.contains("unsupported_direction"), "{msg}");
+    assert!(msg.contains("one way"), "{msg}");
 
     let s = d.status();
     let name = s["target"]["name"].as_str().unwrap();
@@ -543,11 +565,28 @@ fn sync_routes_mirror_into_postgres_and_guard_mass_deletes() {
     for i in 0..20 {
         ws.app.delete(&format!("mapping:m{i:03}"));
     }
+    // A refusal is not a success: 409, a msg saying what and how to force it, the result.
     let r = d.post("/sync?delete_missing=true", b"");
-    let data = ok_data(&r);
+    let data = refused_data(&r);
     assert_sync_result(&data);
     assert_eq!(data["status"], "refused:mass_delete", "{data}");
     assert_eq!(data["deleted_count"], 0, "{data}");
+    let r = d.post(SYNC_PATH, b"");
+    assert_eq!(
+        r.status,
+        200,
+        "delete propagation is off by default: {}",
+        r.text()
+    );
+    let r = d.post(
+        PUSH_PATH,
+        br#"{"direction":"push","overwrite":false,"delete_missing":true}"#,
+    );
+    let data = refused_data(&r);
+    assert_sync_result(&data["push"]);
+    assert_eq!(data["push"]["status"], "refused:mass_delete", "{data}");
+    let r = d.post(&format!("{SYNC_PATH}?delete_missing=true"), b"");
+    assert_eq!(refused_data(&r)["status"], "refused:mass_delete");
     assert_eq!(remote_count(&db), 30, "a refused run changes nothing");
 
     let data = ok_data(&d.post("/sync?delete_missing=true&force=true", b""));
@@ -563,7 +602,7 @@ fn sync_routes_mirror_into_postgres_and_guard_mass_deletes() {
             &m,
             "mapsync_sync_runs_total{trigger=\"manual\",result=\"refused\"}"
         ),
-        1.0,
+        3.0,
         "{m}"
     );
     assert_eq!(metric_sum(&m, "mapsync_rows_deleted_total "), 20.0, "{m}");
@@ -809,11 +848,12 @@ fn the_admin_token_guards_every_token_route_and_only_those() {
                 headers.push(("Authorization", a));
             }
             let r = http::request(d.addr, method, path, &headers, body);
-            assert_eq!(r.status, 401, "{method} {path} with {auth:?}: {}", r.text());
+            let msg = error_msg(&r, 401);
+            assert!(msg.starts_with("unauthorized"), "{method} {path}: {msg}");
             assert_eq!(
-                r.json(),
-                json!({"code": 401, "msg": "unauthorized", "data": null}),
-                "{method} {path}"
+                r.header("www-authenticate"),
+                Some("Bearer"),
+                "{method} {path} with {auth:?}"
             );
         }
         let r = authed(&d, method, path, &[], body);
@@ -999,11 +1039,12 @@ fn cors_headers_go_to_listed_origins_only() {
         let r = authed(&d, "GET", "/status", &[("Origin", origin)], b"");
         assert_eq!(r.status, 200);
         assert!(cors_headers(&r).is_empty(), "{origin}: {:?}", r.headers);
+        // A POST from a foreign origin is refused (CSRF), token or not.
         let r = authed(&d, "POST", SYNC_PATH, &[("Origin", origin)], b"");
-        assert_eq!(r.status, 200);
+        error_msg(&r, 403);
         assert!(cors_headers(&r).is_empty(), "{origin}: {:?}", r.headers);
         let r = http::request(d.addr, "POST", SYNC_PATH, &[("Origin", origin)], b"");
-        assert_eq!(r.status, 401);
+        error_msg(&r, 403);
         assert!(cors_headers(&r).is_empty(), "{origin}: {:?}", r.headers);
     }
 }

@@ -1,5 +1,8 @@
 //! Building responses: the application's `{"code","msg","data"}` envelope, plain JSON,
-//! streamed bodies, and the bearer-token check.
+//! streamed bodies, and [`quote`] for any input a message repeats.
+//!
+//! Invariant: an envelope's `msg` is one line — [`envelope`] escapes any control character
+//! that reaches it — and input quoted in it is cut to [`QUOTE_MAX`] characters.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -60,13 +63,64 @@ pub fn ok(data: &impl Serialize) -> Response<Body> {
 
 /// `{"code": <status>, "msg": "<msg>", "data": null}` with that HTTP status.
 pub fn envelope_error(status: StatusCode, msg: &str) -> Response<Body> {
-    let body = serde_json::to_vec(&Envelope::<()> {
+    envelope(status, msg, None::<&()>)
+}
+
+/// `{"code": <status>, "msg": "<msg>", "data": <data>}` with that HTTP status.
+pub fn envelope(status: StatusCode, msg: &str, data: Option<&impl Serialize>) -> Response<Body> {
+    bytes(status, JSON, envelope_bytes(status, msg, data))
+}
+
+/// The envelope's JSON text (also written by hand for requests hyper never sees).
+pub fn envelope_bytes(status: StatusCode, msg: &str, data: Option<&impl Serialize>) -> Vec<u8> {
+    let msg = escape_controls(msg);
+    serde_json::to_vec(&Envelope {
         code: status.as_u16(),
-        msg,
-        data: None,
+        msg: &msg,
+        data,
     })
-    .expect("an envelope of strings always encodes");
-    bytes(status, JSON, body)
+    .unwrap_or_else(|_| {
+        format!(
+            "{{\"code\":{},\"msg\":\"cannot encode the answer\",\"data\":null}}",
+            status.as_u16()
+        )
+        .into_bytes()
+    })
+}
+
+/// The most characters of client input a message repeats.
+pub const QUOTE_MAX: usize = 100;
+
+/// Client input for a message: at most [`QUOTE_MAX`] characters (`…` marks a cut), control
+/// characters escaped, in backquotes.
+pub fn quote(input: &str) -> String {
+    let mut out = String::from("`");
+    for (i, c) in input.chars().enumerate() {
+        if i == QUOTE_MAX {
+            out.push('…');
+            break;
+        }
+        push_escaped(&mut out, c);
+    }
+    out.push('`');
+    out
+}
+
+fn escape_controls(msg: &str) -> std::borrow::Cow<'_, str> {
+    if !msg.chars().any(char::is_control) {
+        return msg.into();
+    }
+    let mut out = String::with_capacity(msg.len() + 8);
+    msg.chars().for_each(|c| push_escaped(&mut out, c));
+    out.into()
+}
+
+fn push_escaped(out: &mut String, c: char) {
+    if c.is_control() {
+        out.extend(c.escape_default());
+    } else {
+        out.push(c);
+    }
 }
 
 pub fn header(value: &str) -> HeaderValue {
@@ -93,19 +147,26 @@ impl HttpBody for ChannelBody {
 }
 
 /// An `io::Write` that sends what is written, in chunks, to a [`ChannelBody`]. For use on the
-/// blocking pool only (it blocks while the client is slower than the writer).
+/// blocking pool only: it blocks while the client is slower than the writer, and gives up
+/// when the client has taken nothing for [`STALL_MAX`] (a client that stops reading must not
+/// hold a blocking thread for ever).
 pub struct ChannelWriter {
     tx: mpsc::Sender<Bytes>,
     buf: Vec<u8>,
+    runtime: tokio::runtime::Handle,
 }
 
 const CHUNK: usize = 64 * 1024;
+/// The longest a download may wait for its client to take the next chunk.
+pub const STALL_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ChannelWriter {
+    /// Must be called within the runtime (the blocking pool is).
     pub fn new(tx: mpsc::Sender<Bytes>) -> Self {
         ChannelWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -114,9 +175,14 @@ impl ChannelWriter {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx.blocking_send(chunk).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
-        })
+        self.runtime
+            .block_on(self.tx.send_timeout(chunk, STALL_MAX))
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the client went away or stopped reading",
+                )
+            })
     }
 }
 
@@ -134,27 +200,20 @@ impl std::io::Write for ChannelWriter {
     }
 }
 
-/// Compares two secrets in time that depends only on their lengths, not on where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn constant_time_eq_compares_whole_values() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-        assert!(constant_time_eq(b"", b""));
+    fn quoted_input_is_cut_and_escaped() {
+        assert_eq!(quote("a\nb"), "`a\\nb`");
+        let long = "x".repeat(60_000);
+        assert_eq!(quote(&long).chars().count(), QUOTE_MAX + 3);
+        let body = envelope_bytes(StatusCode::BAD_REQUEST, "line\r\nnext", None::<&()>);
+        let text = String::from_utf8(body).unwrap();
+        assert!(
+            !text.contains('\n') && text.contains("line\\\\r\\\\nnext"),
+            "{text}"
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! A minimal HTTP/1.1 client over a real TCP socket, enough to test the admin port black-box:
-//! one request per connection (`Connection: close`), chunked bodies decoded.
+//! one request per connection (`Connection: close`), chunked bodies decoded; and
+//! [`StubServer`], a loopback server that answers every request with one fixed body (a page
+//! for the browser to load, or an application behind a proxy).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -165,5 +167,63 @@ pub fn read_reply(stream: &mut TcpStream) -> std::io::Result<Reply> {
             std::io::ErrorKind::InvalidData,
             format!("not an HTTP response: {:?}", String::from_utf8_lossy(&raw)),
         )),
+    }
+}
+
+/// A loopback HTTP server answering every request with `body`, until dropped.
+pub struct StubServer {
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StubServer {
+    pub fn start(content_type: &str, body: &str) -> StubServer {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let addr = listener.local_addr().expect("its address");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                // The whole head (these requests carry no body), then the answer.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        StubServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for StubServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
