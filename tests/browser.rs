@@ -349,6 +349,42 @@ fn without_a_target_the_sync_button_warns_that_nothing_was_pushed() {
 }
 
 #[test]
+fn a_run_refused_because_another_instance_writes_the_table_names_it_on_the_page() {
+    chromium_path();
+    let db = supabase_db();
+    let first = Workspace::new(Some(&db.url), "[instance]\nname = \"the-other-host\"\n");
+    for r in rows(3, 0) {
+        first.app.upsert(&r);
+    }
+    first.mapsync(&["migrate"]).expect_code(0);
+    first.sync(&[]);
+    let ws = Workspace::new(Some(&db.url), "");
+    for r in rows(5, 0) {
+        ws.app.upsert(&r);
+    }
+    let daemon = Daemon::start(&ws, Some(&db.url), "[target]\ndelete_missing = true\n");
+    let status = daemon.wait_first_run();
+    assert_eq!(
+        status["last_run"]["status"], "refused:other_instance",
+        "{status:#}"
+    );
+
+    let browser = Browser::launch();
+    let page = browser.open(&format!("http://{}/", daemon.addr));
+    page.wait_for(
+        "document.body.dataset.ready === '1'",
+        WAIT,
+        "the page to load",
+    );
+    let last_run = page.text("#last-run");
+    assert!(
+        last_run.contains("refused:other_instance") && last_run.contains("the-other-host"),
+        "#last-run names the other instance: {last_run:?}"
+    );
+    assert_no_exceptions(&page);
+}
+
+#[test]
 fn a_postgres_failure_shows_the_error_box_with_the_message() {
     chromium_path();
     let ws = Workspace::new(None, "");
