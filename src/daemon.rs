@@ -1,5 +1,9 @@
-//! `mapsync run`: the long-running service. Binds the admin port, starts the engine, tells
-//! systemd when it is ready, and shuts everything down in order on SIGTERM or SIGINT.
+//! `mapsync run`: the long-running service as a library call, in the shape of mini-redis:
+//! [`run`] takes the settings, a bound listener for the admin port and a shutdown future;
+//! `main` passes the socket it bound and the OS signals ([`bind`], [`crate::shutdown::signal`]),
+//! and tests host the daemon in-process on port 0 with a future of their own. It starts the
+//! engine and the admin port, tells systemd when it is ready, and shuts everything down in
+//! order when the shutdown future resolves.
 //!
 //! Shutdown order: stop accepting HTTP connections and new runs; let the run in progress
 //! commit or roll back within [`crate::engine::SHUTDOWN_GRACE`]; let open requests and the
@@ -19,14 +23,28 @@ use crate::{engine, http, shutdown};
 /// The whole shutdown must fit in this (SPEC §9: within 10 s).
 pub const STOP_DEADLINE: Duration = Duration::from_secs(9);
 
-/// Runs the daemon until a signal asks it to stop.
-pub async fn run(settings: Settings) -> Result<(), Error> {
-    let listener = TcpListener::bind(settings.http.listen).await.map_err(|e| {
+/// Binds the admin port at `http.listen`.
+pub async fn bind(settings: &Settings) -> Result<TcpListener, Error> {
+    TcpListener::bind(settings.http.listen).await.map_err(|e| {
         Error::Other(format!(
             "cannot listen on {}: {e}: another process holds the port, or choose another http.listen",
             settings.http.listen
         ))
-    })?;
+    })
+}
+
+/// Binds `http.listen` and runs the daemon until SIGTERM or SIGINT (`mapsync run`).
+pub async fn run_until_signalled(settings: Settings) -> Result<(), Error> {
+    let listener = bind(&settings).await?;
+    run(settings, listener, shutdown::signal()).await
+}
+
+/// Runs the daemon on `listener` until `shutdown` resolves, then stops in order.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Other(format!("cannot read the listening address: {e}")))?;
@@ -47,13 +65,14 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         "mapsync running: admin port listening"
     );
 
+    tokio::pin!(shutdown);
     let signalled = tokio::select! {
         _ = engine.first_run_attempted() => false,
-        _ = shutdown::signal() => true,
+        _ = &mut shutdown => true,
     };
     if !signalled {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        shutdown::signal().await;
+        shutdown.await;
     }
     tracing::info!("shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

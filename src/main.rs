@@ -152,7 +152,7 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Error> {
     match command {
         Command::Run => {
-            mapsync::daemon::run(settings).await?;
+            mapsync::daemon::run_until_signalled(settings).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { no_postgres } => {

@@ -171,7 +171,7 @@ pub async fn run(base: Settings, no_postgres: bool) -> Result<(), Error> {
         crate::commands::migrate(&settings).await?;
     }
     println!("{}", banner(&settings, &target));
-    let result = crate::daemon::run(settings).await;
+    let result = crate::daemon::run_until_signalled(settings).await;
     drop(target);
     result
 }
