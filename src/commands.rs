@@ -11,12 +11,12 @@ use std::path::Path;
 use chrono::Utc;
 
 use crate::Error;
+use crate::appdb::{ReadMode, SourceImage, SqliteSource};
 use crate::config::Settings;
 use crate::mapping::{self, Redactor};
+use crate::postgres::{ConnectSpec, MirrorError, SslMode, Target};
 use crate::snapshot;
-use crate::source::{ReadMode, SourceImage, SqliteSource};
 use crate::sync::{self, SyncOptions, SyncReport, Trigger};
-use crate::target::{ConnectSpec, MirrorError, SslMode, Target};
 
 /// Reads the source once on the blocking pool. The read starts at once, before the
 /// returned future is first polled, so the caller can do other work meanwhile.
@@ -262,7 +262,7 @@ async fn instances_line(target: &Target) -> CheckLine {
             Verdict::Warn,
             format!(
                 "{} is missing: run `mapsync migrate` (sql/004_mapsync_instances.sql); until then a run cannot tell whether another instance writes {}",
-                crate::target::registry::REGISTRY,
+                crate::postgres::registry::REGISTRY,
                 target.table()
             ),
         ),
@@ -317,9 +317,9 @@ pub enum RestoreFrom {
 pub async fn restore(
     settings: &Settings,
     from: RestoreFrom,
-    opts: crate::restore::RestoreOptions,
-) -> Result<crate::restore::RestoreReport, Error> {
-    use crate::restore::Entries;
+    opts: crate::appdb::restore::RestoreOptions,
+) -> Result<crate::appdb::restore::RestoreReport, Error> {
+    use crate::appdb::restore::Entries;
     let redactor = Redactor::new(&settings.snapshot.redact_keys);
     let entries = match from {
         RestoreFrom::File(path) => Entries::from_file(&path, &redactor)?,
@@ -345,7 +345,7 @@ pub async fn restore(
         }
     };
     let settings = settings.clone();
-    tokio::task::spawn_blocking(move || crate::restore::restore(&settings, entries, &opts))
+    tokio::task::spawn_blocking(move || crate::appdb::restore::restore(&settings, entries, &opts))
         .await
         .map_err(|e| Error::Other(format!("the restore stopped: {e}")))?
         .map_err(Error::from)

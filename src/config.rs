@@ -6,7 +6,7 @@
 //! naming the key, which `main` turns into exit code 78 (EX_CONFIG), the code the systemd unit
 //! refuses to restart on.
 //!
-//! Values are literal (SPEC §6): every key has one type in [`SCHEMA`]; a file value of another
+//! Values are literal (SPEC §6): every key has one type in `SCHEMA`; a file value of another
 //! TOML type is an error, and an environment value is read as that type only — a string as the
 //! exact text (`000123` stays `000123`), a boolean as `true` or `false`, an integer as digits.
 //! Nothing is guessed from what a value looks like. [`Settings::origins`] records, for every
@@ -792,7 +792,7 @@ impl RawSettings {
         let t = self.target;
         let url = secret("target.url", t.url, "target.url_file", t.url_file)?;
         if let Some(url) = &url {
-            crate::target::ConnectSpec::parse(url.expose(), None)
+            crate::postgres::ConnectSpec::parse(url.expose(), None)
                 .map_err(|e| ConfigError::new(format!("target.url: {e}")))?;
         }
         let Some(table) = TableName::parse(t.table.trim()) else {

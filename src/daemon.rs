@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use crate::Error;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::target::Target;
+use crate::postgres::Target;
 use crate::{engine, http, shutdown};
 
 /// The whole shutdown must fit in this (SPEC §9: within 10 s).

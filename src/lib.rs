@@ -5,23 +5,25 @@
 //! into the SQLite file):
 //!
 //! ```text
-//! SQLite file ──source──▶ Vec<Mapping> ──sync──▶ target (Postgres mirror)
-//!                              └──────────snapshot──▶ JSON files on disk
+//! SQLite file ──appdb::read──▶ Vec<Mapping> ──sync──▶ postgres (the mirror)
+//!                                   └──────snapshot──▶ JSON files on disk
 //! ```
 //!
-//! - [`config`]: typed, validated settings (defaults < file < environment).
+//! - [`config`]: typed, validated settings (defaults < file < environment), parsed once.
 //! - [`mapping`]: the `Mapping` type and every normalisation rule.
-//! - [`source`]: reading the SQLite file without disturbing the application; the watcher.
-//! - [`target`]: the Postgres pool, TLS, schema check and the one-transaction sync.
-//! - [`sync`]: one run and its result.
+//! - [`appdb`]: the application's SQLite file: its schema, the reader, the watcher, restore.
+//! - [`postgres`]: the mirror: pool, TLS, schema, and the steps of a run's transaction.
+//! - [`sync`]: one run (full or incremental), the same for the CLI and the daemon.
 //! - [`snapshot`]: atomic rolling JSON files, and the export format.
-//! - [`engine`]: the daemon's sync loop: triggers, debounce, one run at a time, retry, status.
+//! - [`engine`]: the daemon's sync loop: when to run, one run at a time, retry, status.
 //! - [`http`] and [`metrics`]: the admin port and its Prometheus registry.
 //! - [`logging`]: the log writer (stderr, with syslog priorities when it is the journal).
-//! - [`daemon`]: `mapsync run`, wiring the engine and the admin port to signals and systemd.
-//! - [`restore`] and [`demo`]: `mapsync restore` and `mapsync demo`.
-//! - [`commands`]: what each `mapsync` subcommand does; `main.rs` only parses and dispatches.
+//! - [`daemon`]: `mapsync run` as a library call: `run(settings, listener, shutdown)`.
+//! - [`demo`]: `mapsync demo`.
+//! - [`commands`]: what each one-shot `mapsync` subcommand does; `main.rs` only parses and
+//!   dispatches.
 
+pub mod appdb;
 pub mod commands;
 pub mod config;
 pub mod daemon;
@@ -31,13 +33,11 @@ pub mod http;
 pub mod logging;
 pub mod mapping;
 pub mod metrics;
-pub mod restore;
+pub mod postgres;
 pub mod schedule;
 pub mod shutdown;
 pub mod snapshot;
-pub mod source;
 pub mod sync;
-pub mod target;
 
 /// The version this binary was built as, from Cargo.toml.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -52,13 +52,13 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
-    Source(#[from] source::SourceError),
+    Source(#[from] appdb::SourceError),
     #[error(transparent)]
-    Target(#[from] target::TargetError),
+    Target(#[from] postgres::TargetError),
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
     #[error(transparent)]
-    Restore(#[from] restore::RestoreError),
+    Restore(#[from] appdb::restore::RestoreError),
     #[error("{0}")]
     Other(String),
 }

@@ -213,7 +213,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
                 Some(file) if !from_target => commands::RestoreFrom::File(file),
                 _ => commands::RestoreFrom::Target,
             };
-            let opts = mapsync::restore::RestoreOptions {
+            let opts = mapsync::appdb::restore::RestoreOptions {
                 dry_run,
                 exact,
                 force,

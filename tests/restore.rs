@@ -7,9 +7,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ::mapsync::appdb::restore::{
+    Entries, Outcome, RestoreError, RestoreOptions, RestoreReport, restore,
+};
 use ::mapsync::config::Settings;
 use ::mapsync::mapping::Redactor;
-use ::mapsync::restore::{Entries, Outcome, RestoreError, RestoreOptions, RestoreReport, restore};
 use common::appdb::FIXED_UPDATED_AT;
 use common::mapsync::Workspace;
 use common::*;

@@ -17,7 +17,7 @@ use crate::config::Settings;
 
 pub use postgres::DemoPostgres;
 
-use crate::source::APP_SCHEMA;
+use crate::appdb::schema::APP_SCHEMA;
 
 /// One demo row of `llm_model_mappings`, as the application stores it (its id is
 /// `scope_type:scope_key`).

@@ -20,7 +20,7 @@
 //! - on shutdown no new run starts; the run in progress gets a grace period to commit or roll
 //!   back, and is dropped after it (dropping a transaction never commits it).
 //!
-//! [watcher]: crate::source::watcher
+//! [watcher]: crate::appdb::watch
 
 mod run;
 mod snapshots;
@@ -33,14 +33,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_cron_scheduler::{Job, JobScheduler};
 
+use crate::appdb::watch::{self as fswatch, Change};
+use crate::appdb::{SourceError, SourceImage, SqliteSource};
 use crate::config::{Settings, TargetSettings};
 use crate::mapping::Redactor;
 use crate::metrics::Metrics;
+use crate::postgres::{Target, TargetError};
 use crate::snapshot::{SnapshotStore, Written};
-use crate::source::watcher::{self, Change};
-use crate::source::{SourceError, SourceImage, SqliteSource};
 use crate::sync::{SyncOptions, SyncReport, Trigger};
-use crate::target::{Target, TargetError};
 
 use run::{Outcome, Plan, RunState};
 use snapshots::SnapshotWriter;
@@ -152,7 +152,7 @@ impl std::fmt::Display for RunError {
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
-    Watch(#[from] watcher::WatchError),
+    Watch(#[from] fswatch::WatchError),
     #[error("cannot start the scheduler: {0}")]
     Scheduler(String),
 }
@@ -385,7 +385,7 @@ pub async fn start(
         ready_cache: tokio::sync::Mutex::new(None),
     });
 
-    let file_watch = watcher::spawn(
+    let file_watch = fswatch::spawn(
         &settings.source.sqlite_path,
         &settings.watch,
         shutdown.clone(),
@@ -556,7 +556,7 @@ impl Loop {
                 Some(change) = inputs.changes.recv() => {
                     tracing::debug!(?change, "file change");
                     self.shared.metrics.set_fs_events(inputs.fs_events.load(std::sync::atomic::Ordering::Relaxed));
-                    watcher::merge_into(&mut self.pending.watch, change);
+                    fswatch::merge_into(&mut self.pending.watch, change);
                 }
                 Some(tick) = inputs.ticks.recv() => match tick {
                     Tick::Reconcile => self.pending.schedule = true,

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use super::{RunError, Shared};
+use crate::appdb::{Delta, ReadMode, SourceImage, SqliteSource};
 use crate::mapping::Mapping;
-use crate::source::{Delta, ReadMode, SourceImage, SqliteSource};
+use crate::postgres::{MirrorError, MirrorOutcome};
 use crate::sync::{SyncOptions, SyncReport, SyncStatus, Trigger};
-use crate::target::{MirrorError, MirrorOutcome};
 use foldhash::HashSet as FxHashSet;
 
 /// What runs carry from one to the next.

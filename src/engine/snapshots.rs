@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
 use super::Shared;
+use crate::appdb::SourceImage;
 use crate::snapshot::{SnapshotInfo, SnapshotStore, Written};
-use crate::source::SourceImage;
 
 /// An explicit request to write now: `POST /snapshots` (with a reply) or the snapshot
 /// schedule (without).

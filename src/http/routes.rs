@@ -47,12 +47,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::auth::{Auth, Caller, Refusal};
 use super::conn::{Pending, Refused};
 use super::reply::{self, Body, ChannelBody, ChannelWriter, quote};
+use crate::appdb::SourceImage;
 use crate::config::HttpSettings;
 use crate::engine::{EngineHandle, RunErrorKind};
 use crate::mapping::{self, Mapping};
 use crate::metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, HttpLabels};
 use crate::snapshot::{self, Written};
-use crate::source::SourceImage;
 use crate::sync::{SyncOptions, SyncReport};
 
 /// The admin page, compiled in.

@@ -12,7 +12,7 @@ use serde::{Serialize, Serializer};
 
 use crate::config::TargetSettings;
 use crate::mapping::Mapping;
-use crate::target::{MirrorError, MirrorOptions, MirrorOutcome, Refusal, Target};
+use crate::postgres::{MirrorError, MirrorOptions, MirrorOutcome, Refusal, Target};
 
 /// What started a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

@@ -1,31 +1,26 @@
-//! The source side: the application's SQLite file, read without ever disturbing it.
+//! The application's SQLite file, the source of truth: read without disturbing it, watched
+//! for commits, and written back only by `mapsync restore`.
 //!
-//! [`SqliteSource`] keeps one read-only connection. It answers two questions: "did anything
-//! commit since I last read?" ([`SqliteSource::changed`], a `PRAGMA data_version` plus a file
-//! identity check, no transaction) and "what are the mappings now?" ([`SqliteSource::read`],
-//! one short read transaction). Both are blocking calls; async callers run them on the blocking
-//! pool and never hold a transaction across an await.
-//!
-//! [`watcher`] turns file-system events on the database's directory into a debounced trigger.
+//! - `schema`: the application's tables, opening the file, and the rules that turn its rows
+//!   into mappings and back (shared by the reader and restore).
+//! - [`read`]: [`SqliteSource`] answers "did anything commit since I last read?"
+//!   ([`SqliteSource::changed`], from the files alone) and "what are the mappings now?"
+//!   ([`SqliteSource::read`], one short read transaction on a connection opened for it).
+//!   Both are blocking calls; async callers run them on the blocking pool.
+//! - [`watch`]: file-system events on the database's directory, debounced into triggers.
+//! - [`restore`]: `mapsync restore`, the only code that writes to the file.
 
-mod sqlite;
-pub mod watcher;
+pub mod read;
+pub mod restore;
+pub(crate) mod schema;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-// Shared with `mapsync restore`, which writes what the reader reads by the same rules.
-pub(crate) use sqlite::{
-    MAPPING_COLUMNS, MODEL_MAPPING, MappingRow, PromptMapping, Slot, mapping_of_row, model_mapping,
-    open, slot, table_exists,
-};
-pub use sqlite::{ReadMode, SqliteSource};
+pub use read::{ReadMode, SqliteSource};
 
 use crate::mapping::Mapping;
-
-/// The application's SQLite schema (the tables mapsync reads), as its backend creates it:
-/// `mapsync restore -o` builds new databases with it, and `mapsync demo` its demo file.
-pub(crate) const APP_SCHEMA: &str = include_str!("../../tests/fixtures/app_sqlite_schema.sql");
 
 /// What one read of the SQLite file produced.
 #[derive(Debug, Clone, Default)]

@@ -71,13 +71,13 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavio
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::config::{Settings, SourceSettings};
-use crate::mapping::{self, KeyOrder, Mapping, Origin, Redactor, format_timestamp};
-use crate::snapshot;
-use crate::source::{
+use super::schema::{
     self, MAPPING_COLUMNS, MODEL_MAPPING, MappingRow, PromptMapping, Slot, mapping_of_row,
     model_mapping, slot, table_exists,
 };
+use crate::config::{Settings, SourceSettings};
+use crate::mapping::{self, KeyOrder, Mapping, Origin, Redactor, format_timestamp};
+use crate::snapshot;
 
 /// Why a restore did not happen. Each message is one line naming the file and the fix; in
 /// every case nothing was written.
@@ -293,7 +293,7 @@ fn into_new(
                 .map_err(fail)?;
             conn
         };
-        conn.execute_batch(source::APP_SCHEMA).map_err(fail)?;
+        conn.execute_batch(schema::APP_SCHEMA).map_err(fail)?;
         let tx = conn.transaction().map_err(fail)?;
         let planned = plan(&tx, entries.entries, rules, out)?;
         apply(&tx, &planned).map_err(fail)?;
@@ -365,7 +365,7 @@ fn open(source: &SourceSettings, dry_run: bool) -> Result<Connection, RestoreErr
     } else {
         OpenFlags::SQLITE_OPEN_READ_WRITE
     };
-    source::open(path, mode, source.busy_timeout).map_err(|e| classify(path, e))
+    schema::open(path, mode, source.busy_timeout).map_err(|e| classify(path, e))
 }
 
 fn classify(path: &Path, e: rusqlite::Error) -> RestoreError {
