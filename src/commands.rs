@@ -4,7 +4,6 @@
 //! `check` prints one line per check; a `warn` line (a connection to a remote host whose
 //! certificate is not verified) points at a fix but never fails the check.
 
-use std::future::Future;
 use std::io::Write;
 use std::path::Path;
 
@@ -14,45 +13,35 @@ use crate::Error;
 use crate::appdb::{ReadMode, SourceImage, SqliteSource};
 use crate::config::Settings;
 use crate::mapping::{self, Redactor};
-use crate::postgres::{ConnectSpec, MirrorError, SslMode, Target};
+use crate::postgres::{ConnectSpec, SslMode, Target};
 use crate::snapshot;
 use crate::sync::{self, SyncOptions, SyncReport, Trigger};
 
-/// Reads the source once on the blocking pool. The read starts at once, before the
-/// returned future is first polled, so the caller can do other work meanwhile.
-pub fn read_source(
-    settings: &Settings,
-) -> impl Future<Output = Result<SourceImage, Error>> + use<> {
+/// Reads the source once, on the blocking pool.
+async fn read_source(settings: &Settings) -> Result<SourceImage, Error> {
     let mut source = SqliteSource::new(
         &settings.source,
         Redactor::new(&settings.snapshot.redact_keys),
     );
-    let reading = tokio::task::spawn_blocking(move || source.read(ReadMode::Full));
-    async move {
-        reading
-            .await
-            .map_err(|e| Error::Other(format!("reading the SQLite file stopped: {e}")))?
-            .map_err(Error::from)
-    }
+    tokio::task::spawn_blocking(move || source.read(ReadMode::Full))
+        .await
+        .map_err(|e| Error::Other(format!("reading the SQLite file stopped: {e}")))?
+        .map_err(Error::from)
 }
 
-/// `mapsync sync`: one run, trigger `manual`. Postgres is scanned while SQLite is read.
+/// `mapsync sync`: one full run, trigger `manual`.
 pub async fn sync(settings: &Settings, opts: SyncOptions) -> Result<SyncReport, Error> {
-    let reading = read_source(settings);
+    let image = read_source(settings).await?;
     let target = Target::from_settings(&settings.target)?;
-    let local = async { reading.await.map(|image| image.mappings) };
-    sync::push(
-        target.as_ref(),
-        &settings.target,
-        local,
+    let run = sync::Run {
+        mappings: &image.mappings,
+        mode: sync::Mode::Full,
         opts,
-        Trigger::Manual,
-    )
-    .await
-    .map_err(|e| match e {
-        MirrorError::Source(e) => e,
-        MirrorError::Target(e) => Error::Target(e),
-    })
+        trigger: Trigger::Manual,
+        remote_known: 0,
+    };
+    let ran = sync::run(target.as_ref(), sync::Limits::of(&settings.target), run).await?;
+    Ok(ran.report)
 }
 
 /// `mapsync export`: the snapshot document, to `output` (atomically) or to `stdout`.

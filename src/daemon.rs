@@ -10,6 +10,7 @@
 //! snapshot being written finish; exit 0 — all within [`STOP_DEADLINE`], well inside
 //! systemd's `TimeoutStopSec`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -49,7 +50,7 @@ pub async fn run(
         .local_addr()
         .map_err(|e| Error::Other(format!("cannot read the listening address: {e}")))?;
     let target = Target::from_settings(&settings.target)?;
-    let metrics = Metrics::new(target.is_some());
+    let metrics = Arc::new(Metrics::new(target.is_some()));
     let (stop, stopping) = shutdown::channel();
     let (engine, engine_task) = engine::start(&settings, target, metrics, stopping.clone())
         .await
@@ -61,7 +62,7 @@ pub async fn run(
     tracing::info!(
         addr = %addr,
         sqlite = %settings.source.sqlite_path.display(),
-        target = engine.shared().target.as_ref().map_or("none (snapshots only)", |t| t.display()),
+        target = engine.target_name().unwrap_or("none (snapshots only)"),
         "mapsync running: admin port listening"
     );
 
@@ -71,11 +72,11 @@ pub async fn run(
         _ = &mut shutdown => true,
     };
     if !signalled {
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        engine::systemd::ready();
         shutdown.await;
     }
     tracing::info!("shutting down");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    engine::systemd::stopping();
     stop.send_replace(true);
     let finished = tokio::time::timeout(STOP_DEADLINE, async {
         let _ = server.await;

@@ -514,9 +514,11 @@ fn recovery_follows_the_first_answer_of_postgres_not_the_backoff_timer() {
         i += 1;
         std::thread::sleep(Duration::from_millis(1500));
     }
-    d.wait_status(Duration::from_secs(10), "the failures reported", |s| {
+    let s = d.wait_status(Duration::from_secs(10), "the failures reported", |s| {
         s["last_run"]["status"] == "error" && s["state"] == "retrying"
     });
+    assert_eq!(s["last_run"]["reason"], "target_network", "{s:#}");
+    assert!(metric(&d, "mapsync_sync_failures_total{reason=\"target_network\"}") >= 1.0);
     cluster.start_again();
     let back = Instant::now();
     d.wait(
@@ -871,6 +873,8 @@ fn a_damaged_emptied_or_locked_sqlite_file_never_costs_a_remote_row() {
     replace_with(&ws, b"");
     not_ready(&d, "a truncated file", "llm_model_mappings");
     assert!(errors(&d) > before, "counted in mapsync_sync_runs_total");
+    assert_eq!(d.status()["last_run"]["reason"], "source");
+    assert!(metric(&d, "mapsync_sync_failures_total{reason=\"source\"}") >= 1.0);
     put_back(&ws);
     ready_again(&d, "the file restored after truncation");
 
@@ -895,6 +899,8 @@ fn a_damaged_emptied_or_locked_sqlite_file_never_costs_a_remote_row() {
         s["last_run"]["status"] == "refused:mass_delete"
     });
     assert_eq!(s["pending_changes"], 40, "{s:#}");
+    assert_eq!(s["last_run"]["reason"], "mass_delete", "{s:#}");
+    assert!(metric(&d, "mapsync_sync_failures_total{reason=\"mass_delete\"}") >= 1.0);
     assert_eq!(remote_count(&db), 40, "an emptied file wipes nothing");
     put_back(&ws);
     d.wait_status(Duration::from_secs(15), "synced again", |s| {

@@ -13,13 +13,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
-use super::Shared;
+use super::SnapshotRequestError;
+use super::shared::Shared;
 use crate::appdb::SourceImage;
 use crate::snapshot::{SnapshotInfo, SnapshotStore, Written};
 
 /// An explicit request to write now: `POST /snapshots` (with a reply) or the snapshot
 /// schedule (without).
-pub(super) type Request = Option<oneshot::Sender<Result<Written, String>>>;
+pub(super) type Request = Option<oneshot::Sender<Result<Written, SnapshotRequestError>>>;
 
 /// The writer's inbox for explicit requests; images arrive through [`Shared`]'s image channel.
 #[derive(Clone)]
@@ -92,11 +93,11 @@ async fn write_newest(
     store: &mut Option<SnapshotStore>,
     offered: &mut watch::Receiver<Option<Arc<SourceImage>>>,
     shared: &Shared,
-) -> Result<Written, String> {
+) -> Result<Written, SnapshotRequestError> {
     let image = offered.borrow_and_update().clone();
     match image {
         Some(image) => write(store, image, shared).await,
-        None => Err("no mappings have been read yet".to_string()),
+        None => Err(SnapshotRequestError::NothingRead),
     }
 }
 
@@ -105,16 +106,18 @@ async fn write(
     store: &mut Option<SnapshotStore>,
     image: Arc<SourceImage>,
     shared: &Shared,
-) -> Result<Written, String> {
+) -> Result<Written, SnapshotRequestError> {
     let Some(mut owned) = store.take() else {
-        return Err("the snapshot store is gone after an earlier failure".into());
+        return Err(SnapshotRequestError::Stopped(
+            "the snapshot store is gone after an earlier failure".into(),
+        ));
     };
     let (owned, result) = tokio::task::spawn_blocking(move || {
         let result = owned.write(&image.mappings, Utc::now());
         (owned, result)
     })
     .await
-    .map_err(|e| format!("the snapshot write stopped: {e}"))?;
+    .map_err(|e| SnapshotRequestError::Stopped(e.to_string()))?;
     *store = Some(owned);
     let metrics = &shared.metrics;
     match result {
@@ -135,7 +138,7 @@ async fn write(
             tracing::error!(error = %e, "snapshot write failed");
             count(shared, "error");
             shared.board.snapshot_failed(e.to_string());
-            Err(e.to_string())
+            Err(e.into())
         }
     }
 }

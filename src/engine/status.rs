@@ -62,6 +62,9 @@ pub struct LastRun {
     pub remote_before: u64,
     pub remote_after: u64,
     pub error: Option<String>,
+    /// Why it failed or was refused, as `mapsync_sync_failures_total{reason}` says it
+    /// (`source`, `target_network`, …, `mass_delete`, `other_instance`).
+    pub reason: Option<&'static str>,
     /// Why a run was refused (naming, for `refused:other_instance`, the other instance), or
     /// what a synced run left alone.
     pub detail: Option<String>,
@@ -207,13 +210,13 @@ impl StatusBoard {
         });
     }
 
-    /// Records a finished run: its report, or its error.
+    /// Records a finished run: its report, or its error and the reason.
     pub fn run_finished(
         &self,
         trigger: Trigger,
         started_at: DateTime<Utc>,
         duration: Duration,
-        outcome: &Result<SyncReport, String>,
+        outcome: Result<&SyncReport, (&str, Option<&'static str>)>,
     ) {
         self.with(|i| {
             let run = match outcome {
@@ -228,9 +231,14 @@ impl StatusBoard {
                     remote_before: r.remote_before,
                     remote_after: r.remote_after,
                     error: None,
+                    reason: match r.status {
+                        SyncStatus::RefusedMassDelete => Some("mass_delete"),
+                        SyncStatus::RefusedOtherInstance => Some("other_instance"),
+                        _ => None,
+                    },
                     detail: r.detail.clone(),
                 },
-                Err(e) => LastRun {
+                Err((e, reason)) => LastRun {
                     trigger,
                     started_at: format_timestamp(&started_at),
                     duration_ms: duration.as_millis() as u64,
@@ -240,7 +248,8 @@ impl StatusBoard {
                     deleted_count: 0,
                     remote_before: 0,
                     remote_after: 0,
-                    error: Some(e.clone()),
+                    error: Some(e.to_string()),
+                    reason,
                     detail: None,
                 },
             };

@@ -49,7 +49,7 @@ use super::conn::{Pending, Refused};
 use super::reply::{self, Body, ChannelBody, ChannelWriter, quote};
 use crate::appdb::SourceImage;
 use crate::config::HttpSettings;
-use crate::engine::{EngineHandle, RunErrorKind};
+use crate::engine::{Check, EngineHandle, RunErrorKind};
 use crate::mapping::{self, Mapping};
 use crate::metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, HttpLabels};
 use crate::snapshot::{self, Written};
@@ -244,8 +244,7 @@ impl App {
         caller: Option<&str>,
     ) {
         self.engine
-            .shared()
-            .metrics
+            .metrics()
             .http_requests
             .get_or_create(&HttpLabels {
                 route,
@@ -408,7 +407,7 @@ impl App {
             }
             ("/readyz", _) => self.readyz().await,
             ("/metrics", _) => self.metrics(),
-            ("/status", _) => reply::ok(&self.engine.shared().board.snapshot()),
+            ("/status", _) => reply::ok(&self.engine.status()),
             ("/mappings", _) => self.mappings(query).await,
             ("/sync" | SYNC_COMPAT, _) => {
                 match sync_options(query, self.engine.deletes_by_default()) {
@@ -523,38 +522,12 @@ impl App {
     }
 
     async fn readyz(&self) -> Response<Body> {
-        let shared = self.engine.shared();
-        let mut checks = BTreeMap::new();
-        let sqlite = match shared.board.source_error() {
-            Some(e) => Check::fail(e),
-            None if shared.board.snapshot().source.read_at.is_none() => {
-                Check::fail("the SQLite file has not been read yet".into())
-            }
-            None => Check::ok(),
-        };
-        checks.insert("sqlite", sqlite);
-        if shared.target.is_some() {
-            checks.insert(
-                "target",
-                match self.engine.target_ready().await {
-                    Ok(()) => Check::ok(),
-                    Err(e) => Check::fail(e),
-                },
-            );
-        }
-        let lag = shared.board.lag();
-        checks.insert(
-            "lag",
-            if lag < self.ready_max_lag {
-                Check::ok()
-            } else {
-                Check::fail(format!(
-                    "the oldest unmirrored change is {} s old (http.ready_max_lag_s = {})",
-                    lag.as_secs(),
-                    self.ready_max_lag.as_secs()
-                ))
-            },
-        );
+        let checks: BTreeMap<&str, Check> = self
+            .engine
+            .readiness(self.ready_max_lag)
+            .await
+            .into_iter()
+            .collect();
         let ready = checks.values().all(|c| c.ok);
         reply::json(
             if ready {
@@ -570,9 +543,11 @@ impl App {
     }
 
     fn metrics(&self) -> Response<Body> {
-        let shared = self.engine.shared();
-        let text = shared.metrics.encode(shared.board.lag().as_secs_f64());
-        reply::bytes(StatusCode::OK, METRICS_CONTENT_TYPE, text)
+        reply::bytes(
+            StatusCode::OK,
+            METRICS_CONTENT_TYPE,
+            self.engine.metrics_text(),
+        )
     }
 
     /// The current mappings in export order; sorted once per image on the blocking pool.
@@ -775,14 +750,14 @@ impl App {
                 &serde_json::json!({"name": info.name, "written": true, "snapshot": info}),
             ),
             Ok(Written::Unchanged) => {
-                let newest = self.engine.shared().board.snapshot().snapshot.newest;
+                let newest = self.engine.status().snapshot.newest;
                 reply::ok(&serde_json::json!({
                     "name": newest.as_ref().map(|n| n.name.clone()),
                     "written": false,
                     "snapshot": newest,
                 }))
             }
-            Err(e) => reply::envelope_error(StatusCode::SERVICE_UNAVAILABLE, &e),
+            Err(e) => reply::envelope_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         }
     }
 
@@ -1045,29 +1020,6 @@ struct Page<'a> {
     offset: usize,
     limit: usize,
     items: Vec<mapping::View<'a>>,
-}
-
-/// One readiness check.
-#[derive(Serialize)]
-struct Check {
-    ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
-impl Check {
-    fn ok() -> Check {
-        Check {
-            ok: true,
-            error: None,
-        }
-    }
-    fn fail(error: String) -> Check {
-        Check {
-            ok: false,
-            error: Some(error),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,7 @@
-//! The Postgres mirror: connection pool, TLS, schema check, and the one-transaction sync.
+//! The Postgres mirror: connection pool, TLS ([`tls`]), the table's schema and `mapsync
+//! migrate` ([`schema`]), the instance registry ([`registry`]), and the steps of a run's
+//! transaction (`txn`: [`Session`], [`Txn`]). What a run does with those steps is the
+//! [`sync`](crate::sync) module's business.
 //!
 //! [`Target`] owns a deadpool-postgres pool. Creating it never touches the network; the first
 //! use does. Every statement runs inside an explicit transaction, and no prepared statement
@@ -9,10 +12,10 @@
 //! Errors are [`TargetError`]s: one line that says what failed, on which server (never with
 //! the password), and the fix.
 
-mod mirror;
 pub mod registry;
 pub mod schema;
 pub mod tls;
+mod txn;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,8 +28,8 @@ use tokio_postgres::CancelToken;
 use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-pub use mirror::{MirrorError, MirrorOptions, MirrorOutcome, Refusal, Rejected};
 pub use tls::SslMode;
+pub use txn::{Rejected, RemoteRows, Session, Txn, Written};
 
 use crate::config::{TableName, TargetSettings};
 

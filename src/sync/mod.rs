@@ -1,237 +1,345 @@
-//! One sync run, and the result every caller sees (SPEC §4 "Sync result").
-//!
-//! [`push`] takes mappings already read from the source and aligns the target with them. It
-//! does not decide *when* to run: that is the engine's job (`mapsync run`), or the user's
+//! One sync run (SPEC §2): the only way mappings reach the mirror. `mapsync sync` and the
+//! daemon's engine both call [`run`]; neither talks to Postgres on its own. A run does not
+//! decide *when* it happens: that is the engine's business (`mapsync run`), or the user's
 //! (`mapsync sync`, `POST /sync`).
+//!
+//! Two modes, one transaction each, all or nothing:
+//! - [`Mode::Full`] (start-up, schedule, `POST /sync`, the CLI, any run before the first
+//!   success): scans every remote row and compares it with the source, which also repairs
+//!   rows changed or deleted by hand in Postgres;
+//! - [`Mode::Incremental`] (file-watch runs): writes only what the source changed since the
+//!   mirror was known to hold the previous read ([`Diff`]), without a scan.
+//!
+//! Guards come before any write: with delete propagation, another instance writing the same
+//! table refuses the run (`refused:other_instance`), and so does a delete beyond the limits
+//! (`refused:mass_delete`); `force` overrides both. Rows that already match are not
+//! rewritten (no new row version, no trigger).
 
-use std::future::Future;
+mod diff;
+mod report;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde::{Serialize, Serializer};
+pub use diff::{Diff, Mirrored};
+pub use report::{SyncOptions, SyncReport, SyncStatus, Trigger};
 
 use crate::config::TargetSettings;
 use crate::mapping::Mapping;
-use crate::postgres::{MirrorError, MirrorOptions, MirrorOutcome, Refusal, Target};
+use crate::postgres::{Rejected, RemoteRows, Target, TargetError, Txn, Written};
 
-/// What started a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Trigger {
-    Manual,
-    Watch,
-    Schedule,
-    Startup,
+/// How a run finds what to write.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode<'a> {
+    /// Scan every remote row and compare (repairs drift).
+    Full,
+    /// Only these changes since the mirror held the previous read.
+    Incremental(&'a Diff),
 }
 
-impl Trigger {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Manual => "manual",
-            Trigger::Watch => "watch",
-            Trigger::Schedule => "schedule",
-            Trigger::Startup => "startup",
+/// The mass-delete limits (`target.max_delete_fraction`, `target.max_delete_floor`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_delete_fraction: f64,
+    pub max_delete_floor: u64,
+}
+
+impl Limits {
+    pub fn of(settings: &TargetSettings) -> Limits {
+        Limits {
+            max_delete_fraction: settings.max_delete_fraction,
+            max_delete_floor: settings.max_delete_floor,
         }
     }
 }
 
-/// How a run ended, when it did not fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncStatus {
-    Synced,
-    SkippedNotConfigured,
-    RefusedMassDelete,
-    RefusedOtherInstance,
-}
-
-impl SyncStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SyncStatus::Synced => "synced",
-            SyncStatus::SkippedNotConfigured => "skipped:supabase_not_configured",
-            SyncStatus::RefusedMassDelete => "refused:mass_delete",
-            SyncStatus::RefusedOtherInstance => "refused:other_instance",
-        }
-    }
-
-    /// Whether a guard refused the run (nothing was written).
-    pub fn is_refused(self) -> bool {
-        matches!(
-            self,
-            SyncStatus::RefusedMassDelete | SyncStatus::RefusedOtherInstance
-        )
-    }
-
-    /// The `result` label of `mapsync_sync_runs_total`.
-    pub fn metric_result(self) -> &'static str {
-        match self {
-            SyncStatus::Synced => "ok",
-            SyncStatus::SkippedNotConfigured => "skipped",
-            SyncStatus::RefusedMassDelete | SyncStatus::RefusedOtherInstance => "refused",
-        }
-    }
-}
-
-impl Serialize for SyncStatus {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-/// Per-run choices (`--delete-missing`, `--force`, `--dry-run`, or the HTTP query).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SyncOptions {
-    pub delete_missing: bool,
-    pub force: bool,
-    pub dry_run: bool,
-}
-
-/// The result of a run, as `mapsync sync` prints it and `POST /sync` answers it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct SyncReport {
-    pub status: SyncStatus,
-    /// Mappings now mirrored (the source's count when synced).
-    pub synced_count: u64,
-    /// Rows inserted or updated.
-    pub changed_count: u64,
-    pub deleted_count: u64,
-    pub remote_before: u64,
-    pub remote_after: u64,
-    pub duration_ms: u64,
+/// A run to do.
+#[derive(Debug, Clone, Copy)]
+pub struct Run<'a> {
+    /// The source as read (its count is the report's `synced_count`).
+    pub mappings: &'a [Arc<Mapping>],
+    pub mode: Mode<'a>,
+    pub opts: SyncOptions,
     pub trigger: Trigger,
-    /// Only present (and true) for `--dry-run`: the counts say what would happen.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub dry_run: bool,
-    /// Why a run was refused, or what a dry run would delete.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
+    /// The mirror's row count as last known, for runs that do not count it (incremental).
+    pub remote_known: u64,
 }
 
-impl SyncReport {
-    pub fn skipped(trigger: Trigger) -> SyncReport {
-        SyncReport {
-            status: SyncStatus::SkippedNotConfigured,
-            synced_count: 0,
-            changed_count: 0,
-            deleted_count: 0,
-            remote_before: 0,
-            remote_after: 0,
-            duration_ms: 0,
-            trigger,
-            dry_run: false,
-            detail: None,
+/// What a run found and did; its [`SyncReport`] is made from it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counts {
+    /// Rows in the mirror before the run, when the run counted them.
+    pub remote_before: Option<u64>,
+    /// Rows inserted (or, in a dry run, to insert).
+    pub inserted: u64,
+    /// Rows rewritten because they differed.
+    pub updated: u64,
+    pub deleted: u64,
+    /// Remote rows absent from the source (deleted only with delete propagation).
+    pub extra: u64,
+    /// Set when a guard refused the run; nothing was written.
+    pub refused: Option<Refusal>,
+    /// Rows the run would change or delete (what a refused or dry run leaves pending).
+    pub pending: u64,
+    /// Mappings Postgres refused to store; every other one was written.
+    pub rejected: Vec<Rejected>,
+}
+
+impl Counts {
+    fn record(&mut self, w: Written) {
+        self.inserted += w.inserted;
+        self.updated += w.updated;
+        self.rejected = w.rejected;
+    }
+}
+
+/// Why a guard refused a run, with a message that says how to force it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The run would delete more than the limits allow.
+    MassDelete(String),
+    /// Another instance has written the table recently.
+    OtherInstance(String),
+}
+
+impl Refusal {
+    /// `refused:mass_delete` or `refused:other_instance`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Refusal::MassDelete(_) => "refused:mass_delete",
+            Refusal::OtherInstance(_) => "refused:other_instance",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Refusal::MassDelete(m) | Refusal::OtherInstance(m) => m,
         }
     }
 }
 
-impl SyncReport {
-    /// The report of a run that reached the target. `synced_count` is the source's mapping
-    /// count; `remote_known` stands in for the mirror's row count when the run did not count
-    /// it (incremental runs).
-    pub fn of_outcome(
-        outcome: &MirrorOutcome,
-        synced_count: u64,
-        remote_known: u64,
-        opts: SyncOptions,
-        trigger: Trigger,
-        duration: Duration,
-    ) -> SyncReport {
-        let remote_before = outcome.remote_before.unwrap_or(remote_known);
-        let duration_ms = duration.as_millis() as u64;
-        match &outcome.refused {
-            Some(refusal) => SyncReport {
-                status: match refusal {
-                    Refusal::MassDelete(_) => SyncStatus::RefusedMassDelete,
-                    Refusal::OtherInstance(_) => SyncStatus::RefusedOtherInstance,
-                },
-                synced_count: 0,
-                changed_count: 0,
-                deleted_count: 0,
-                remote_before,
-                remote_after: remote_before,
-                duration_ms,
-                trigger,
-                dry_run: opts.dry_run,
-                detail: Some(refusal.message().to_string()),
-            },
-            None => SyncReport {
-                status: SyncStatus::Synced,
-                synced_count,
-                changed_count: outcome.inserted + outcome.updated,
-                deleted_count: outcome.deleted,
-                remote_before,
-                remote_after: (remote_before + outcome.inserted).saturating_sub(outcome.deleted),
-                duration_ms,
-                trigger,
-                dry_run: opts.dry_run,
-                detail: detail(outcome, opts),
-            },
-        }
-    }
+/// A finished run: what the caller reports, and what it did in detail.
+#[derive(Debug, Clone)]
+pub struct Ran {
+    pub report: SyncReport,
+    pub counts: Counts,
 }
 
-/// What a synced run wants its reader to know: mappings Postgres refused, remote rows left
-/// in place.
-fn detail(outcome: &MirrorOutcome, opts: SyncOptions) -> Option<String> {
-    let mut parts = Vec::new();
-    if !outcome.rejected.is_empty() {
-        let ids: Vec<&str> = outcome
-            .rejected
-            .iter()
-            .take(5)
-            .map(|r| r.id.as_str())
-            .collect();
-        parts.push(format!(
-            "Postgres refused {} mapping(s) ({}{}); every other mapping is mirrored: see the log for why",
-            outcome.rejected.len(),
-            ids.join(", "),
-            if outcome.rejected.len() > ids.len() { ", …" } else { "" }
-        ));
-    }
-    if !opts.delete_missing && outcome.extra > 0 {
-        parts.push(format!(
-            "{} remote rows are not in the source; delete propagation is off (target.delete_missing)",
-            outcome.extra
-        ));
-    }
-    (!parts.is_empty()).then(|| parts.join("; "))
-}
+/// The status a run that wrote records in the instance registry.
+const SYNCED: &str = "synced";
 
-/// What the target needs to know of a run's options.
-pub fn mirror_options(opts: SyncOptions, settings: &TargetSettings) -> MirrorOptions {
-    MirrorOptions {
-        delete_missing: opts.delete_missing,
-        force: opts.force,
-        dry_run: opts.dry_run,
-        max_delete_fraction: settings.max_delete_fraction,
-        max_delete_floor: settings.max_delete_floor,
-    }
-}
-
-/// A full run: aligns `target` with the mappings `local` produces (the mirror is scanned
-/// while `local` is still running). With no target, waits for `local` (its errors still
-/// count) and reports `skipped:supabase_not_configured`.
-pub async fn push<E>(
+/// Aligns `target` with the source, in one transaction. Without a target, reports
+/// `skipped:supabase_not_configured`.
+pub async fn run(
     target: Option<&Target>,
-    settings: &TargetSettings,
-    local: impl Future<Output = Result<Vec<Arc<Mapping>>, E>>,
-    opts: SyncOptions,
-    trigger: Trigger,
-) -> Result<SyncReport, MirrorError<E>> {
-    let Some(target) = target else {
-        local.await.map_err(MirrorError::Source)?;
-        return Ok(SyncReport::skipped(trigger));
-    };
+    limits: Limits,
+    run: Run<'_>,
+) -> Result<Ran, TargetError> {
     let started = Instant::now();
-    let (outcome, mappings) = target
-        .mirror(local, &mirror_options(opts, settings))
-        .await?;
-    Ok(SyncReport::of_outcome(
-        &outcome,
-        mappings.len() as u64,
-        0,
-        opts,
-        trigger,
+    let Some(target) = target else {
+        return Ok(Ran {
+            report: SyncReport::skipped(run.trigger),
+            counts: Counts::default(),
+        });
+    };
+    let counts = match run.mode {
+        Mode::Full => full(target, limits, run.mappings, run.opts).await?,
+        Mode::Incremental(diff) => incremental(target, limits, diff, run.opts).await?,
+    };
+    let report = SyncReport::of_counts(
+        &counts,
+        run.mappings.len() as u64,
+        run.remote_known,
+        run.opts,
+        run.trigger,
         started.elapsed(),
-    ))
+    );
+    Ok(Ran { report, counts })
+}
+
+/// Scan, compare, guard, write, delete, commit.
+async fn full(
+    target: &Target,
+    limits: Limits,
+    mappings: &[Arc<Mapping>],
+    opts: SyncOptions,
+) -> Result<Counts, TargetError> {
+    let mut session = target.session().await?;
+    let txn = session.begin().await?;
+    let remote = txn.scan().await?;
+    let remote_before = remote.len() as u64;
+    // CPU work over every mapping: off the runtime thread the admin port shares.
+    let (missing, differing, extra) = tokio::task::block_in_place(|| compare(mappings, remote));
+    let mut counts = Counts {
+        remote_before: Some(remote_before),
+        extra: extra.len() as u64,
+        pending: (missing.len() + differing.len()) as u64
+            + if opts.delete_missing {
+                extra.len() as u64
+            } else {
+                0
+            },
+        ..Default::default()
+    };
+    if let Some(refusal) =
+        guard(&txn, limits, extra.len() as u64, Some(remote_before), opts).await?
+    {
+        counts.refused = Some(refusal);
+        refuse(txn, &counts, opts.dry_run).await?;
+        return Ok(counts);
+    }
+    if opts.dry_run {
+        counts.inserted = missing.len() as u64;
+        counts.updated = differing.len() as u64;
+        counts.deleted = if opts.delete_missing { counts.extra } else { 0 };
+        return Ok(counts);
+    }
+    counts.record(txn.write(&missing, &differing).await?);
+    if opts.delete_missing {
+        counts.deleted = txn.delete(&extra).await?;
+    }
+    txn.record_run(SYNCED, true).await?;
+    txn.commit().await?;
+    Ok(counts)
+}
+
+/// The source's mappings against the mirror's rows: (missing remotely, differing, remote ids
+/// the source lacks). Mappings the mirror cannot hold are left out.
+fn compare(
+    mappings: &[Arc<Mapping>],
+    mut remote: RemoteRows,
+) -> (Vec<&Mapping>, Vec<&Mapping>, Vec<String>) {
+    let mut missing = Vec::new();
+    let mut differing = Vec::new();
+    for m in mappings.iter().filter(|m| m.mirrorable()) {
+        match remote.take(m) {
+            None => missing.push(m.as_ref()),
+            Some(false) => differing.push(m.as_ref()),
+            Some(true) => {}
+        }
+    }
+    (missing, differing, remote.into_ids())
+}
+
+/// Guard, write the changed mappings, delete the removed ones, commit: no scan.
+async fn incremental(
+    target: &Target,
+    limits: Limits,
+    diff: &Diff,
+    opts: SyncOptions,
+) -> Result<Counts, TargetError> {
+    let removed: Vec<&str> = diff.removed.iter().map(|m| m.id()).collect();
+    let deletes: &[&str] = if opts.delete_missing { &removed } else { &[] };
+    let mut counts = Counts {
+        extra: removed.len() as u64,
+        pending: (diff.changed.len() + deletes.len()) as u64,
+        ..Default::default()
+    };
+    if diff.changed.is_empty() && deletes.is_empty() {
+        return Ok(counts);
+    }
+    let mut session = target.session().await?;
+    let txn = session.begin().await?;
+    if let Some(refusal) = guard(&txn, limits, deletes.len() as u64, None, opts).await? {
+        counts.refused = Some(refusal);
+        refuse(txn, &counts, opts.dry_run).await?;
+        return Ok(counts);
+    }
+    if opts.dry_run {
+        counts.updated = diff.changed.len() as u64;
+        counts.deleted = deletes.len() as u64;
+        return Ok(counts);
+    }
+    let changed: Vec<&Mapping> = diff
+        .changed
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|m| m.mirrorable())
+        .collect();
+    counts.record(txn.write(&[], &changed).await?);
+    counts.deleted = txn.delete(deletes).await?;
+    txn.record_run(SYNCED, true).await?;
+    txn.commit().await?;
+    Ok(counts)
+}
+
+/// The guards of a run with delete propagation, before anything is written: another instance
+/// writing this table, then the mass-delete limits. `remote` is the mirror's row count, when
+/// known; it is counted here only when the limits need it.
+async fn guard(
+    txn: &Txn<'_>,
+    limits: Limits,
+    deletes: u64,
+    remote: Option<u64>,
+    opts: SyncOptions,
+) -> Result<Option<Refusal>, TargetError> {
+    if !opts.delete_missing || opts.force {
+        return Ok(None);
+    }
+    if let Some(other) = txn.recent_others().await?.first() {
+        return Ok(Some(Refusal::OtherInstance(format!(
+            "another mapsync instance, {other}, writes {} too (this one is `{}`), and deleting the rows missing from this SQLite file would delete that instance's rows: point one of them at another table, give both the same instance.name if they mirror the same file, or pass force=true (--force) once the other is gone for good",
+            txn.table(),
+            txn.instance_name(),
+        ))));
+    }
+    // Only a large delete needs the remote count for the limits.
+    if deletes <= limits.max_delete_floor {
+        return Ok(None);
+    }
+    let remote = match remote {
+        Some(n) => n,
+        None => txn.count().await?,
+    };
+    Ok(mass_delete(deletes, remote, limits).map(Refusal::MassDelete))
+}
+
+/// Ends a refused run: nothing is written but this instance's status in the registry (a dry
+/// run records nothing: dropping its transaction rolls it back).
+async fn refuse(txn: Txn<'_>, counts: &Counts, dry_run: bool) -> Result<(), TargetError> {
+    if dry_run {
+        return Ok(());
+    }
+    if let Some(refusal) = &counts.refused {
+        txn.record_run(refusal.status(), false).await?;
+    }
+    txn.commit().await
+}
+
+/// `Some(reason)` when deleting `extra` of `remote` rows crosses both limits.
+fn mass_delete(extra: u64, remote: u64, limits: Limits) -> Option<String> {
+    let over_floor = extra > limits.max_delete_floor;
+    let over_fraction = (extra as f64) > limits.max_delete_fraction * remote as f64;
+    (over_floor && over_fraction).then(|| {
+        format!(
+            "would delete {extra} of {remote} remote rows, more than target.max_delete_fraction ({}) and target.max_delete_floor ({}): pass force=true (--force) if the source really lost them",
+            limits.max_delete_fraction, limits.max_delete_floor
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(fraction: f64, floor: u64) -> Limits {
+        Limits {
+            max_delete_fraction: fraction,
+            max_delete_floor: floor,
+        }
+    }
+
+    #[test]
+    fn mass_delete_needs_both_limits_crossed() {
+        // 11 of 12 rows: over the floor (10) and over half.
+        assert!(mass_delete(11, 12, limits(0.5, 10)).is_some());
+        // 10 of 12: not over the floor.
+        assert!(mass_delete(10, 12, limits(0.5, 10)).is_none());
+        // 40 of 100: over the floor, not over half.
+        assert!(mass_delete(40, 100, limits(0.5, 10)).is_none());
+        // An emptied source against 1000 remote rows.
+        let why = mass_delete(1000, 1000, limits(0.5, 10)).unwrap();
+        assert!(why.contains("would delete 1000 of 1000"), "{why}");
+        assert!(why.contains("force"), "{why}");
+    }
 }

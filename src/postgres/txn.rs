@@ -1,0 +1,563 @@
+//! The steps of a run's transaction against the mirror (SPEC §2): the [`sync`](crate::sync)
+//! module decides what a run does; this module knows how each step is said to Postgres.
+//!
+//! 1. [`Target::session`] takes a pooled connection and registers it for cancellation;
+//!    [`Session::begin`] opens the run's transaction: `SET LOCAL statement_timeout` and
+//!    `lock_timeout`, a transaction-scoped advisory lock on the table (runs of several
+//!    mapsync instances never interleave), and the column check (a missing migration is
+//!    reported as such, not as a SQL error).
+//! 2. [`Txn::scan`] streams the remote rows with `COPY … TO STDOUT (FORMAT binary)`, keeping
+//!    only a digest of each row's ten fields per id; `jsonb` columns arrive as text, which is
+//!    the canonical form the source already holds (see [`crate::mapping::canonical_json`]),
+//!    so a source mapping and its remote row digest alike exactly when every field is equal.
+//! 3. [`Txn::write`]: rows missing remotely go in with `COPY … FROM STDIN (FORMAT binary)`
+//!    straight into the table; rows that differ go through a temporary staging table and one
+//!    `INSERT … ON CONFLICT DO UPDATE … WHERE … IS DISTINCT FROM …`, which leaves a row that
+//!    already matches untouched (no new row version, no trigger). Under a savepoint: a row
+//!    Postgres refuses is isolated by halving and left out, every other row is written.
+//! 4. [`Txn::delete`]: one `DELETE … WHERE id = ANY($1)`.
+//! 5. [`Txn::commit`]; dropping a [`Txn`] instead rolls everything back.
+//!
+//! No prepared statement outlives its transaction, so all of this works through PgBouncer or
+//! Supavisor in transaction-pooling mode.
+
+use bytes::{BufMut, BytesMut};
+use chrono::{DateTime, Utc};
+use futures_util::{TryStreamExt, pin_mut};
+use tokio_postgres::Transaction;
+use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutRow, BinaryCopyOutStream};
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+
+use foldhash::HashMap as FxHashMap;
+
+use super::registry::OtherInstance;
+use super::{RunningGuard, Target, TargetError};
+use crate::mapping::Mapping;
+
+/// The ten mirrored columns, in the order of the exported form.
+const COLUMNS: &str = "id, scope_type, scope_key, name, default_model, candidates, is_active, updated_at, source, metadata";
+
+const COLUMN_TYPES: [Type; 10] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+    Type::BOOL,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::JSONB,
+];
+
+/// A connection taken from the pool for one run, registered so that shutdown can cancel its
+/// query ([`Target::cancel_running`]).
+pub struct Session<'t> {
+    target: &'t Target,
+    client: deadpool_postgres::Object,
+    _running: RunningGuard,
+}
+
+/// A run's open transaction. Dropped without [`Txn::commit`], it rolls back.
+pub struct Txn<'s> {
+    target: &'s Target,
+    tx: deadpool_postgres::Transaction<'s>,
+}
+
+/// The mirror's rows as a digest per id: enough to tell which source mappings differ, at a
+/// fraction of the rows' memory.
+#[derive(Debug, Default)]
+pub struct RemoteRows(FxHashMap<String, u64>);
+
+impl RemoteRows {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Takes `m`'s id out: `None` when the mirror lacks it, `Some(true)` when its row equals
+    /// `m` field by field, `Some(false)` when it differs.
+    pub fn take(&mut self, m: &Mapping) -> Option<bool> {
+        self.0.remove(m.id()).map(|d| d == row_digest(&Row::of(m)))
+    }
+
+    /// The ids not taken: rows the source does not have.
+    pub fn into_ids(self) -> Vec<String> {
+        self.0.into_keys().collect()
+    }
+}
+
+/// What [`Txn::write`] did.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub inserted: u64,
+    pub updated: u64,
+    /// Mappings Postgres refused to store; every other one was written.
+    pub rejected: Vec<Rejected>,
+}
+
+/// A mapping Postgres would not take (a value a constraint, trigger or index refuses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub id: String,
+    pub reason: String,
+}
+
+impl Target {
+    /// A pooled connection for one run.
+    pub async fn session(&self) -> Result<Session<'_>, TargetError> {
+        let client = self.client().await?;
+        let running = self.register_run(&client);
+        Ok(Session {
+            target: self,
+            client,
+            _running: running,
+        })
+    }
+}
+
+impl Session<'_> {
+    /// Opens the run's transaction: timeouts, the advisory lock, the column check.
+    pub async fn begin(&mut self) -> Result<Txn<'_>, TargetError> {
+        let target = self.target;
+        let err = |e: tokio_postgres::Error| target.classify(&e);
+        let tx = self.client.transaction().await.map_err(err)?;
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
+             SELECT pg_advisory_xact_lock(hashtextextended('mapsync:{}', 0))",
+            target.statement_timeout.as_millis(),
+            super::LOCK_TIMEOUT
+                .min(target.statement_timeout)
+                .as_millis(),
+            target.table,
+        ))
+        .await
+        .map_err(err)?;
+        super::schema::check_columns(&tx, target).await?;
+        Ok(Txn { target, tx })
+    }
+}
+
+impl Txn<'_> {
+    fn err(&self, e: tokio_postgres::Error) -> TargetError {
+        self.target.classify(&e)
+    }
+
+    /// Streams the mirror's rows (binary COPY) into a digest per id.
+    pub async fn scan(&self) -> Result<RemoteRows, TargetError> {
+        let stream = self
+            .tx
+            .copy_out(&format!(
+                "COPY (SELECT {COLUMNS} FROM {}) TO STDOUT (FORMAT binary)",
+                self.target.table.quoted()
+            ))
+            .await
+            .map_err(|e| self.err(e))?;
+        let rows = BinaryCopyOutStream::new(stream, &COLUMN_TYPES);
+        pin_mut!(rows);
+        let mut digests = RemoteRows::default();
+        while let Some(row) = rows.try_next().await.map_err(|e| self.err(e))? {
+            let remote = Row::read(&row).map_err(|e| self.err(e))?;
+            digests.0.insert(remote.id.to_string(), row_digest(&remote));
+            yield_every(digests.len()).await;
+        }
+        Ok(digests)
+    }
+
+    /// The mirror's row count.
+    pub async fn count(&self) -> Result<u64, TargetError> {
+        let row = self
+            .tx
+            .query_one(
+                &format!("SELECT count(*) FROM {}", self.target.table.quoted()),
+                &[],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Writes `missing` (rows the mirror lacks: straight COPY into the table) and `differing`
+    /// (through [`upsert_via_stage`]) under a savepoint. When Postgres refuses a value (a data
+    /// exception, a constraint, an index entry too large: SQLSTATE classes 22, 23, 54), the
+    /// savepoint is rolled back and the rows are written again in halves, down to single rows,
+    /// so that one row Postgres will not take is left out and every other row is written.
+    pub async fn write(
+        &self,
+        missing: &[&Mapping],
+        differing: &[&Mapping],
+    ) -> Result<Written, TargetError> {
+        write_rows(&self.tx, &self.target.table.quoted(), missing, differing)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Deletes the rows with these ids; returns how many went.
+    pub async fn delete<S: AsRef<str> + Sync + ToSql>(
+        &self,
+        ids: &[S],
+    ) -> Result<u64, TargetError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.tx
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE id = ANY($1)",
+                    self.target.table.quoted()
+                ),
+                &[&ids],
+            )
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// The other instances that wrote this table within `target.instance_grace_s`.
+    pub async fn recent_others(&self) -> Result<Vec<OtherInstance>, TargetError> {
+        self.target.recent_others(&self.tx).await
+    }
+
+    /// Records this run in the instance registry: `wrote` moves `last_run_at`.
+    pub async fn record_run(&self, status: &str, wrote: bool) -> Result<(), TargetError> {
+        self.target.record_run(&self.tx, status, wrote).await
+    }
+
+    /// The mirrored table (for messages).
+    pub fn table(&self) -> &crate::config::TableName {
+        &self.target.table
+    }
+
+    /// This instance's name in the registry.
+    pub fn instance_name(&self) -> &str {
+        self.target.instance_name()
+    }
+
+    pub async fn commit(self) -> Result<(), TargetError> {
+        let target = self.target;
+        self.tx.commit().await.map_err(|e| target.classify(&e))
+    }
+}
+
+impl Target {
+    /// Every mirrored row in the exported form, each parsed on its own by the export rules
+    /// (for `mapsync restore --from-target`): one read transaction, no lock taken.
+    pub async fn read_mirror(
+        &self,
+        redactor: &crate::mapping::Redactor,
+    ) -> Result<Vec<Result<Mapping, String>>, TargetError> {
+        let err = |e: tokio_postgres::Error| self.classify(&e);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(err)?;
+        super::schema::check_columns(&tx, self).await?;
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT to_json(t)::text FROM (SELECT {COLUMNS} FROM {}) t",
+                    self.table.quoted()
+                ),
+                &[],
+            )
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let text: &str = r.get(0);
+                serde_json::from_str(text)
+                    .map_err(|e| format!("not a row of the mirror ({e})"))
+                    .and_then(|v| Mapping::from_export(&v, redactor))
+            })
+            .collect())
+    }
+}
+
+/// The ten mirrored fields of a row, as the mirror stores them: read from a remote row, or
+/// taken from a source mapping, and compared through [`row_digest`].
+#[derive(Hash)]
+struct Row<'a> {
+    id: &'a str,
+    scope_type: &'a str,
+    scope_key: &'a str,
+    name: Option<&'a str>,
+    default_model: Option<&'a str>,
+    candidates: Option<&'a str>,
+    is_active: Option<bool>,
+    /// Microseconds since the Unix epoch.
+    updated_at: Option<i64>,
+    source: Option<&'a str>,
+    metadata: Option<&'a str>,
+}
+
+impl<'a> Row<'a> {
+    fn of(m: &'a Mapping) -> Row<'a> {
+        Row {
+            id: m.id(),
+            scope_type: m.scope_type(),
+            scope_key: m.scope_key(),
+            name: m.name(),
+            default_model: m.default_model(),
+            candidates: Some(m.candidates_json()),
+            is_active: Some(m.is_active),
+            updated_at: m.updated_at.map(|t| t.timestamp_micros()),
+            source: Some(m.source.as_str()),
+            metadata: Some(m.mirror_metadata_json()),
+        }
+    }
+
+    /// `jsonb` columns arrive as their text, which is the canonical text the source holds.
+    fn read(r: &'a BinaryCopyOutRow) -> Result<Row<'a>, tokio_postgres::Error> {
+        Ok(Row {
+            id: r.try_get(0)?,
+            scope_type: r.try_get(1)?,
+            scope_key: r.try_get(2)?,
+            name: r.try_get(3)?,
+            default_model: r.try_get(4)?,
+            candidates: r.try_get::<Option<Jsonb>>(5)?.map(|j| j.0),
+            is_active: r.try_get(6)?,
+            updated_at: r
+                .try_get::<Option<DateTime<Utc>>>(7)?
+                .map(|t| t.timestamp_micros()),
+            source: r.try_get(8)?,
+            metadata: r.try_get::<Option<Jsonb>>(9)?.map(|j| j.0),
+        })
+    }
+}
+
+/// A 64-bit hash of a row's fields: equal rows have equal digests, and a differing row
+/// collides with probability 2⁻⁶⁴. (Should that ever happen, the row is rewritten by the
+/// next change to it.)
+fn row_digest(row: &Row<'_>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    row.hash(&mut h);
+    h.finish()
+}
+
+/// Streams `rows` into `table` with binary COPY. Returns the number of rows written.
+async fn copy_in(
+    tx: &Transaction<'_>,
+    table: &str,
+    rows: &[&Mapping],
+) -> Result<u64, tokio_postgres::Error> {
+    let sink = tx
+        .copy_in(&format!(
+            "COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
+    pin_mut!(writer);
+    for (i, m) in rows.iter().enumerate() {
+        yield_every(i).await;
+        writer
+            .as_mut()
+            .write(&[
+                &m.id(),
+                &m.scope_type(),
+                &m.scope_key(),
+                &m.name(),
+                &m.default_model(),
+                &Jsonb(m.candidates_json()),
+                &m.is_active,
+                &m.updated_at,
+                &m.source.as_str(),
+                &Jsonb(m.mirror_metadata_json()),
+            ])
+            .await?;
+    }
+    writer.finish().await
+}
+
+/// Writes rows that may differ: COPY into a temporary table, then one guarded upsert. Returns
+/// how many rows Postgres inserted and how many it actually rewrote (a row that already
+/// matches is neither).
+async fn upsert_via_stage(
+    tx: &Transaction<'_>,
+    table: &str,
+    rows: &[&Mapping],
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    // Created once per transaction (a retry of a chunk reuses it, emptied).
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS mapsync_stage (id text, scope_type text, scope_key text, \
+         name text, default_model text, candidates jsonb, is_active boolean, \
+         updated_at timestamptz, source text, metadata jsonb) ON COMMIT DROP; \
+         TRUNCATE mapsync_stage",
+    )
+    .await?;
+    copy_in(tx, "mapsync_stage", rows).await?;
+    let set: Vec<String> = COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect();
+    let current: Vec<String> = COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|c| format!("t.{c}"))
+        .collect();
+    let incoming: Vec<String> = COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|c| format!("EXCLUDED.{c}"))
+        .collect();
+    let row = tx
+        .query_one(
+            &format!(
+                "WITH written AS (INSERT INTO {table} AS t ({COLUMNS}) SELECT {COLUMNS} FROM mapsync_stage \
+                 ON CONFLICT (id) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({}) \
+                 RETURNING (xmax = 0) AS inserted) \
+                 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written",
+                set.join(", "),
+                current.join(", "),
+                incoming.join(", "),
+            ),
+            &[],
+        )
+        .await?;
+    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+}
+
+/// [`Txn::write`]'s work, on a bare transaction.
+async fn write_rows(
+    tx: &Transaction<'_>,
+    table: &str,
+    missing: &[&Mapping],
+    differing: &[&Mapping],
+) -> Result<Written, tokio_postgres::Error> {
+    if missing.is_empty() && differing.is_empty() {
+        return Ok(Written::default());
+    }
+    tx.batch_execute("SAVEPOINT mapsync_write").await?;
+    let fast = async {
+        let mut w = Written::default();
+        if !missing.is_empty() {
+            w.inserted = copy_in(tx, table, missing).await?;
+        }
+        if !differing.is_empty() {
+            let (inserted, updated) = upsert_via_stage(tx, table, differing).await?;
+            w.inserted += inserted;
+            w.updated = updated;
+        }
+        Ok::<_, tokio_postgres::Error>(w)
+    };
+    match fast.await {
+        Ok(w) => {
+            tx.batch_execute("RELEASE SAVEPOINT mapsync_write").await?;
+            Ok(w)
+        }
+        Err(e) if refuses_a_row(&e) => {
+            tx.batch_execute(
+                "ROLLBACK TO SAVEPOINT mapsync_write; RELEASE SAVEPOINT mapsync_write",
+            )
+            .await?;
+            let all: Vec<&Mapping> = missing.iter().chain(differing).copied().collect();
+            write_isolating(tx, table, &all).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `rows` in halves under savepoints, leaving out each single row Postgres refuses.
+async fn write_isolating(
+    tx: &Transaction<'_>,
+    table: &str,
+    rows: &[&Mapping],
+) -> Result<Written, tokio_postgres::Error> {
+    let mut w = Written::default();
+    let mut todo = vec![rows];
+    while let Some(chunk) = todo.pop() {
+        tx.batch_execute("SAVEPOINT mapsync_chunk").await?;
+        match upsert_via_stage(tx, table, chunk).await {
+            Ok((inserted, updated)) => {
+                tx.batch_execute("RELEASE SAVEPOINT mapsync_chunk").await?;
+                w.inserted += inserted;
+                w.updated += updated;
+            }
+            Err(e) if refuses_a_row(&e) => {
+                tx.batch_execute(
+                    "ROLLBACK TO SAVEPOINT mapsync_chunk; RELEASE SAVEPOINT mapsync_chunk",
+                )
+                .await?;
+                match chunk {
+                    [one] => {
+                        let reason = super::one_line(&e);
+                        tracing::warn!(id = %one.id(), reason = %reason,
+                            "Postgres refused this mapping; every other mapping is mirrored (fix the value in the application, or the constraint in Postgres)");
+                        w.rejected.push(Rejected {
+                            id: one.id().to_string(),
+                            reason,
+                        });
+                    }
+                    _ => {
+                        let (a, b) = chunk.split_at(chunk.len() / 2);
+                        todo.push(b);
+                        todo.push(a);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(w)
+}
+
+/// Whether Postgres refused a value of some row, rather than the run as a whole: a data
+/// exception (22…), an integrity constraint (23…) or a program limit such as an index entry
+/// too large (54…).
+fn refuses_a_row(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        ["22", "23", "54"]
+            .iter()
+            .any(|class| c.code().starts_with(class))
+    })
+}
+
+/// Lets other tasks run (the admin port, above all) every 1,024 rows: encoding or hashing
+/// 100,000 rows would otherwise hold a runtime thread for a few hundred milliseconds, since
+/// a COPY stream with data buffered never makes the task wait.
+async fn yield_every(i: usize) {
+    if i % 1024 == 1023 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A `jsonb` value as its text, borrowed: sent and received without parsing.
+#[derive(Debug)]
+struct Jsonb<'a>(&'a str);
+
+/// jsonb's binary format is a version byte (1) followed by the JSON text.
+const JSONB_VERSION: u8 = 1;
+
+impl<'a> FromSql<'a> for Jsonb<'a> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        match raw.split_first() {
+            Some((&JSONB_VERSION, text)) => Ok(Jsonb(std::str::from_utf8(text)?)),
+            _ => Err("unsupported jsonb binary version".into()),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+}
+
+impl ToSql for Jsonb<'_> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_u8(JSONB_VERSION);
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
+}
