@@ -201,10 +201,7 @@ pub async fn check(settings: &Settings) -> Vec<CheckLine> {
             return lines;
         }
     };
-    let spec = settings.target.url.as_ref().and_then(|url| {
-        ConnectSpec::parse(url.expose(), settings.target.ssl_root_cert.as_deref()).ok()
-    });
-    if let Some(why) = spec.as_ref().and_then(unverified_tls) {
+    if let Some(why) = settings.target.connect.as_ref().and_then(unverified_tls) {
         lines.push(CheckLine {
             verdict: Verdict::Warn,
             what: "tls",

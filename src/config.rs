@@ -91,6 +91,8 @@ pub struct WatchSettings {
 pub struct TargetSettings {
     /// `None`: no target, snapshots-only mode.
     pub url: Option<Secret>,
+    /// `url` (with `ssl_root_cert`) parsed, once, for the pool.
+    pub connect: Option<crate::postgres::ConnectSpec>,
     /// `schema.table`, already validated as two plain identifiers.
     pub table: TableName,
     pub ssl_root_cert: Option<PathBuf>,
@@ -119,8 +121,8 @@ pub struct Instance {
 
 #[derive(Debug, Clone)]
 pub struct ScheduleSettings {
-    pub reconcile: String,
-    pub snapshot: String,
+    pub reconcile: crate::schedule::Schedule,
+    pub snapshot: crate::schedule::Schedule,
 }
 
 #[derive(Debug, Clone)]
@@ -791,10 +793,6 @@ impl RawSettings {
         // target
         let t = self.target;
         let url = secret("target.url", t.url, "target.url_file", t.url_file)?;
-        if let Some(url) = &url {
-            crate::postgres::ConnectSpec::parse(url.expose(), None)
-                .map_err(|e| ConfigError::new(format!("target.url: {e}")))?;
-        }
         let Some(table) = TableName::parse(t.table.trim()) else {
             return err(
                 "target.table",
@@ -824,14 +822,14 @@ impl RawSettings {
         }
 
         // schedule
-        for (key, expr) in [
-            ("schedule.reconcile", &self.schedule.reconcile),
-            ("schedule.snapshot", &self.schedule.snapshot),
-        ] {
-            if let Err(e) = crate::schedule::validate(expr) {
-                return err(key, &e);
-            }
-        }
+        let cron = |key: &str, expr: &str| {
+            crate::schedule::Schedule::parse(expr)
+                .map_err(|e| ConfigError::new(format!("{key}: {e}")))
+        };
+        let schedule = ScheduleSettings {
+            reconcile: cron("schedule.reconcile", &self.schedule.reconcile)?,
+            snapshot: cron("schedule.snapshot", &self.schedule.snapshot)?,
+        };
 
         // snapshot
         if self.snapshot.dir.as_os_str().is_empty() {
@@ -956,6 +954,7 @@ impl RawSettings {
                 max_delay: Duration::from_millis(self.watch.max_delay_ms),
             },
             target: TargetSettings {
+                connect: connect_spec(url.as_ref(), ssl_root_cert.as_deref())?,
                 url,
                 table,
                 ssl_root_cert,
@@ -969,10 +968,7 @@ impl RawSettings {
                 instance,
                 instance_grace: Duration::from_secs(t.instance_grace_s),
             },
-            schedule: ScheduleSettings {
-                reconcile: self.schedule.reconcile,
-                snapshot: self.schedule.snapshot,
-            },
+            schedule,
             snapshot: SnapshotSettings {
                 dir: self.snapshot.dir,
                 keep: self.snapshot.keep,
@@ -994,6 +990,27 @@ impl RawSettings {
             },
             origins,
         })
+    }
+}
+
+/// `target.url` parsed (with `target.ssl_root_cert`), once.
+fn connect_spec(
+    url: Option<&Secret>,
+    root_cert: Option<&Path>,
+) -> Result<Option<crate::postgres::ConnectSpec>, ConfigError> {
+    url.map(|u| {
+        crate::postgres::ConnectSpec::parse(u.expose(), root_cert)
+            .map_err(|e| ConfigError::new(format!("target.url: {e}")))
+    })
+    .transpose()
+}
+
+impl TargetSettings {
+    /// Points the target at `url` (`None`: snapshots only), parsed like the configured one.
+    pub fn set_url(&mut self, url: Option<Secret>) -> Result<(), ConfigError> {
+        self.connect = connect_spec(url.as_ref(), self.ssl_root_cert.as_deref())?;
+        self.url = url;
+        Ok(())
     }
 }
 

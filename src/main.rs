@@ -284,14 +284,7 @@ fn fail(e: &Error) -> ExitCode {
 }
 
 fn init_logging(settings: &Settings) {
-    // A bare level also quiets the scheduler crate, which logs its own start-up at info.
-    let level = &settings.log.level;
-    let directives = if level.contains('=') {
-        level.clone()
-    } else {
-        format!("{level},tokio_cron_scheduler=warn")
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(directives)
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();

@@ -1,19 +1,55 @@
 //! Cron schedules (`schedule.reconcile`, `schedule.snapshot`): six fields, seconds first, UTC.
 //!
-//! Expressions are parsed exactly as tokio-cron-scheduler parses them, so an expression that
-//! passes [`validate`] at start-up cannot fail later when the job is added.
+//! An expression is parsed once, when the configuration is loaded, into a [`Schedule`]; the
+//! engine then sleeps until each next occurrence ([`Schedule::next_after`]) and nothing
+//! parses it again. Parsing is croner's, with seconds required.
 
-use tokio_cron_scheduler::Job;
+use chrono::{DateTime, Utc};
+use croner::Cron;
+use croner::parser::{CronParser, Seconds};
 
-/// Checks a cron expression; the error says what a valid one looks like.
-pub fn validate(expr: &str) -> Result<(), String> {
-    Job::new_async(expr, |_, _| Box::pin(async {}))
-        .map(|_| ())
-        .map_err(|_| {
-            format!(
-                "`{expr}` is not a cron expression with seconds (six fields, e.g. \"0 */5 * * * *\" for every 5 minutes)"
-            )
+/// A parsed cron expression.
+#[derive(Clone)]
+pub struct Schedule {
+    text: String,
+    cron: Cron,
+}
+
+/// An expression that is not a cron expression with seconds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{0}` is not a cron expression with seconds (six fields, e.g. \"0 */5 * * * *\" for every 5 minutes)"
+)]
+pub struct CronError(pub String);
+
+impl Schedule {
+    pub fn parse(expr: &str) -> Result<Schedule, CronError> {
+        let cron = CronParser::builder()
+            .seconds(Seconds::Required)
+            .build()
+            .parse(expr)
+            .map_err(|_| CronError(expr.to_string()))?;
+        Ok(Schedule {
+            text: expr.to_string(),
+            cron,
         })
+    }
+
+    /// The first occurrence strictly after `t`; `None` if there is none.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron.find_next_occurrence(&t, false).ok()
+    }
+
+    /// The expression as given.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.text)
+    }
 }
 
 #[cfg(test)]
@@ -22,12 +58,28 @@ mod tests {
 
     #[test]
     fn six_field_expressions_with_seconds() {
-        assert!(validate("0 */5 * * * *").is_ok());
-        assert!(validate("0 0 * * * *").is_ok());
+        assert!(Schedule::parse("0 */5 * * * *").is_ok());
+        assert!(Schedule::parse("0 0 * * * *").is_ok());
+        let e = Schedule::parse("*/5 * * * *").unwrap_err();
         assert!(
-            validate("*/5 * * * *").is_err(),
-            "five fields lack the seconds"
+            e.to_string().contains("six fields"),
+            "five fields lack the seconds: {e}"
         );
-        assert!(validate("every hour").is_err());
+        assert!(Schedule::parse("every hour").is_err());
+    }
+
+    #[test]
+    fn the_next_occurrence_is_strictly_later() {
+        let every_5_min = Schedule::parse("0 */5 * * * *").unwrap();
+        let t: DateTime<Utc> = "2026-11-30T10:05:00Z".parse().unwrap();
+        assert_eq!(
+            every_5_min.next_after(t),
+            Some("2026-11-30T10:10:00Z".parse().unwrap())
+        );
+        let t: DateTime<Utc> = "2026-11-30T10:07:31Z".parse().unwrap();
+        assert_eq!(
+            every_5_min.next_after(t),
+            Some("2026-11-30T10:10:00Z".parse().unwrap())
+        );
     }
 }

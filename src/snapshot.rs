@@ -27,7 +27,7 @@ use serde::Serialize;
 use serde_json::ser::PrettyFormatter;
 
 use crate::config::SnapshotSettings;
-use crate::mapping::{self, Mapping, Redactor, format_timestamp};
+use crate::mapping::{self, EntryError, Mapping, Redactor, format_timestamp};
 
 pub const LATEST: &str = "model-mappings-latest.json";
 const PREFIX: &str = "model-mappings-";
@@ -126,20 +126,29 @@ pub fn write_document(
     out.flush()
 }
 
+/// Why a file is not an export document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DocumentError {
+    #[error("not a JSON document ({0})")]
+    NotJson(String),
+    #[error("no `mappings` list: not a mapsync or application export")]
+    NoMappings,
+}
+
 /// The entries of an export document, each parsed on its own so one bad entry does not spoil
 /// the rest (for `mapsync restore`).
 pub fn parse_document(
     bytes: &[u8],
     redactor: &Redactor,
-) -> Result<Vec<Result<Mapping, String>>, String> {
+) -> Result<Vec<Result<Mapping, EntryError>>, DocumentError> {
     let doc: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a JSON document ({e})"))?;
+        serde_json::from_slice(bytes).map_err(|e| DocumentError::NotJson(e.to_string()))?;
     let entries = match &doc {
         serde_json::Value::Object(o) => o.get("mappings").and_then(|m| m.as_array()),
         serde_json::Value::Array(a) => Some(a),
         _ => None,
     }
-    .ok_or("no `mappings` list: not a mapsync or application export")?;
+    .ok_or(DocumentError::NoMappings)?;
     Ok(entries
         .iter()
         .map(|e| mapping::Mapping::from_export(e, redactor))

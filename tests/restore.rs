@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ::mapsync::appdb::restore::{
-    Entries, Outcome, RestoreError, RestoreOptions, RestoreReport, restore,
+    Entries, EntryResult, RestoreError, RestoreOptions, RestoreReport, restore,
 };
 use ::mapsync::config::Settings;
 use ::mapsync::mapping::Redactor;
@@ -60,7 +60,7 @@ fn restore_file(s: &Settings, file: &Path, dry_run: bool) -> Result<RestoreRepor
 
 /// (result, reason) of the entry with normalised id `id`.
 #[track_caller]
-fn outcome(report: &RestoreReport, id: &str) -> (Outcome, Option<String>) {
+fn outcome(report: &RestoreReport, id: &str) -> (EntryResult, Option<String>) {
     let e = report
         .entries
         .iter()
@@ -207,12 +207,15 @@ fn restore_brings_back_changed_and_deleted_rows_and_never_deletes() {
     );
     assert!(!report.dry_run);
     assert_eq!(report.file, snapshot.display().to_string());
-    assert_eq!(outcome(&report, "mapping:a").0, Outcome::Imported);
+    assert_eq!(outcome(&report, "mapping:a").0, EntryResult::Imported);
     assert_eq!(
         outcome(&report, "mapping:b"),
-        (Outcome::Imported, Some("inserted".into()))
+        (EntryResult::Imported, Some("inserted".into()))
     );
-    assert_eq!(outcome(&report, "mapping:c"), (Outcome::Unchanged, None));
+    assert_eq!(
+        outcome(&report, "mapping:c"),
+        (EntryResult::Unchanged, None)
+    );
 
     // What the application's own (still open) connection now sees.
     assert_eq!(
@@ -264,7 +267,12 @@ fn restore_brings_back_changed_and_deleted_rows_and_never_deletes() {
         (again.imported, again.unchanged, again.skipped, again.errors),
         (0, 7, 0, 0)
     );
-    assert!(again.entries.iter().all(|e| e.result == Outcome::Unchanged));
+    assert!(
+        again
+            .entries
+            .iter()
+            .all(|e| e.result == EntryResult::Unchanged)
+    );
     assert_eq!(
         data_version(&ws.app),
         version,
@@ -355,15 +363,18 @@ fn prompt_mappings_round_trip_into_tools_json_in_object_and_list_form() {
 
     let report = run(&ws, &file, false);
     let id = |p: i64| format!("prompt:{p}");
-    assert_eq!(outcome(&report, &id(object)).0, Outcome::Imported);
-    assert_eq!(outcome(&report, &id(list)).0, Outcome::Imported);
-    assert_eq!(outcome(&report, &id(bare_object)).0, Outcome::Imported);
-    assert_eq!(outcome(&report, &id(bare_list)).0, Outcome::Imported);
+    assert_eq!(outcome(&report, &id(object)).0, EntryResult::Imported);
+    assert_eq!(outcome(&report, &id(list)).0, EntryResult::Imported);
+    assert_eq!(outcome(&report, &id(bare_object)).0, EntryResult::Imported);
+    assert_eq!(outcome(&report, &id(bare_list)).0, EntryResult::Imported);
     assert_eq!(
         outcome(&report, "prompt:999"),
-        (Outcome::Skipped, Some("prompt 999 does not exist".into()))
+        (
+            EntryResult::Skipped,
+            Some("prompt 999 does not exist".into())
+        )
     );
-    assert_eq!(outcome(&report, "mapping:a").0, Outcome::Unchanged);
+    assert_eq!(outcome(&report, "mapping:a").0, EntryResult::Unchanged);
     assert_eq!(
         (
             report.imported,
@@ -477,7 +488,7 @@ fn bad_entries_are_errors_while_the_others_import_from_a_bare_list() {
         (2, 0, 1, 4),
         "{report:#?}"
     );
-    let results: Vec<(usize, Option<&str>, Outcome)> = report
+    let results: Vec<(usize, Option<&str>, EntryResult)> = report
         .entries
         .iter()
         .map(|e| (e.index, e.id.as_deref(), e.result))
@@ -485,13 +496,13 @@ fn bad_entries_are_errors_while_the_others_import_from_a_bare_list() {
     assert_eq!(
         results,
         [
-            (0, Some("mapping:g"), Outcome::Skipped),
-            (1, None, Outcome::Error),
-            (2, None, Outcome::Error),
-            (3, None, Outcome::Error),
-            (4, None, Outcome::Error),
-            (5, Some("mapping:h"), Outcome::Imported),
-            (6, Some("mapping:g"), Outcome::Imported),
+            (0, Some("mapping:g"), EntryResult::Skipped),
+            (1, None, EntryResult::Error),
+            (2, None, EntryResult::Error),
+            (3, None, EntryResult::Error),
+            (4, None, EntryResult::Error),
+            (5, Some("mapping:h"), EntryResult::Imported),
+            (6, Some("mapping:g"), EntryResult::Imported),
         ]
     );
     let reason = |i: usize| report.entries[i].reason.clone().unwrap();
@@ -561,13 +572,13 @@ fn secrets_kept_in_sqlite_survive_the_restore_of_a_redacted_snapshot() {
     ws.app.delete("mapping:u");
 
     let report = run(&ws, &snapshot, false);
-    assert_eq!(outcome(&report, "mapping:s").0, Outcome::Imported);
+    assert_eq!(outcome(&report, "mapping:s").0, EntryResult::Imported);
     assert_eq!(
         outcome(&report, "mapping:t").0,
-        Outcome::Unchanged,
+        EntryResult::Unchanged,
         "only a redacted secret differs"
     );
-    assert_eq!(outcome(&report, "mapping:u").0, Outcome::Imported);
+    assert_eq!(outcome(&report, "mapping:u").0, EntryResult::Imported);
     let meta = |key: &str| -> Value {
         let row = stored(&ws.app, &format!("mapping:{key}")).unwrap();
         serde_json::from_str(row.metadata_json.as_deref().unwrap()).unwrap()
@@ -590,7 +601,7 @@ fn secrets_kept_in_sqlite_survive_the_restore_of_a_redacted_snapshot() {
 
     // Restoring the whole export brings back the file's own secrets.
     let report = run(&ws, &whole, false);
-    assert_eq!(outcome(&report, "mapping:t").0, Outcome::Imported);
+    assert_eq!(outcome(&report, "mapping:t").0, EntryResult::Imported);
     assert_eq!(
         meta("t"),
         json!({"apiKey": "sk-t-1", "required_tier": "pro"}),
@@ -633,7 +644,7 @@ fn a_legacy_row_is_updated_in_place_and_a_foreign_row_is_never_overwritten() {
 
     let report = run(&ws, &file, false);
     let (result, reason) = outcome(&report, "mapping:x");
-    assert_eq!(result, Outcome::Imported);
+    assert_eq!(result, EntryResult::Imported);
     assert!(reason.unwrap().contains("tenant:x"));
     assert_eq!(stored(&ws.app, "mapping:x"), None, "no duplicate created");
     assert_eq!(
@@ -642,7 +653,7 @@ fn a_legacy_row_is_updated_in_place_and_a_foreign_row_is_never_overwritten() {
         "updated in place, still a tenant row"
     );
     let (result, reason) = outcome(&report, "mapping:y");
-    assert_eq!(result, Outcome::Error);
+    assert_eq!(result, EntryResult::Error);
     assert!(reason.unwrap().contains("user:q"));
     assert_eq!(stored(&ws.app, "mapping:y"), foreign_before);
     assert_eq!(ws.app.count(), 2);
@@ -763,8 +774,8 @@ fn a_database_locked_beyond_busy_timeout_fails_and_writes_nothing() {
     );
     // Once the application is idle, the same restore goes through.
     let report = run(&ws, &snapshot, false);
-    assert_eq!(outcome(&report, "mapping:a").0, Outcome::Imported);
-    assert_eq!(outcome(&report, "mapping:b").0, Outcome::Imported);
+    assert_eq!(outcome(&report, "mapping:a").0, EntryResult::Imported);
+    assert_eq!(outcome(&report, "mapping:b").0, EntryResult::Imported);
 }
 
 #[test]

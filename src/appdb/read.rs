@@ -47,7 +47,7 @@ pub struct SqliteSource {
     include_prompts: bool,
     /// The files as they were just before the last successful read.
     read_fingerprint: Option<Fingerprint>,
-    rules: Rules,
+    rules: Normalizer,
     /// What the last read built, so an incremental read only normalises rows that changed
     /// (kept only by memoizing readers: one-shot readers never read twice).
     memo: Memo,
@@ -71,7 +71,7 @@ pub enum ReadMode {
 
 /// Turns stored rows into mappings, and remembers which rows it already warned about, so a
 /// bad row is logged once, not on every reconcile.
-struct Rules {
+struct Normalizer {
     path: PathBuf,
     redactor: Redactor,
     reported: HashSet<String>,
@@ -90,7 +90,7 @@ impl SqliteSource {
             memoizing: false,
             prompts: Vec::new(),
             contested: true,
-            rules: Rules {
+            rules: Normalizer {
                 path: settings.sqlite_path.clone(),
                 redactor,
                 reported: HashSet::new(),
@@ -129,7 +129,7 @@ impl SqliteSource {
         // Taken before the read: a commit that lands in between is read now and seen again
         // as a change next time (one extra read), never missed.
         let fingerprint = Fingerprint::take(&self.path)?;
-        let fail = |e| classify(&self.path, e);
+        let fail = |e| source_error(&self.path, e);
         let conn = open(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -250,7 +250,7 @@ impl FileState {
     }
 }
 
-impl Rules {
+impl Normalizer {
     fn warn_once(&mut self, row: &str, what: &str) {
         if self.reported.insert(format!("{row}\u{0}{what}")) {
             tracing::warn!(row = %row, file = %self.path.display(), "{what}");
@@ -350,7 +350,7 @@ struct MemoRow {
 /// many rows were skipped.
 fn read_mapping_rows(
     conn: &Connection,
-    rules: &mut Rules,
+    rules: &mut Normalizer,
     previous: Option<Memo>,
     out: &mut Vec<Candidate>,
     mut delta: Option<&mut Delta>,
@@ -414,7 +414,7 @@ fn gone(delta: Option<&mut Delta>, p: MemoRow) {
 /// Streams the prompts that hold a mapping into `out`. A missing `ai_prompts` table is fine.
 fn read_prompt_rows(
     conn: &Connection,
-    rules: &mut Rules,
+    rules: &mut Normalizer,
     out: &mut Vec<Candidate>,
 ) -> rusqlite::Result<()> {
     if !table_exists(conn, "ai_prompts")? {
@@ -464,7 +464,7 @@ fn row_hash(r: &rusqlite::Row<'_>) -> rusqlite::Result<u64> {
     Ok(h.finish())
 }
 
-fn classify(path: &Path, e: rusqlite::Error) -> SourceError {
+fn source_error(path: &Path, e: rusqlite::Error) -> SourceError {
     let path = path.to_path_buf();
     let reason = e.to_string();
     match e.sqlite_error_code() {

@@ -76,7 +76,7 @@ use super::schema::{
     model_mapping, slot, table_exists,
 };
 use crate::config::{Settings, SourceSettings};
-use crate::mapping::{self, KeyOrder, Mapping, Origin, Redactor, format_timestamp};
+use crate::mapping::{self, EntryError, KeyOrder, Mapping, Origin, Redactor, format_timestamp};
 use crate::snapshot;
 
 /// Why a restore did not happen. Each message is one line naming the file and the fix; in
@@ -148,7 +148,7 @@ pub struct RestoreOptions {
 pub struct Entries {
     /// What they came from, for the report (a path, or `postgres:<table>`).
     pub origin: String,
-    pub entries: Vec<Result<Mapping, String>>,
+    pub entries: Vec<Result<Mapping, EntryError>>,
     /// Said to the operator in the report (e.g. that the mirror holds no secrets).
     pub notes: Vec<String>,
 }
@@ -188,13 +188,13 @@ pub struct RestoreReport {
 pub struct EntryReport {
     pub index: usize,
     pub id: Option<String>,
-    pub result: Outcome,
+    pub result: EntryResult,
     pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Outcome {
+pub enum EntryResult {
     Imported,
     Unchanged,
     Skipped,
@@ -212,7 +212,7 @@ pub fn restore(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let redactor = Redactor::new(&settings.snapshot.redact_keys);
-    let rules = Rules {
+    let rules = RestoreRules {
         redactor: &redactor,
         include_prompts: settings.source.include_prompt_mappings,
         exact: opts.exact.then_some(Guard {
@@ -235,11 +235,11 @@ pub fn restore(
 fn into_live(
     source: &SourceSettings,
     entries: Entries,
-    rules: &Rules<'_>,
+    rules: &RestoreRules<'_>,
     dry_run: bool,
 ) -> Result<RestoreReport, RestoreError> {
     let db = source.sqlite_path.as_path();
-    let fail = |e| classify(db, e);
+    let fail = |e| restore_error(db, e);
     let mut conn = open(source, dry_run)?;
     let behavior = if dry_run {
         TransactionBehavior::Deferred
@@ -270,7 +270,7 @@ fn into_live(
 fn into_new(
     out: &Path,
     entries: Entries,
-    rules: &Rules<'_>,
+    rules: &RestoreRules<'_>,
     dry_run: bool,
 ) -> Result<RestoreReport, RestoreError> {
     if out.exists() {
@@ -281,7 +281,7 @@ fn into_new(
         name.push(format!(".mapsync-tmp-{}", std::process::id()));
         out.with_file_name(name)
     };
-    let fail = |e| classify(out, e);
+    let fail = |e| restore_error(out, e);
     let built = (|| {
         let mut conn = if dry_run {
             Connection::open_in_memory().map_err(fail)?
@@ -331,7 +331,7 @@ fn into_new(
 fn read_entries(
     file: &Path,
     redactor: &Redactor,
-) -> Result<Vec<Result<Mapping, String>>, RestoreError> {
+) -> Result<Vec<Result<Mapping, EntryError>>, RestoreError> {
     let bytes = std::fs::read(file).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => RestoreError::FileMissing(file.to_path_buf()),
         _ => RestoreError::FileUnreadable {
@@ -341,7 +341,7 @@ fn read_entries(
     })?;
     snapshot::parse_document(&bytes, redactor).map_err(|reason| RestoreError::NotAnExport {
         path: file.to_path_buf(),
-        reason: one_line(&reason),
+        reason: one_line(&reason.to_string()),
     })
 }
 
@@ -365,10 +365,10 @@ fn open(source: &SourceSettings, dry_run: bool) -> Result<Connection, RestoreErr
     } else {
         OpenFlags::SQLITE_OPEN_READ_WRITE
     };
-    schema::open(path, mode, source.busy_timeout).map_err(|e| classify(path, e))
+    schema::open(path, mode, source.busy_timeout).map_err(|e| restore_error(path, e))
 }
 
-fn classify(path: &Path, e: rusqlite::Error) -> RestoreError {
+fn restore_error(path: &Path, e: rusqlite::Error) -> RestoreError {
     let path = path.to_path_buf();
     let reason = one_line(&e.to_string());
     match e.sqlite_error_code() {
@@ -392,7 +392,7 @@ fn one_line(s: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Deciding what to do with each entry.
 
-struct Rules<'a> {
+struct RestoreRules<'a> {
     redactor: &'a Redactor,
     include_prompts: bool,
     /// `--exact`: delete the rows the entries lack, under this guard.
@@ -413,7 +413,7 @@ struct Planned {
 }
 
 impl Planned {
-    fn new(index: usize, id: Option<&str>, result: Outcome, reason: Option<String>) -> Planned {
+    fn new(index: usize, id: Option<&str>, result: EntryResult, reason: Option<String>) -> Planned {
         Planned {
             report: EntryReport {
                 index,
@@ -428,7 +428,7 @@ impl Planned {
     fn imported(index: usize, id: &str, reason: String, writes: Vec<Write>) -> Planned {
         Planned {
             writes,
-            ..Planned::new(index, Some(id), Outcome::Imported, Some(reason))
+            ..Planned::new(index, Some(id), EntryResult::Imported, Some(reason))
         }
     }
 }
@@ -473,11 +473,11 @@ impl Columns {
 
 fn plan(
     tx: &Transaction<'_>,
-    entries: Vec<Result<Mapping, String>>,
-    rules: &Rules<'_>,
+    entries: Vec<Result<Mapping, EntryError>>,
+    rules: &RestoreRules<'_>,
     db: &Path,
 ) -> Result<Vec<Planned>, RestoreError> {
-    let fail = |e| classify(db, e);
+    let fail = |e| restore_error(db, e);
     let mut last: HashMap<String, usize> = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
         if let Ok(m) = e {
@@ -491,14 +491,19 @@ fn plan(
         let m = match entry {
             Ok(m) => m,
             Err(reason) => {
-                planned.push(Planned::new(i, None, Outcome::Error, Some(reason)));
+                planned.push(Planned::new(
+                    i,
+                    None,
+                    EntryResult::Error,
+                    Some(reason.to_string()),
+                ));
                 continue;
             }
         };
         let winner = last[m.id()];
         planned.push(if winner != i {
             let why = format!("superseded by entry {winner}, which has the same id");
-            Planned::new(i, Some(m.id()), Outcome::Skipped, Some(why))
+            Planned::new(i, Some(m.id()), EntryResult::Skipped, Some(why))
         } else if m.source == Origin::Prompt {
             plan_prompt(tx, i, &m, rules, prompts_table).map_err(fail)?
         } else {
@@ -523,7 +528,7 @@ fn plan(
             report: EntryReport {
                 index: row.rowid as usize,
                 id: row.mapping.as_ref().map(|m| m.id().to_string()),
-                result: Outcome::Deleted,
+                result: EntryResult::Deleted,
                 reason: Some("not in the file (--exact)".into()),
             },
             writes: vec![Write::Delete { rowid: row.rowid }],
@@ -609,7 +614,7 @@ impl Index {
                     "row `{}` exists but its scope reads as {reads_as}; fix that row in the application first",
                     m.id()
                 );
-                return Planned::new(index, Some(m.id()), Outcome::Error, Some(why));
+                return Planned::new(index, Some(m.id()), EntryResult::Error, Some(why));
             }
             let columns = Columns::new(m, m.metadata());
             let write = Write::Upsert {
@@ -642,7 +647,7 @@ impl Index {
             }
         }
         if writes.is_empty() {
-            return Planned::new(index, Some(m.id()), Outcome::Unchanged, None);
+            return Planned::new(index, Some(m.id()), EntryResult::Unchanged, None);
         }
         let why = if legacy.is_empty() {
             "updated".to_string()
@@ -744,12 +749,12 @@ fn plan_prompt(
     tx: &Transaction<'_>,
     index: usize,
     m: &Mapping,
-    rules: &Rules<'_>,
+    rules: &RestoreRules<'_>,
     prompts_table: bool,
 ) -> rusqlite::Result<Planned> {
     let id = m.id();
-    let skipped = |why: String| Planned::new(index, Some(id), Outcome::Skipped, Some(why));
-    let error = |why: String| Planned::new(index, Some(id), Outcome::Error, Some(why));
+    let skipped = |why: String| Planned::new(index, Some(id), EntryResult::Skipped, Some(why));
+    let error = |why: String| Planned::new(index, Some(id), EntryResult::Error, Some(why));
     if !rules.include_prompts {
         return Ok(skipped(
             "prompt mappings are off (source.include_prompt_mappings = false)".into(),
@@ -785,7 +790,7 @@ fn plan_prompt(
     let wanted = PromptFields::of_entry(m);
     let stored = model_mapping(&tools).map(PromptFields::of_stored);
     if stored.as_ref() == Some(&wanted) {
-        return Ok(Planned::new(index, Some(id), Outcome::Unchanged, None));
+        return Ok(Planned::new(index, Some(id), EntryResult::Unchanged, None));
     }
     if let Err(why) = put_model_mapping(&mut tools, wanted.to_json()) {
         return Ok(error(format!("prompt {key}: {why}; restore left it alone")));
@@ -803,12 +808,17 @@ fn plan_prompt(
 }
 
 /// A prompt's stored `tools_json`; NULL or empty is an empty object.
-fn parse_tools(stored: Option<&str>) -> Result<Value, String> {
+/// A prompt's `tools_json` that is not JSON.
+#[derive(Debug, thiserror::Error)]
+#[error("tools_json is not valid JSON ({0})")]
+struct ToolsError(String);
+
+fn parse_tools(stored: Option<&str>) -> Result<Value, ToolsError> {
     let text = stored.map(str::trim).unwrap_or("");
     if text.is_empty() {
         return Ok(Value::Object(Map::new()));
     }
-    serde_json::from_str(text).map_err(|e| format!("tools_json is not valid JSON ({e})"))
+    serde_json::from_str(text).map_err(|e| ToolsError(e.to_string()))
 }
 
 /// Sets `fields` in the `__model_mapping` object (keeping its other keys), adding the object
@@ -905,16 +915,16 @@ fn summarize(
     planned: Vec<Planned>,
 ) -> RestoreReport {
     let entries: Vec<EntryReport> = planned.into_iter().map(|p| p.report).collect();
-    let count = |o: Outcome| entries.iter().filter(|e| e.result == o).count();
+    let count = |o: EntryResult| entries.iter().filter(|e| e.result == o).count();
     RestoreReport {
         file: origin,
         database: db.display().to_string(),
         dry_run,
-        imported: count(Outcome::Imported),
-        unchanged: count(Outcome::Unchanged),
-        skipped: count(Outcome::Skipped),
-        errors: count(Outcome::Error),
-        deleted: count(Outcome::Deleted),
+        imported: count(EntryResult::Imported),
+        unchanged: count(EntryResult::Unchanged),
+        skipped: count(EntryResult::Skipped),
+        errors: count(EntryResult::Error),
+        deleted: count(EntryResult::Deleted),
         notes,
         entries,
     }

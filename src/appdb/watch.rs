@@ -159,7 +159,7 @@ pub fn spawn(
     let handler = {
         let (files, inbox, events) = (files.clone(), inbox.clone(), events.clone());
         move |event: notify::Result<Event>| {
-            if let Some(change) = files.classify(&event) {
+            if let Some(change) = files.change_of(&event) {
                 events.fetch_add(1, Ordering::Relaxed);
                 inbox.push(change);
             }
@@ -244,7 +244,7 @@ impl DbFiles {
     }
 
     /// What one notify event means for the database, if anything.
-    fn classify(&self, event: &notify::Result<Event>) -> Option<Change> {
+    fn change_of(&self, event: &notify::Result<Event>) -> Option<Change> {
         let event = match event {
             Ok(event) => event,
             Err(e) => {
@@ -539,13 +539,13 @@ mod tests {
     }
 
     #[test]
-    fn classify_keeps_writes_to_the_db_files_only() {
+    fn change_of_keeps_writes_to_the_db_files_only() {
         use notify::event::{AccessKind, CreateKind, DataChange, MetadataKind, RemoveKind};
         use notify::event::{Flag, RenameMode};
         let files = DbFiles::new(Path::new("/srv/app/data/db.sqlite3")).expect("path");
-        let classify = |kind: EventKind, paths: &[&str]| {
+        let change_of = |kind: EventKind, paths: &[&str]| {
             let paths = paths.iter().map(PathBuf::from).collect();
-            files.classify(&Ok(Event {
+            files.change_of(&Ok(Event {
                 kind,
                 paths,
                 attrs: Default::default(),
@@ -558,35 +558,41 @@ mod tests {
             "/srv/app/data/db.sqlite3-journal",
         );
         let (commit, rescan) = (Some(Change::Commit), Some(Change::Rescan));
-        assert_eq!(classify(data, &[db]), commit);
-        assert_eq!(classify(data, &[wal]), commit);
-        assert_eq!(classify(data, &[journal]), commit);
-        assert_eq!(classify(data, &["/srv/app/data/db.sqlite3-shm"]), None);
-        assert_eq!(classify(data, &["/srv/app/data/other.sqlite3"]), None);
-        assert_eq!(classify(data, &["/srv/app/db.sqlite3"]), None);
+        assert_eq!(change_of(data, &[db]), commit);
+        assert_eq!(change_of(data, &[wal]), commit);
+        assert_eq!(change_of(data, &[journal]), commit);
+        assert_eq!(change_of(data, &["/srv/app/data/db.sqlite3-shm"]), None);
+        assert_eq!(change_of(data, &["/srv/app/data/other.sqlite3"]), None);
+        assert_eq!(change_of(data, &["/srv/app/db.sqlite3"]), None);
         let open = EventKind::Access(AccessKind::Open(notify::event::AccessMode::Any));
-        assert_eq!(classify(open, &[db]), None);
+        assert_eq!(change_of(open, &[db]), None);
         let chown = EventKind::Modify(ModifyKind::Metadata(MetadataKind::Ownership));
-        assert_eq!(classify(chown, &[wal]), None);
-        assert_eq!(classify(EventKind::Create(CreateKind::File), &[wal]), None);
-        assert_eq!(classify(EventKind::Create(CreateKind::File), &[db]), commit);
+        assert_eq!(change_of(chown, &[wal]), None);
+        assert_eq!(change_of(EventKind::Create(CreateKind::File), &[wal]), None);
         assert_eq!(
-            classify(EventKind::Remove(RemoveKind::File), &[wal]),
+            change_of(EventKind::Create(CreateKind::File), &[db]),
+            commit
+        );
+        assert_eq!(
+            change_of(EventKind::Remove(RemoveKind::File), &[wal]),
             commit
         );
         let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
-        assert_eq!(classify(renamed, &["/srv/app/data/new", db]), commit);
+        assert_eq!(change_of(renamed, &["/srv/app/data/new", db]), commit);
         assert_eq!(
-            classify(renamed, &["/srv/app/data", "/srv/app/old"]),
+            change_of(renamed, &["/srv/app/data", "/srv/app/old"]),
             rescan
         );
         let dir_gone = EventKind::Remove(RemoveKind::Folder);
-        assert_eq!(classify(dir_gone, &["/srv/app/data"]), rescan);
-        assert_eq!(classify(EventKind::Other, &[db]), rescan);
-        assert_eq!(classify(EventKind::Other, &["/srv/app/data/x"]), None);
+        assert_eq!(change_of(dir_gone, &["/srv/app/data"]), rescan);
+        assert_eq!(change_of(EventKind::Other, &[db]), rescan);
+        assert_eq!(change_of(EventKind::Other, &["/srv/app/data/x"]), None);
         let overflow = Event::new(EventKind::Other).set_flag(Flag::Rescan);
-        assert_eq!(files.classify(&Ok(overflow)), rescan);
-        assert_eq!(files.classify(&Err(notify::Error::generic("boom"))), rescan);
+        assert_eq!(files.change_of(&Ok(overflow)), rescan);
+        assert_eq!(
+            files.change_of(&Err(notify::Error::generic("boom"))),
+            rescan
+        );
     }
 
     // --- the debounce task, driven without inotify, in paused time --------------------------

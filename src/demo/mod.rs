@@ -166,7 +166,7 @@ impl DemoTarget {
 pub async fn run(base: Settings, no_postgres: bool) -> Result<(), Error> {
     let db = create(&dir())?;
     let target = DemoTarget::choose(std::env::var("MAPSYNC_TARGET__URL").ok(), no_postgres)?;
-    let settings = settings(base, db, target.url());
+    let settings = settings(base, db, target.url())?;
     if let DemoTarget::Own(_) = target {
         crate::commands::migrate(&settings).await?;
     }
@@ -179,14 +179,20 @@ pub async fn run(base: Settings, no_postgres: bool) -> Result<(), Error> {
 /// The demo's settings: the demo file and snapshot directory, the admin port as configured
 /// (127.0.0.1:9187 by default), and `target_url` as the target (a config file's target is
 /// ignored, so the demo never writes to a real mirror by accident).
-pub fn settings(base: Settings, db: PathBuf, target_url: Option<String>) -> Settings {
+pub fn settings(
+    base: Settings,
+    db: PathBuf,
+    target_url: Option<String>,
+) -> Result<Settings, crate::config::ConfigError> {
     let mut s = base;
     s.source.sqlite_path = db;
     s.snapshot.dir = dir().join("snapshots");
-    s.target.url = target_url
-        .filter(|u| !u.trim().is_empty())
-        .map(crate::config::Secret::new);
-    s
+    s.target.set_url(
+        target_url
+            .filter(|u| !u.trim().is_empty())
+            .map(crate::config::Secret::new),
+    )?;
+    Ok(s)
 }
 
 /// What the demo prints before it starts (never a password).

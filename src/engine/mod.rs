@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::appdb::SourceImage;
 use crate::appdb::watch::{self as fswatch};
@@ -57,13 +56,11 @@ const CANCEL_GRACE: Duration = Duration::from_secs(3);
 /// 503, that the run goes on in the background.
 pub const SYNC_ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
-/// The engine's startup failure (the watcher could not be set up, or the scheduler).
+/// The engine's startup failure: the watcher could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
     Watch(#[from] fswatch::WatchError),
-    #[error("cannot start the scheduler: {0}")]
-    Scheduler(String),
 }
 
 /// Why a snapshot asked for now was not written.
@@ -278,9 +275,18 @@ pub async fn start(
         shutdown.clone(),
     )?;
     let (ticks_tx, ticks) = mpsc::channel(4);
-    let scheduler = start_scheduler(settings, ticks_tx)
-        .await
-        .map_err(EngineError::Scheduler)?;
+    let tickers = [
+        (&settings.schedule.reconcile, Tick::Reconcile),
+        (&settings.schedule.snapshot, Tick::Snapshot),
+    ]
+    .map(|(schedule, tick)| {
+        tokio::spawn(ticker(
+            schedule.clone(),
+            tick,
+            ticks_tx.clone(),
+            shutdown.clone(),
+        ))
+    });
     let (writer, writer_task) = SnapshotWriter::start(
         store,
         settings.snapshot.min_interval,
@@ -312,8 +318,9 @@ pub async fn start(
     let shared_for_close = shared.clone();
     let task = tokio::spawn(async move {
         event_loop.run(inputs).await;
-        let mut scheduler = scheduler;
-        let _ = scheduler.shutdown().await;
+        for ticker in tickers {
+            let _ = ticker.await;
+        }
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer_task).await;
         let _ = file_watch.task.await;
         // No run is left: the pool's connections can go (and their server sessions end).
@@ -331,26 +338,20 @@ pub async fn start(
     ))
 }
 
-async fn start_scheduler(
-    settings: &Settings,
+/// Sends `tick` at every occurrence of `schedule` until `shutdown` turns true (a full inbox
+/// already holds a tick of each kind: dropping one then is fine).
+async fn ticker(
+    schedule: crate::schedule::Schedule,
+    tick: Tick,
     ticks: mpsc::Sender<Tick>,
-) -> Result<JobScheduler, String> {
-    let scheduler = JobScheduler::new().await.map_err(|e| e.to_string())?;
-    for (expr, tick) in [
-        (&settings.schedule.reconcile, Tick::Reconcile),
-        (&settings.schedule.snapshot, Tick::Snapshot),
-    ] {
-        let ticks = ticks.clone();
-        let job = Job::new_async(expr.as_str(), move |_, _| {
-            let ticks = ticks.clone();
-            Box::pin(async move {
-                // A full inbox already holds a tick of each kind: dropping this one is fine.
-                let _ = ticks.try_send(tick);
-            })
-        })
-        .map_err(|e| format!("{expr}: {e}"))?;
-        scheduler.add(job).await.map_err(|e| e.to_string())?;
+    mut shutdown: watch::Receiver<bool>,
+) {
+    while let Some(next) = schedule.next_after(chrono::Utc::now()) {
+        let wait = (next - chrono::Utc::now()).to_std().unwrap_or_default();
+        tokio::select! {
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let _ = ticks.try_send(tick);
     }
-    scheduler.start().await.map_err(|e| e.to_string())?;
-    Ok(scheduler)
 }

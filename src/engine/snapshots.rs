@@ -20,12 +20,12 @@ use crate::snapshot::{SnapshotInfo, SnapshotStore, Written};
 
 /// An explicit request to write now: `POST /snapshots` (with a reply) or the snapshot
 /// schedule (without).
-pub(super) type Request = Option<oneshot::Sender<Result<Written, SnapshotRequestError>>>;
+pub(super) type SnapshotRequest = Option<oneshot::Sender<Result<Written, SnapshotRequestError>>>;
 
 /// The writer's inbox for explicit requests; images arrive through [`Shared`]'s image channel.
 #[derive(Clone)]
 pub(super) struct SnapshotWriter {
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::Sender<SnapshotRequest>,
 }
 
 impl SnapshotWriter {
@@ -40,7 +40,7 @@ impl SnapshotWriter {
         mut shutdown: watch::Receiver<bool>,
     ) -> (SnapshotWriter, JoinHandle<()>) {
         let mut offered = shared.image.subscribe();
-        let (requests, mut inbox) = mpsc::channel::<Request>(16);
+        let (requests, mut inbox) = mpsc::channel::<SnapshotRequest>(16);
         let task = tokio::spawn(async move {
             let mut store = Some(store);
             // When an offered image may be written next, and whether one is waiting.
@@ -83,7 +83,7 @@ impl SnapshotWriter {
     }
 
     /// Asks for a write of the current image now (written only if its content is new).
-    pub(super) async fn request(&self, reply: Request) {
+    pub(super) async fn request(&self, reply: SnapshotRequest) {
         let _ = self.requests.send(reply).await;
     }
 }

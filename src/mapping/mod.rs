@@ -23,9 +23,9 @@ mod set;
 
 pub use json::{KeyOrder, canonical_json, write_json, write_json_string};
 pub use normalize::{
-    Metadata, Warning, candidates_from_value, clean, non_empty, normalize_scope_type, numeric_text,
-    parse_active_int, parse_active_json, parse_candidates, parse_metadata, parse_timestamp,
-    strip_nul,
+    EntryError, Metadata, Warning, candidates_from_value, clean, non_empty, normalize_scope_type,
+    numeric_text, parse_active_int, parse_active_json, parse_candidates, parse_metadata,
+    parse_timestamp, strip_nul,
 };
 pub use redact::Redactor;
 pub use set::{Candidate, digest, finalize, sort_for_export};

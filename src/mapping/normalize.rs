@@ -471,17 +471,35 @@ fn round_to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     }
 }
 
+/// Why an entry of an exported file cannot be a mapping: which field is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    #[error("entry is not a JSON object")]
+    NotAnObject,
+    #[error("scope_type or scope_key is empty")]
+    EmptyScope,
+    #[error("metadata is not an object")]
+    Metadata,
+    #[error("candidates is not a list")]
+    Candidates,
+    #[error("{0}")]
+    Timestamp(Warning),
+    /// The entry is not JSON at all (a row of the mirror that did not parse).
+    #[error("not JSON ({0})")]
+    NotJson(String),
+}
+
 impl Mapping {
     /// A mapping from its exported (snapshot) form, with the same rules as a SQLite row:
     /// scopes trimmed and `tenant` aliased, the id rebuilt, candidates and metadata cleaned,
     /// secrets redacted. The error says which field is unusable.
-    pub fn from_export(v: &Value, redactor: &Redactor) -> Result<Mapping, String> {
-        let obj = v.as_object().ok_or("entry is not a JSON object")?;
+    pub fn from_export(v: &Value, redactor: &Redactor) -> Result<Mapping, EntryError> {
+        let obj = v.as_object().ok_or(EntryError::NotAnObject)?;
         let text = |k: &str| obj.get(k).and_then(Value::as_str);
         let scope_type = normalize_scope_type(text("scope_type").unwrap_or(""));
         let scope_key = clean(text("scope_key").unwrap_or("").trim());
         if scope_type.is_empty() || scope_key.is_empty() {
-            return Err("scope_type or scope_key is empty".into());
+            return Err(EntryError::EmptyScope);
         }
         let metadata = match obj.get("metadata") {
             None | Some(Value::Null) => Metadata::empty(),
@@ -490,16 +508,16 @@ impl Mapping {
                 strip_nul(&mut m);
                 Metadata::of(m, redactor)
             }
-            Some(_) => return Err("metadata is not an object".into()),
+            Some(_) => return Err(EntryError::Metadata),
         };
         let (updated_at, warning) = parse_timestamp(text("updated_at"));
         if let Some(w) = warning {
-            return Err(w.to_string());
+            return Err(EntryError::Timestamp(w));
         }
         let candidates = match obj.get("candidates") {
             None | Some(Value::Null) => Vec::new(),
             Some(c @ Value::Array(_)) => candidates_from_value(c),
-            Some(_) => return Err("candidates is not a list".into()),
+            Some(_) => return Err(EntryError::Candidates),
         };
         let name = text("name").map(clean);
         let default_model = non_empty(text("default_model"));

@@ -53,24 +53,35 @@ impl std::fmt::Debug for ConnectSpec {
     }
 }
 
+/// Why `target.url` is not usable. Never repeats the URL (it holds the password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error(
+        "not a valid Postgres URL ({0}); expected postgres://user:password@host:5432/dbname?sslmode=require"
+    )]
+    Syntax(String),
+    #[error(transparent)]
+    SslMode(#[from] tls::SslModeError),
+    #[error("it names no host")]
+    NoHost,
+}
+
 impl ConnectSpec {
     /// Parses a libpq URL (`postgres://user:pw@host:port/db?sslmode=…`) or key=value string.
     /// `sslmode` and `sslrootcert` are taken out and handled here; the rest goes to
     /// tokio-postgres. Errors never repeat the URL (it holds the password).
-    pub fn parse(url: &str, root_cert: Option<&Path>) -> Result<ConnectSpec, String> {
+    pub fn parse(url: &str, root_cert: Option<&Path>) -> Result<ConnectSpec, UrlError> {
         let (rest, sslmode, sslrootcert) = split_tls_params(url);
-        let mut pg: tokio_postgres::Config = rest.parse().map_err(|e| {
-            format!(
-                "not a valid Postgres URL ({e}); expected postgres://user:password@host:5432/dbname?sslmode=require"
-            )
-        })?;
+        let mut pg: tokio_postgres::Config = rest
+            .parse()
+            .map_err(|e: tokio_postgres::Error| UrlError::Syntax(e.to_string()))?;
         let ssl_mode = match sslmode.as_deref() {
             Some(m) => SslMode::parse(m)?,
             None => SslMode::Prefer,
         };
         pg.ssl_mode(ssl_mode.for_tokio_postgres());
         if pg.get_hosts().is_empty() {
-            return Err("target.url names no host".into());
+            return Err(UrlError::NoHost);
         }
         let host = match &pg.get_hosts()[0] {
             tokio_postgres::config::Host::Tcp(h) => h.clone(),
@@ -236,24 +247,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Target {
     /// Builds the pool (no connection is made yet). `None` when no target is configured.
     pub fn from_settings(settings: &TargetSettings) -> Result<Option<Target>, TargetError> {
-        let Some(url) = &settings.url else {
+        let Some(spec) = &settings.connect else {
             return Ok(None);
         };
-        let mut spec = ConnectSpec::parse(url.expose(), settings.ssl_root_cert.as_deref())
-            .map_err(|reason| TargetError::Other {
-                at: "target.url".into(),
-                reason,
-            })?;
+        let mut spec = spec.clone();
         spec.pg.connect_timeout(settings.connect_timeout);
         spec.pg.keepalives_idle(Duration::from_secs(30));
-        let tls =
-            tls::connector(spec.ssl_mode, spec.ssl_root_cert.as_deref()).map_err(|reason| {
-                TargetError::Tls {
-                    at: spec.display.clone(),
-                    reason,
-                    hint: "check target.ssl_root_cert",
-                }
-            })?;
+        let tls = tls::connector(spec.ssl_mode, spec.ssl_root_cert.as_deref()).map_err(|e| {
+            TargetError::Tls {
+                at: spec.display.clone(),
+                reason: e.to_string(),
+                hint: "check target.ssl_root_cert",
+            }
+        })?;
         let manager = Manager::from_config(
             spec.pg.clone(),
             tls.clone(),
@@ -329,7 +335,7 @@ impl Target {
             client
                 .simple_query("SELECT 1")
                 .await
-                .map_err(|e| self.classify(&e))?;
+                .map_err(|e| self.error_of(&e))?;
             Ok(())
         };
         match tokio::time::timeout(timeout, work).await {
@@ -344,7 +350,7 @@ impl Target {
     /// Server version and whether this connection is encrypted (for `mapsync check`).
     pub async fn describe_server(&self) -> Result<(String, bool), TargetError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| self.classify(&e))?;
+        let tx = client.transaction().await.map_err(|e| self.error_of(&e))?;
         let row = tx
             .query_one(
                 "SELECT current_setting('server_version'), \
@@ -352,15 +358,15 @@ impl Target {
                 &[],
             )
             .await
-            .map_err(|e| self.classify(&e))?;
+            .map_err(|e| self.error_of(&e))?;
         let out = (row.get::<_, String>(0), row.get::<_, bool>(1));
-        tx.commit().await.map_err(|e| self.classify(&e))?;
+        tx.commit().await.map_err(|e| self.error_of(&e))?;
         Ok(out)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, TargetError> {
         self.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(e) => self.classify(&e),
+            PoolError::Backend(e) => self.error_of(&e),
             PoolError::Timeout(_) => TargetError::Unreachable {
                 at: self.spec.display.clone(),
                 reason: "timed out (target.connect_timeout_ms)".into(),
@@ -373,7 +379,7 @@ impl Target {
     }
 
     /// Turns a tokio-postgres error into a [`TargetError`] with the right hint.
-    fn classify(&self, e: &tokio_postgres::Error) -> TargetError {
+    fn error_of(&self, e: &tokio_postgres::Error) -> TargetError {
         let at = self.spec.display.clone();
         let reason = one_line(e);
         if let Some(db) = e.as_db_error() {
@@ -503,9 +509,13 @@ mod tests {
 
     #[test]
     fn bad_urls_are_refused_without_echoing_them() {
-        let e = ConnectSpec::parse("postgres://u:s3cr3t@host:notaport/db", None).unwrap_err();
+        let e = ConnectSpec::parse("postgres://u:s3cr3t@host:notaport/db", None)
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("s3cr3t"), "{e}");
-        let e = ConnectSpec::parse("postgres://u:s3cr3t@host/db?sslmode=verify", None).unwrap_err();
+        let e = ConnectSpec::parse("postgres://u:s3cr3t@host/db?sslmode=verify", None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sslmode"), "{e}");
         assert!(!e.contains("s3cr3t"), "{e}");
     }

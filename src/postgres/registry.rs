@@ -51,7 +51,7 @@ impl Target {
         let row = tx
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&REGISTRY])
             .await
-            .map_err(|e| self.classify(&e))?;
+            .map_err(|e| self.error_of(&e))?;
         let exists: bool = row.get(0);
         if !exists && !MISSING_REPORTED.swap(true, Ordering::Relaxed) {
             tracing::warn!(target = %self.display(),
@@ -94,7 +94,7 @@ impl Target {
                 ],
             )
             .await
-            .map_err(|e| self.classify(&e))?;
+            .map_err(|e| self.error_of(&e))?;
         Ok(rows
             .iter()
             .map(|r| OtherInstance {
@@ -139,7 +139,7 @@ impl Target {
             ],
         )
         .await
-        .map_err(|e| self.classify(&e))?;
+        .map_err(|e| self.error_of(&e))?;
         Ok(())
     }
 
@@ -147,12 +147,12 @@ impl Target {
     /// the registry is missing.
     pub async fn instances(&self) -> Result<Option<Vec<OtherInstance>>, TargetError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| self.classify(&e))?;
+        let tx = client.transaction().await.map_err(|e| self.error_of(&e))?;
         if !self.registry_exists(&tx).await? {
             return Ok(None);
         }
         let others = self.others(&tx, false).await?;
-        tx.commit().await.map_err(|e| self.classify(&e))?;
+        tx.commit().await.map_err(|e| self.error_of(&e))?;
         Ok(Some(others))
     }
 

@@ -56,7 +56,7 @@ pub(super) async fn check_columns(
             &[&target.table.quoted()],
         )
         .await
-        .map_err(|e| target.classify(&e))?;
+        .map_err(|e| target.error_of(&e))?;
     if rows.is_empty() {
         return Err(TargetError::MissingTable {
             table: target.table.to_string(),
@@ -87,9 +87,9 @@ impl Target {
     /// Checks the table's columns in a transaction of its own (`mapsync check`, `/readyz`).
     pub async fn check_schema(&self) -> Result<(), TargetError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| self.classify(&e))?;
+        let tx = client.transaction().await.map_err(|e| self.error_of(&e))?;
         check_columns(&tx, self).await?;
-        tx.commit().await.map_err(|e| self.classify(&e))
+        tx.commit().await.map_err(|e| self.error_of(&e))
     }
 
     /// Applies [`MIGRATIONS`] in order; returns the names applied. Each script is idempotent,
@@ -108,7 +108,7 @@ impl Target {
         let mut applied = Vec::new();
         for (name, sql) in MIGRATIONS {
             client.batch_execute(sql).await.map_err(|e| {
-                let inner = self.classify(&e);
+                let inner = self.error_of(&e);
                 TargetError::Other {
                     at: self.display().to_string(),
                     reason: format!("{name} failed: {inner}"),

@@ -14,7 +14,7 @@
 //! Trusted roots: `target.ssl_root_cert` (or `sslrootcert` in the URL) when set, which is how
 //! Supabase's own CA is trusted; otherwise the Mozilla roots compiled into the binary.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
@@ -35,17 +35,35 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// An `sslmode` libpq does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sslmode `{0}` is not one of disable, prefer, require, verify-ca, verify-full")]
+pub struct SslModeError(pub String);
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot read CA file {path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("CA file {path} is not PEM: {reason}")]
+    NotPem { path: PathBuf, reason: String },
+    #[error("CA file {path} holds a bad certificate: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("CA file {0} holds no certificate")]
+    Empty(PathBuf),
+    #[error("cannot set up TLS: {0}")]
+    Rustls(String),
+}
+
 impl SslMode {
-    pub fn parse(s: &str) -> Result<SslMode, String> {
+    pub fn parse(s: &str) -> Result<SslMode, SslModeError> {
         match s {
             "disable" => Ok(SslMode::Disable),
             "allow" | "prefer" => Ok(SslMode::Prefer),
             "require" => Ok(SslMode::Require),
             "verify-ca" => Ok(SslMode::VerifyCa),
             "verify-full" => Ok(SslMode::VerifyFull),
-            other => Err(format!(
-                "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
-            )),
+            other => Err(SslModeError(other.to_string())),
         }
     }
 
@@ -62,22 +80,32 @@ impl SslMode {
 }
 
 /// Builds the connector for `mode`, trusting `root_cert` (a PEM file) when given.
-pub fn connector(mode: SslMode, root_cert: Option<&Path>) -> Result<MakeRustlsConnect, String> {
+pub fn connector(
+    mode: SslMode,
+    root_cert: Option<&Path>,
+) -> Result<MakeRustlsConnect, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = match root_cert {
         Some(path) => {
+            let path_buf = || path.to_path_buf();
             let mut store = RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+            let certs =
+                CertificateDer::pem_file_iter(path).map_err(|e| TlsSetupError::Unreadable {
+                    path: path_buf(),
+                    reason: e.to_string(),
+                })?;
             for cert in certs {
-                let cert =
-                    cert.map_err(|e| format!("CA file {} is not PEM: {e}", path.display()))?;
-                store.add(cert).map_err(|e| {
-                    format!("CA file {} holds a bad certificate: {e}", path.display())
+                let cert = cert.map_err(|e| TlsSetupError::NotPem {
+                    path: path_buf(),
+                    reason: e.to_string(),
+                })?;
+                store.add(cert).map_err(|e| TlsSetupError::BadCertificate {
+                    path: path_buf(),
+                    reason: e.to_string(),
                 })?;
             }
             if store.is_empty() {
-                return Err(format!("CA file {} holds no certificate", path.display()));
+                return Err(TlsSetupError::Empty(path_buf()));
             }
             store
         }
@@ -87,7 +115,7 @@ pub fn connector(mode: SslMode, root_cert: Option<&Path>) -> Result<MakeRustlsCo
     };
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| format!("cannot build the certificate verifier: {e}"))?;
+        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
         SslMode::VerifyFull => webpki,
         SslMode::VerifyCa => Arc::new(ChainOnly(webpki)),
@@ -98,7 +126,7 @@ pub fn connector(mode: SslMode, root_cert: Option<&Path>) -> Result<MakeRustlsCo
     };
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("cannot set up TLS: {e}"))?
+        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
@@ -214,6 +242,7 @@ mod tests {
         assert!(
             SslMode::parse("verify_full")
                 .unwrap_err()
+                .to_string()
                 .contains("verify-full")
         );
     }
@@ -223,6 +252,6 @@ mod tests {
         let e = connector(SslMode::VerifyFull, Some(Path::new("/nonexistent/ca.pem")))
             .err()
             .unwrap();
-        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
     }
 }

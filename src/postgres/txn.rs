@@ -32,7 +32,7 @@ use foldhash::HashMap as FxHashMap;
 
 use super::registry::OtherInstance;
 use super::{RunningGuard, Target, TargetError};
-use crate::mapping::Mapping;
+use crate::mapping::{EntryError, Mapping};
 
 /// The ten mirrored columns, in the order of the exported form.
 const COLUMNS: &str = "id, scope_type, scope_key, name, default_model, candidates, is_active, updated_at, source, metadata";
@@ -123,7 +123,7 @@ impl Session<'_> {
     /// Opens the run's transaction: timeouts, the advisory lock, the column check.
     pub async fn begin(&mut self) -> Result<Txn<'_>, TargetError> {
         let target = self.target;
-        let err = |e: tokio_postgres::Error| target.classify(&e);
+        let err = |e: tokio_postgres::Error| target.error_of(&e);
         let tx = self.client.transaction().await.map_err(err)?;
         tx.batch_execute(&format!(
             "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
@@ -143,7 +143,7 @@ impl Session<'_> {
 
 impl Txn<'_> {
     fn err(&self, e: tokio_postgres::Error) -> TargetError {
-        self.target.classify(&e)
+        self.target.error_of(&e)
     }
 
     /// Streams the mirror's rows (binary COPY) into a digest per id.
@@ -237,7 +237,7 @@ impl Txn<'_> {
 
     pub async fn commit(self) -> Result<(), TargetError> {
         let target = self.target;
-        self.tx.commit().await.map_err(|e| target.classify(&e))
+        self.tx.commit().await.map_err(|e| target.error_of(&e))
     }
 }
 
@@ -247,8 +247,8 @@ impl Target {
     pub async fn read_mirror(
         &self,
         redactor: &crate::mapping::Redactor,
-    ) -> Result<Vec<Result<Mapping, String>>, TargetError> {
-        let err = |e: tokio_postgres::Error| self.classify(&e);
+    ) -> Result<Vec<Result<Mapping, EntryError>>, TargetError> {
+        let err = |e: tokio_postgres::Error| self.error_of(&e);
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(err)?;
         super::schema::check_columns(&tx, self).await?;
@@ -268,7 +268,7 @@ impl Target {
             .map(|r| {
                 let text: &str = r.get(0);
                 serde_json::from_str(text)
-                    .map_err(|e| format!("not a row of the mirror ({e})"))
+                    .map_err(|e| EntryError::NotJson(e.to_string()))
                     .and_then(|v| Mapping::from_export(&v, redactor))
             })
             .collect())
