@@ -114,17 +114,89 @@ enum Access {
     Token,
 }
 
+/// The routes of SPEC §4.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Route {
+    Page,
+    Livez,
+    Healthz,
+    Readyz,
+    Metrics,
+    Status,
+    Mappings,
+    Sync,
+    SyncCompat,
+    SyncPush,
+    Export,
+    Snapshots,
+    Snapshot,
+}
+
+/// The route table: each route's path (its metrics label), methods and access. A path
+/// maps to its route here and nowhere else.
+const ROUTES: [(Route, &str, &[Method], Access); 13] = [
+    (Route::Page, "/", &[Method::GET], Access::Open),
+    (Route::Livez, "/livez", &[Method::GET], Access::Open),
+    (Route::Healthz, "/healthz", &[Method::GET], Access::Open),
+    (Route::Readyz, "/readyz", &[Method::GET], Access::Open),
+    (Route::Metrics, "/metrics", &[Method::GET], Access::Open),
+    (Route::Status, "/status", &[Method::GET], Access::Token),
+    (Route::Mappings, "/mappings", &[Method::GET], Access::Token),
+    (Route::Sync, "/sync", &[Method::POST], Access::Token),
+    (
+        Route::SyncCompat,
+        SYNC_COMPAT,
+        &[Method::POST],
+        Access::Token,
+    ),
+    (Route::SyncPush, SYNC_PUSH, &[Method::POST], Access::Token),
+    (Route::Export, "/export", &[Method::GET], Access::Token),
+    (
+        Route::Snapshots,
+        "/snapshots",
+        &[Method::GET, Method::POST],
+        Access::Token,
+    ),
+    (
+        Route::Snapshot,
+        "/snapshots/{name}",
+        &[Method::GET],
+        Access::Token,
+    ),
+];
+
+impl Route {
+    /// The route serving `path`.
+    fn of(path: &str) -> Option<Route> {
+        if path.starts_with("/snapshots/") {
+            return Some(Route::Snapshot);
+        }
+        ROUTES.iter().find(|(_, p, _, _)| *p == path).map(|r| r.0)
+    }
+
+    /// (label, methods, access) from [`ROUTES`].
+    fn spec(self) -> (&'static str, &'static [Method], Access) {
+        let (_, label, methods, access) = ROUTES.iter().find(|r| r.0 == self).copied().unwrap_or((
+            self,
+            "other",
+            &[],
+            Access::Token,
+        ));
+        (label, methods, access)
+    }
+}
+
 /// What the access log says about one request besides its answer.
-struct Outcome {
+struct Answered {
     route: &'static str,
     /// Who asked, for state-changing requests (and refusals of them).
     caller: Option<String>,
     res: Response<Body>,
 }
 
-impl Outcome {
-    fn new(route: &'static str, res: Response<Body>) -> Outcome {
-        Outcome {
+impl Answered {
+    fn new(route: &'static str, res: Response<Body>) -> Answered {
+        Answered {
             route,
             caller: None,
             res,
@@ -154,7 +226,7 @@ impl App {
         let method = req.method().clone();
         let request_id = self.request_id(req.headers().get(X_REQUEST_ID).map(|v| v.as_bytes()));
         let origin = self.allowed_origin(req.headers());
-        let Outcome {
+        let Answered {
             route,
             caller,
             mut res,
@@ -284,7 +356,7 @@ impl App {
     }
 
     /// The gates of the module doc, then the handler.
-    async fn route(&self, req: Request<Incoming>, peer: Peer, cors: bool) -> Outcome {
+    async fn route(&self, req: Request<Incoming>, peer: Peer, cors: bool) -> Answered {
         let host = req
             .uri()
             .authority()
@@ -296,7 +368,7 @@ impl App {
                     .map(str::to_string)
             });
         let Some(host) = host.filter(|h| host_allowed(h, peer.local, &self.allowed_hosts)) else {
-            return Outcome::new(
+            return Answered::new(
                 "other",
                 reply::envelope_error(
                     StatusCode::MISDIRECTED_REQUEST,
@@ -310,7 +382,7 @@ impl App {
             if let Some(origin) = req.headers().get(ORIGIN) {
                 let text = String::from_utf8_lossy(origin.as_bytes());
                 if !cors && !same_origin(&text, &host) {
-                    return Outcome {
+                    return Answered {
                         route: "other",
                         caller: Some("refused: cross-origin".into()),
                         res: reply::envelope_error(
@@ -325,34 +397,15 @@ impl App {
             }
         }
         let path = req.uri().path().to_string();
-        let (route, methods, access): (&'static str, &[Method], Access) = match path.as_str() {
-            "/" => ("/", &[Method::GET], Access::Open),
-            "/livez" => ("/livez", &[Method::GET], Access::Open),
-            "/healthz" => ("/healthz", &[Method::GET], Access::Open),
-            "/readyz" => ("/readyz", &[Method::GET], Access::Open),
-            "/metrics" => ("/metrics", &[Method::GET], Access::Open),
-            "/status" => ("/status", &[Method::GET], Access::Token),
-            "/mappings" => ("/mappings", &[Method::GET], Access::Token),
-            "/sync" => ("/sync", &[Method::POST], Access::Token),
-            SYNC_COMPAT => (SYNC_COMPAT, &[Method::POST], Access::Token),
-            SYNC_PUSH => (SYNC_PUSH, &[Method::POST], Access::Token),
-            "/export" => ("/export", &[Method::GET], Access::Token),
-            "/snapshots" => ("/snapshots", &[Method::GET, Method::POST], Access::Token),
-            p if p.starts_with("/snapshots/") => {
-                ("/snapshots/{name}", &[Method::GET], Access::Token)
-            }
-            _ => {
-                return Outcome::new(
-                    "other",
-                    reply::envelope_error(
-                        StatusCode::NOT_FOUND,
-                        &format!("no route {}", quote(&path)),
-                    ),
-                );
-            }
+        let Some(which) = Route::of(&path) else {
+            return Answered::new(
+                "other",
+                reply::envelope_error(StatusCode::NOT_FOUND, &format!("no route {}", quote(&path))),
+            );
         };
+        let (route, methods, access) = which.spec();
         if method == Method::OPTIONS {
-            return Outcome::new(route, preflight(methods, cors, req.headers()));
+            return Answered::new(route, preflight(methods, cors, req.headers()));
         }
         let allowed =
             methods.contains(&method) || (method == Method::HEAD && methods.contains(&Method::GET));
@@ -371,11 +424,11 @@ impl App {
                 ),
             );
             res.headers_mut().insert(ALLOW, reply::header(&allow));
-            return Outcome::new(route, res);
+            return Answered::new(route, res);
         }
-        if route != SYNC_PUSH && has_body(req.headers()) {
+        if which != Route::SyncPush && has_body(req.headers()) {
             // Never read: the request is refused before it can start anything.
-            return Outcome::new(
+            return Answered::new(
                 route,
                 reply::envelope_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -389,7 +442,7 @@ impl App {
                 Ok(who) => caller = Some(who),
                 Err(refusal) => {
                     let (res, who) = refused(refusal);
-                    return Outcome {
+                    return Answered {
                         route,
                         caller: (!safe).then_some(who),
                         res,
@@ -400,34 +453,31 @@ impl App {
         let caller = caller.filter(|_| !safe).map(|c: Caller| c.to_string());
         let query = req.uri().query().map(str::to_string);
         let query = query.as_deref();
-        let res = match (route, method) {
-            ("/", _) => admin_page(),
-            ("/livez" | "/healthz", _) => {
+        let res = match which {
+            Route::Page => admin_page(),
+            Route::Livez | Route::Healthz => {
                 reply::json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
             }
-            ("/readyz", _) => self.readyz().await,
-            ("/metrics", _) => self.metrics(),
-            ("/status", _) => reply::ok(&self.engine.status()),
-            ("/mappings", _) => self.mappings(query).await,
-            ("/sync" | SYNC_COMPAT, _) => {
+            Route::Readyz => self.readyz().await,
+            Route::Metrics => self.metrics(),
+            Route::Status => reply::ok(&self.engine.status()),
+            Route::Mappings => self.mappings(query).await,
+            Route::Sync | Route::SyncCompat => {
                 match sync_options(query, self.engine.deletes_by_default()) {
                     Ok(opts) => self.sync(opts, false).await,
                     Err(msg) => reply::envelope_error(StatusCode::BAD_REQUEST, &msg),
                 }
             }
-            (SYNC_PUSH, _) => match self.read_body(req).await {
+            Route::SyncPush => match self.read_body(req).await {
                 Ok((body, _held)) => self.sync_with_direction(&body).await,
                 Err(res) => res,
             },
-            ("/export", _) => self.export().await,
-            ("/snapshots", Method::POST) => self.write_snapshot().await,
-            ("/snapshots", _) => self.list_snapshots().await,
-            ("/snapshots/{name}", _) => self.snapshot_file(&path["/snapshots/".len()..]).await,
-            _ => {
-                reply::envelope_error(StatusCode::NOT_FOUND, &format!("no route {}", quote(&path)))
-            }
+            Route::Export => self.export().await,
+            Route::Snapshots if method == Method::POST => self.write_snapshot().await,
+            Route::Snapshots => self.list_snapshots().await,
+            Route::Snapshot => self.snapshot_file(&path["/snapshots/".len()..]).await,
         };
-        Outcome { route, caller, res }
+        Answered { route, caller, res }
     }
 
     /// The request's `Origin`, when it is one of `http.cors_origins`.
