@@ -2,7 +2,9 @@
 //! the command line and prints; everything with behaviour lives here, testable as a library.
 //!
 //! `check` prints one line per check; a `warn` line (a connection to a remote host whose
-//! certificate is not verified) points at a fix but never fails the check.
+//! certificate is not verified) points at a fix but never fails the check. [`config`] holds its
+//! offline sibling `mapsync config check`, which shares its `config` and `tls` lines, and
+//! `mapsync config show`.
 
 use std::io::Write;
 use std::path::Path;
@@ -64,6 +66,8 @@ pub async fn export(
     }
     Ok(image.mappings.len())
 }
+
+pub mod config;
 
 /// How a line of `mapsync check` came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,17 +153,12 @@ fn is_local_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// `mapsync check`: the config (already loaded), the SQLite file, TLS, Postgres, the table.
-pub async fn check(settings: &Settings) -> Vec<CheckLine> {
-    let line = |ok: bool, what, detail: String| CheckLine {
-        verdict: if ok { Verdict::Ok } else { Verdict::Fail },
-        what,
-        detail,
-    };
-    let mut lines = vec![line(
-        true,
-        "config",
-        format!(
+/// The first line of `mapsync check` and of `mapsync config check`: the settings loaded.
+pub fn config_line(settings: &Settings) -> CheckLine {
+    CheckLine {
+        verdict: Verdict::Ok,
+        what: "config",
+        detail: format!(
             "valid (target: {}, snapshots in {}, admin port {})",
             settings
                 .target
@@ -172,7 +171,28 @@ pub async fn check(settings: &Settings) -> Vec<CheckLine> {
             settings.snapshot.dir.display(),
             settings.http.listen
         ),
-    )];
+    }
+}
+
+/// The `warn tls` line of `mapsync check` and `mapsync config check`, when the target is a
+/// remote host whose certificate is not verified.
+pub fn tls_line(settings: &Settings) -> Option<CheckLine> {
+    let spec = settings.target.connect.as_ref()?;
+    unverified_tls(spec).map(|why| CheckLine {
+        verdict: Verdict::Warn,
+        what: "tls",
+        detail: why,
+    })
+}
+
+/// `mapsync check`: the config (already loaded), the SQLite file, TLS, Postgres, the table.
+pub async fn check(settings: &Settings) -> Vec<CheckLine> {
+    let line = |ok: bool, what, detail: String| CheckLine {
+        verdict: if ok { Verdict::Ok } else { Verdict::Fail },
+        what,
+        detail,
+    };
+    let mut lines = vec![config_line(settings)];
     lines.push(match read_source(settings).await {
         Ok(image) => line(
             true,
@@ -201,13 +221,7 @@ pub async fn check(settings: &Settings) -> Vec<CheckLine> {
             return lines;
         }
     };
-    if let Some(why) = settings.target.connect.as_ref().and_then(unverified_tls) {
-        lines.push(CheckLine {
-            verdict: Verdict::Warn,
-            what: "tls",
-            detail: why,
-        });
-    }
+    lines.extend(tls_line(settings));
     match target.describe_server().await {
         Ok((version, tls)) => lines.push(line(
             true,

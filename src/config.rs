@@ -1,7 +1,8 @@
 //! Typed settings: defaults < TOML file < `MAPSYNC_<SECTION>__<KEY>` environment variables.
 //!
-//! [`Settings::load`] is the only way in. It reads the file (when there is one), applies the
-//! environment, resolves the `*_file` secrets, and validates every value, so the rest of the
+//! [`Settings::load`] is the only way in ([`Effective::load`], for `mapsync config show` and
+//! `config check`, goes through the same steps). It reads the file (when there is one), applies
+//! the environment, resolves the `*_file` secrets, and validates every value, so the rest of the
 //! program never sees a half-valid configuration. Any problem is a [`ConfigError`]: one line
 //! naming the key, which `main` turns into exit code 78 (EX_CONFIG), the code the systemd unit
 //! refuses to restart on.
@@ -22,6 +23,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+mod show;
+pub use show::{Effective, Shown};
 
 /// Where `--config` points when it is not given. A missing file at this default path is not an
 /// error (the defaults and the environment apply); a missing file that was asked for is.
@@ -174,7 +178,7 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -235,9 +239,10 @@ pub const DEFAULT_REDACT_KEYS: &[&str] = &[
 
 // ---------------------------------------------------------------------------------------------
 // The raw, file-shaped form. Every section denies unknown keys, and every key has a default, so
-// the file only needs the keys that differ.
+// the file only needs the keys that differ. (Serialize: `mapsync config show` reads the defaults
+// from `RawSettings::default()`.)
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawSettings {
     source: RawSource,
@@ -250,13 +255,13 @@ struct RawSettings {
     log: RawLog,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawInstance {
     name: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawSource {
     sqlite_path: PathBuf,
@@ -274,7 +279,7 @@ impl Default for RawSource {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawWatch {
     debounce_ms: u64,
@@ -290,7 +295,7 @@ impl Default for RawWatch {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawTarget {
     url: Option<String>,
@@ -326,7 +331,7 @@ impl Default for RawTarget {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawSchedule {
     reconcile: String,
@@ -342,7 +347,7 @@ impl Default for RawSchedule {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawSnapshot {
     dir: PathBuf,
@@ -364,7 +369,7 @@ impl Default for RawSnapshot {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawHttp {
     listen: String,
@@ -396,7 +401,7 @@ impl Default for RawHttp {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawLog {
     level: String,
@@ -453,8 +458,8 @@ const SCHEMA: &[(&str, Kind)] = &[
     ("schedule.snapshot", Kind::Str),
     ("snapshot.dir", Kind::Str),
     ("snapshot.keep", Kind::UInt),
-    ("snapshot.redact_keys", Kind::List),
     ("snapshot.min_interval_s", Kind::UInt),
+    ("snapshot.redact_keys", Kind::List),
     ("snapshot.redact", Kind::Bool),
     ("http.listen", Kind::Str),
     ("http.admin_token", Kind::Str),
@@ -485,6 +490,23 @@ pub enum Origin {
     Default,
     File,
     Environment,
+}
+
+impl Origin {
+    /// `default`, `file` or `environment`, as `mapsync config show` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Default => "default",
+            Origin::File => "file",
+            Origin::Environment => "environment",
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The origin of every key that was set; the others are [`Origin::Default`].
@@ -522,6 +544,26 @@ impl Settings {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
+        Layers::read(path, env)?.settings()
+    }
+}
+
+/// The file's and the environment's values, merged in order and checked against [`SCHEMA`].
+#[derive(Default)]
+struct Layers {
+    table: toml::Table,
+    origins: Origins,
+    /// The file that was read: `None` when `--config` was not given and
+    /// [`DEFAULT_CONFIG_PATH`] does not exist.
+    file: Option<PathBuf>,
+}
+
+impl Layers {
+    /// The file at `path` (or [`DEFAULT_CONFIG_PATH`], when it exists) and the environment.
+    fn read(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Layers, ConfigError> {
         let (file, required) = match path {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
@@ -532,24 +574,20 @@ impl Settings {
                 ConfigError::new(format!("cannot read config file {}: {e}", file.display()))
             })?;
             layers.add_file(&file, &text)?;
+            layers.file = Some(file);
         }
         layers.add_env(env)?;
-        let Layers { table, origins } = layers;
-        let raw: RawSettings = toml::Value::Table(table)
+        Ok(layers)
+    }
+
+    /// The validated settings these layers give.
+    fn settings(&self) -> Result<Settings, ConfigError> {
+        let raw: RawSettings = toml::Value::Table(self.table.clone())
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::new(one_line(e.message())))?;
-        raw.validate(origins)
+        raw.validate(self.origins.clone())
     }
-}
 
-/// The file's and the environment's values, merged in order and checked against [`SCHEMA`].
-#[derive(Default)]
-struct Layers {
-    table: toml::Table,
-    origins: Origins,
-}
-
-impl Layers {
     fn add_file(&mut self, file: &Path, text: &str) -> Result<(), ConfigError> {
         let fail = |msg: String| ConfigError::new(format!("{}: {msg}", file.display()));
         let parsed: toml::Table = toml::from_str(text).map_err(|e| {
@@ -1074,6 +1112,30 @@ mod tests {
             ..shipped
         };
         assert_eq!(format!("{shipped:?}"), format!("{:?}", Settings::default()));
+    }
+
+    #[test]
+    fn the_schema_lists_the_keys_in_the_order_the_shipped_file_documents_them() {
+        // `mapsync config show` prints them in this order.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut section = "";
+        let mut documented = Vec::new();
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name;
+                continue;
+            }
+            // A key, or a key that is unset by default (`# url = ""`).
+            let line = line.strip_prefix("# ").unwrap_or(line);
+            if let Some((key, _)) = line.split_once(" = ") {
+                if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    documented.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        let schema: Vec<&str> = SCHEMA.iter().map(|(k, _)| *k).collect();
+        assert_eq!(documented, schema);
     }
 
     #[test]

@@ -3,13 +3,16 @@
 //! Logs go to stderr; stdout carries only a command's result.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use mapsync::config::{LogFormat, Settings};
+use mapsync::config::{Effective, LogFormat, Settings};
 use mapsync::sync::SyncOptions;
 use mapsync::{Error, commands};
+
+/// EX_CONFIG, as for a configuration that does not load ([`Error::exit_code`]).
+const EX_CONFIG: u8 = 78;
 
 /// `mapsync --version`: the version and the git revision it was built from (build.rs).
 const LONG_VERSION: &str = concat!(
@@ -64,6 +67,9 @@ enum Command {
     },
     /// Check the config, the SQLite file, Postgres and the target table.
     Check,
+    /// Check the configuration offline, or print the effective settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Apply the embedded sql/ scripts to the target (idempotent).
     Migrate,
     /// Upsert a snapshot (or the Postgres mirror) back into the SQLite file, the way the
@@ -106,6 +112,35 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration offline: no SQLite, no Postgres, no network.
+    ///
+    /// Loads it as the daemon does (a configuration the daemon would refuse: its error, exit
+    /// 78), then checks the files, directories, CA certificate and cron expressions it names:
+    /// one line per section or problem, marked ok, warn or FAIL; exit 78 if one fails.
+    /// Warnings (what depends on the user the service runs as) do not fail.
+    Check,
+    /// Print every setting's effective value and its origin, secrets masked.
+    ///
+    /// Every key, in the order config/mapsync.toml documents them, with where its value came
+    /// from (default, file, environment). Passwords and tokens show as ***; the *_file keys
+    /// show their paths, never what the files hold.
+    Show {
+        /// Aligned text for people, or JSON for scripts.
+        #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
+        format: ShowFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ShowFormat {
+    /// Aligned columns: key, origin, value.
+    Text,
+    /// One JSON document, for scripts.
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -123,6 +158,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Man { dir } => return man_pages(dir.as_deref()),
+        Command::Config(action) => return config(action, cli.config.as_deref()),
         _ => {}
     }
     tune_malloc(matches!(cli.command, Command::Run | Command::Demo { .. }));
@@ -230,12 +266,50 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
                 ExitCode::SUCCESS
             })
         }
-        Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS), // in main
+        // In main.
+        Command::Completions { .. } | Command::Man { .. } | Command::Config(_) => {
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate => {
             for name in commands::migrate(&settings).await? {
                 println!("applied {name}");
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `mapsync config check|show`: the configuration alone; no runtime, no logging.
+fn config(action: &ConfigCommand, path: Option<&Path>) -> ExitCode {
+    let effective = match Effective::load(path) {
+        Ok(e) => e,
+        Err(e) => return fail(&Error::from(e)),
+    };
+    let mut out = std::io::stdout().lock();
+    match action {
+        ConfigCommand::Check => {
+            let lines = commands::config::check(&effective);
+            for line in &lines {
+                let _ = writeln!(out, "{line}");
+            }
+            if commands::check_passed(&lines) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EX_CONFIG)
+            }
+        }
+        ConfigCommand::Show {
+            format: ShowFormat::Text,
+        } => {
+            let _ = out.write_all(commands::config::show_text(&effective).as_bytes());
+            ExitCode::SUCCESS
+        }
+        ConfigCommand::Show {
+            format: ShowFormat::Json,
+        } => {
+            drop(out);
+            print_json(&commands::config::show_json(&effective));
+            ExitCode::SUCCESS
         }
     }
 }

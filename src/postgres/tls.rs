@@ -67,6 +67,17 @@ impl SslMode {
         }
     }
 
+    /// The name libpq gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
     /// What tokio-postgres is told: it only decides whether TLS is attempted and required;
     /// the verifier below decides what is checked.
     pub fn for_tokio_postgres(self) -> tokio_postgres::config::SslMode {
