@@ -9,11 +9,13 @@
 //!   or a `journal_mode` change by the application fail; a read transaction left open would
 //!   stop its WAL checkpoints).
 //! - "Did anything commit since the last read?" is answered from the files alone
-//!   (`Fingerprint`): identity, size and header of the database and of its `-wal`. Every
-//!   commit changes one of them (a WAL commit appends frames or, after a checkpoint,
-//!   rewrites the WAL header with new salts; a rollback-journal commit bumps the database
-//!   header's change counter), so a change is never missed; a checkpoint also changes them,
-//!   which costs one needless read.
+//!   (`Fingerprint`): identity, size and header of the database and of its `-wal`, and the
+//!   wal-index header in `-shm`. Every commit changes one of them (a WAL commit appends
+//!   frames or, after a checkpoint, rewrites the WAL header with new salts, and then
+//!   publishes its last frame in the wal-index; a rollback-journal commit bumps the
+//!   database header's change counter), so a change is never missed, even one read between
+//!   its WAL write and its publication; a checkpoint also changes them, which costs one
+//!   needless read.
 //! - A fresh open on every read means a file that was replaced, truncated or overwritten is
 //!   seen as it is now, never through pages cached from before.
 
@@ -196,6 +198,11 @@ impl SqliteSource {
 struct Fingerprint {
     db: FileState,
     wal: Option<FileState>,
+    /// The wal-index header in `-shm` (both copies, 96 bytes): a commit's frames reach the
+    /// `-wal` before SQLite publishes them there, so a read in between misses the commit
+    /// while the `-wal` looks final. Readers' marks, which follow, are left out: reads change
+    /// them.
+    shm_header: Option<Vec<u8>>,
 }
 
 /// (device, inode, size, mtime in ns) and the first bytes of a file: the database header's
@@ -221,11 +228,22 @@ impl Fingerprint {
                 });
             }
         };
-        let mut wal = db.as_os_str().to_owned();
-        wal.push("-wal");
-        // A -wal that vanishes between the stat and the read is simply absent.
-        let wal = FileState::take(Path::new(&wal), 32).ok().flatten();
-        Ok(Fingerprint { db: db_state, wal })
+        let beside = |suffix: &str| {
+            let mut p = db.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        };
+        // A -wal or -shm that vanishes between the stat and the read is simply absent.
+        let wal = FileState::take(&beside("-wal"), 32).ok().flatten();
+        let shm_header = FileState::take(&beside("-shm"), 96)
+            .ok()
+            .flatten()
+            .map(|s| s.head);
+        Ok(Fingerprint {
+            db: db_state,
+            wal,
+            shm_header,
+        })
     }
 }
 
@@ -476,5 +494,79 @@ fn source_error(path: &Path, e: rusqlite::Error) -> SourceError {
         }
         Some(ErrorCode::CannotOpen) if !path.exists() => SourceError::Missing(path),
         _ => SourceError::Other { path, reason },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    /// The first bytes of the `-shm` file: the wal-index header SQLite publishes a commit in.
+    fn shm_header(db: &Path) -> Vec<u8> {
+        let mut h = vec![0u8; 136];
+        std::fs::File::open(format!("{}-shm", db.display()))
+            .unwrap()
+            .read_exact(&mut h)
+            .unwrap();
+        h
+    }
+
+    fn put_shm_header(db: &Path, h: &[u8]) {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("{}-shm", db.display()))
+            .unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.write_all(h).unwrap();
+    }
+
+    /// A commit's frames reach the `-wal` before SQLite publishes them in the `-shm` index
+    /// (an fsync apart). A read in between does not see the commit; the gate must still say
+    /// "changed" once the commit is published, though the `-wal` and the database do not
+    /// change again.
+    #[test]
+    fn a_commit_read_before_its_index_was_published_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.sqlite3");
+        let app = Connection::open(&db).unwrap();
+        app.pragma_update(None, "journal_mode", "WAL").unwrap();
+        app.execute_batch(super::super::schema::APP_SCHEMA).unwrap();
+        let insert = |key: &str| {
+            app.execute(
+                "INSERT INTO llm_model_mappings (id, scope_type, scope_key) VALUES (?1, 'mapping', ?2)",
+                [format!("mapping:{key}"), key.to_string()],
+            )
+            .unwrap();
+        };
+        insert("a");
+        let mut settings = Settings::default();
+        settings.source.sqlite_path = db.clone();
+        let mut source = SqliteSource::new(&settings.source, Redactor::default()).memoizing();
+        assert_eq!(source.read(ReadMode::Full).unwrap().mappings.len(), 1);
+
+        let before = shm_header(&db);
+        insert("b");
+        let published = shm_header(&db);
+        assert_ne!(before, published);
+        // The commit is in the -wal, not yet in the index: a read now misses it.
+        put_shm_header(&db, &before);
+        assert!(source.changed().unwrap(), "the -wal grew");
+        assert_eq!(
+            source.read(ReadMode::Incremental).unwrap().mappings.len(),
+            1
+        );
+        // Published: nothing else changes on disk, and the gate must see it.
+        put_shm_header(&db, &published);
+        assert!(
+            source.changed().unwrap(),
+            "the commit was published since the read"
+        );
+        assert_eq!(
+            source.read(ReadMode::Incremental).unwrap().mappings.len(),
+            2
+        );
+        assert!(!source.changed().unwrap(), "and then nothing changed");
     }
 }
