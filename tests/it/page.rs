@@ -14,16 +14,14 @@
 //! - "Overwrite Supabase": `{"direction":"push","overwrite":false,"delete_missing":true}`;
 //! - "Pull from Supabase": `{"direction":"pull","overwrite":true,"delete_missing":false}`.
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::daemon::Daemon;
-use common::http::{self, Reply};
-use common::jwt::{self, Keys, at, claims};
-use common::mapsync::{Workspace, remote_count, supabase_db};
-use common::nginx::Nginx;
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::http::{self, Reply};
+use crate::harness::jwt::{self, Keys, at, claims};
+use crate::harness::nginx::Nginx;
+use crate::harness::workspace::{Workspace, remote_count, supabase_db};
+use crate::harness::*;
 use serde_json::{Value, json};
 
 const PUSH_PATH: &str = "/api/v1/llm/model-groups/sync";
@@ -271,7 +269,7 @@ fn rs256_and_es256_tokens_are_each_checked_with_a_key_of_their_own_type() {
 
 #[test]
 fn the_pages_requests_through_nginx_get_the_envelopes_it_expects() {
-    common::nginx::nginx_path(); // fails with the install command before anything starts
+    crate::harness::nginx::nginx_path(); // fails with the install command before anything starts
     let db = supabase_db();
     let ws = Workspace::new(Some(&db.url), "");
     for r in Row::numbered("m", 13) {

@@ -2,7 +2,6 @@
 //! admin port on 127.0.0.1:0, its address read from its log, its stderr kept for assertions,
 //! and stopped (SIGTERM, then SIGKILL) when dropped.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -11,8 +10,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::http::{self, Reply};
-use super::mapsync::{Workspace, command};
 use super::sys::{collect_lines, poll_until, signal_and_wait};
+use super::workspace::{Workspace, command};
 
 pub struct Daemon {
     pub child: Child,

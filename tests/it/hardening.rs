@@ -5,16 +5,14 @@
 //! access log. The real `mapsync run`, real sockets, a real PostgreSQL where rows matter.
 //! Every flood is bounded in count and time; nothing is asserted about timing.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::daemon::Daemon;
-use common::flood::{self, probe, rss_kib};
-use common::http::{self, Reply};
-use common::mapsync::{Workspace, remote_count, supabase_db};
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::flood::{self, probe, rss_kib};
+use crate::harness::http::{self, Reply};
+use crate::harness::workspace::{Workspace, remote_count, supabase_db};
+use crate::harness::*;
 use serde_json::Value;
 
 const PUSH_PATH: &str = "/api/v1/llm/model-groups/sync";
@@ -338,12 +336,12 @@ fn settings_from_the_environment_are_literal() {
         assert_eq!(r.status, 401, "{token} was read as {wrong}");
     }
     // A boolean is true or false, never a number: in the environment and in the file.
-    let mut cmd = common::mapsync::command();
+    let mut cmd = crate::harness::workspace::command();
     cmd.arg("--config")
         .arg(&ws.config)
         .arg("check")
         .env("MAPSYNC_TARGET__DELETE_MISSING", "1");
-    let run = common::mapsync::run(cmd);
+    let run = crate::harness::workspace::run(cmd);
     run.expect_code(78);
     assert!(
         run.stderr.contains("MAPSYNC_TARGET__DELETE_MISSING"),

@@ -10,16 +10,14 @@
 //! (tests/daemon.rs), a file replaced or deleted and re-created (tests/daemon.rs), wrong
 //! passwords and TLS (tests/sync.rs).
 
-mod common;
-
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::daemon::Daemon;
-use common::mapsync::{Workspace, command, remote_count, remote_rows, supabase_db};
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::workspace::{Workspace, command, remote_count, remote_rows, supabase_db};
+use crate::harness::*;
 use serde_json::Value;
 
 /// Short debounce so tests run fast; schedules far away so only the watcher, the start-up run
@@ -75,7 +73,7 @@ fn mirror_form(ws: &Workspace) -> std::collections::BTreeMap<String, Value> {
         .arg(&ws.config)
         .arg("export")
         .env("MAPSYNC_SNAPSHOT__REDACT", "true");
-    let out = common::mapsync::run(cmd);
+    let out = crate::harness::workspace::run(cmd);
     out.expect_code(0);
     out.json()["mappings"]
         .as_array()
@@ -135,11 +133,15 @@ fn assert_mirror_equals_source(ws: &Workspace, db: &TestDb, not_mirrored: &[&str
     }
 }
 
-/// Sessions of mapsync's (application_name) on the server.
+/// Sessions of mapsync's (application_name) on `db` (other tests' daemons use the same server).
 fn mapsync_sessions(db: &TestDb) -> u64 {
     run_psql(
         &db.admin_url(),
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync'",
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
+             AND datname = '{}'",
+            db.name
+        ),
     )
     .ok()
     .and_then(|n| n.trim().parse().ok())
@@ -491,7 +493,7 @@ fn recovery_follows_the_returning_file_not_the_backoff_timer() {
 fn recovery_follows_the_first_answer_of_postgres_not_the_backoff_timer() {
     let cluster = PgCluster::start();
     let dbname = cluster.create_db();
-    cluster.psql(&dbname, include_str!("fixtures/supabase_roles_shim.sql"));
+    cluster.psql(&dbname, include_str!("../fixtures/supabase_roles_shim.sql"));
     let url = cluster.superuser_url(&dbname);
     let ws = Workspace::new(Some(&url), "");
     for r in Row::numbered("m", 10) {
@@ -548,7 +550,7 @@ fn sigterm_on_a_run_blocked_by_a_row_lock_leaves_no_session_behind() {
         "BEGIN; UPDATE public.model_mappings SET name = 'held' WHERE id = 'mapping:m003';",
     );
     wait_until(Duration::from_secs(10), "the row lock taken", || {
-        db.psql("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.mode = 'RowExclusiveLock' AND a.application_name = 'psql'")
+        db.psql("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.mode = 'RowExclusiveLock' AND a.application_name = 'psql' AND a.datname = current_database()")
             .trim()
             != "0"
     });
@@ -559,7 +561,7 @@ fn sigterm_on_a_run_blocked_by_a_row_lock_leaves_no_session_behind() {
         || {
             db.psql(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
-             AND wait_event_type = 'Lock'",
+             AND wait_event_type = 'Lock' AND datname = current_database()",
             )
             .trim()
                 != "0"
@@ -588,7 +590,7 @@ fn sigterm_on_a_run_blocked_by_a_row_lock_leaves_no_session_behind() {
         || {
             db.psql(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
-             AND wait_event_type = 'Lock'",
+             AND wait_event_type = 'Lock' AND datname = current_database()",
             )
             .trim()
                 != "0"

@@ -3,8 +3,6 @@
 //! the sync button's three outcomes (ok, warning, error) and the export download. Clicks are
 //! real mouse events on the element's box; no test may see a JavaScript exception.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -12,11 +10,11 @@ use std::time::Duration;
 
 use chrono::Timelike;
 
-use common::browser::{Browser, Page, chromium_path};
-use common::daemon::Daemon;
-use common::mapsync::{Workspace, supabase_db};
-use common::websocket::WebSocket;
-use common::*;
+use crate::harness::browser::{Browser, Page, chromium_path};
+use crate::harness::daemon::Daemon;
+use crate::harness::websocket::WebSocket;
+use crate::harness::workspace::{Workspace, supabase_db};
+use crate::harness::*;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -580,7 +578,7 @@ fn chromium_leaves_nothing_running_after_drop() {
             .collect()
     };
     let mut left = Vec::new();
-    let gone = common::sys::poll_until(Duration::from_secs(10), || {
+    let gone = crate::harness::sys::poll_until(Duration::from_secs(10), || {
         left = in_group();
         left.is_empty()
     });
@@ -589,7 +587,7 @@ fn chromium_leaves_nothing_running_after_drop() {
 
 /// The metric sum of `mapsync_sync_runs_total{trigger="manual",…}`.
 fn manual_runs(d: &Daemon) -> f64 {
-    common::http::get(d.addr, "/metrics", None)
+    crate::harness::http::get(d.addr, "/metrics", None)
         .text()
         .lines()
         .filter(|l| l.starts_with("mapsync_sync_runs_total{trigger=\"manual\""))
@@ -605,8 +603,8 @@ fn manual_runs(d: &Daemon) -> f64 {
 fn a_listed_origin_may_call_the_sync_route_cross_origin_and_others_are_blocked() {
     chromium_path();
     let page = "<!doctype html><html><head><meta charset=utf-8><title>app</title></head><body>app</body></html>";
-    let listed = common::http::StubServer::start("text/html; charset=utf-8", page);
-    let unlisted = common::http::StubServer::start("text/html; charset=utf-8", page);
+    let listed = crate::harness::http::StubServer::start("text/html; charset=utf-8", page);
+    let unlisted = crate::harness::http::StubServer::start("text/html; charset=utf-8", page);
     let ws = Workspace::new(None, "");
     for r in rows(3, 1) {
         ws.app.upsert(&r);

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub struct TestCa {
-    pub dir: tempfile::TempDir,
+    /// Holds the files below; removed on drop.
+    _dir: tempfile::TempDir,
     /// PEM of the CA that signed `server_cert`.
     pub ca_cert: PathBuf,
-    pub ca_key: PathBuf,
     /// PEM server certificate (CN=localhost; SAN DNS:localhost, IP:127.0.0.1).
     pub server_cert: PathBuf,
     /// PEM (PKCS#8) private key of `server_cert`.
@@ -136,11 +136,10 @@ impl TestCa {
         );
         TestCa {
             ca_cert: d.join("ca.crt"),
-            ca_key: d.join("ca.key"),
             server_cert: d.join("server.crt"),
             server_key: d.join("server.key"),
             other_ca_cert: d.join("other_ca.crt"),
-            dir,
+            _dir: dir,
         }
     }
 }

@@ -156,13 +156,16 @@ pub fn supabase_db() -> TestDb {
     static SHIM: Mutex<()> = Mutex::new(());
     let db = test_db();
     let _guard = SHIM.lock().unwrap_or_else(|e| e.into_inner());
-    run_psql(&db.url, include_str!("../fixtures/supabase_roles_shim.sql"))
-        .unwrap_or_else(|e| panic!("supabase roles shim failed: {e}"));
+    run_psql(
+        &db.url,
+        include_str!("../../fixtures/supabase_roles_shim.sql"),
+    )
+    .unwrap_or_else(|e| panic!("supabase roles shim failed: {e}"));
     db
 }
 
 /// The deployed table as it is on Supabase today (tests/fixtures/deployed_supabase_schema.sql).
-pub const DEPLOYED_SCHEMA: &str = include_str!("../fixtures/deployed_supabase_schema.sql");
+pub const DEPLOYED_SCHEMA: &str = include_str!("../../fixtures/deployed_supabase_schema.sql");
 
 /// Every mirrored row as JSON objects keyed by id, read with psql (what a user would see).
 pub fn remote_rows(db: &TestDb) -> std::collections::BTreeMap<String, Value> {

@@ -1,12 +1,10 @@
-//! Self-test of the integration-test harness in tests/common: every helper the other
+//! Self-test of the integration-test harness in tests/it/harness: every helper the other
 //! integration tests rely on is exercised here against real PostgreSQL, PgBouncer, openssl
 //! and SQLite, and each test asserts something that breaks if the harness does.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -496,7 +494,7 @@ fn fixture_100k_rows() {
 
 #[test]
 fn url_with_db_replaces_only_the_database() {
-    use common::pg::url_with_db;
+    use crate::harness::pg::url_with_db;
     assert_eq!(
         url_with_db("postgres://u:p%2Fw@h:5432/postgres?sslmode=require", "x"),
         "postgres://u:p%2Fw@h:5432/x?sslmode=require"

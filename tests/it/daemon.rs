@@ -2,14 +2,12 @@
 //! in WAL mode written by its own connection, and a real PostgreSQL — through commits, bursts,
 //! outages, file replacement, kills and signals.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::Daemon;
-use common::mapsync::{Workspace, remote_count, remote_rows, supabase_db};
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::workspace::{Workspace, remote_count, remote_rows, supabase_db};
+use crate::harness::*;
 use serde_json::Value;
 
 /// Short debounce so tests run fast; the reconcile schedule is far away so only the watcher
@@ -125,7 +123,7 @@ fn the_application_can_checkpoint_its_wal_while_the_daemon_runs() {
 fn a_postgres_outage_keeps_the_daemon_live_and_loses_nothing() {
     let cluster = PgCluster::start();
     let dbname = cluster.create_db();
-    cluster.psql(&dbname, include_str!("fixtures/supabase_roles_shim.sql"));
+    cluster.psql(&dbname, include_str!("../fixtures/supabase_roles_shim.sql"));
     let url = cluster.superuser_url(&dbname);
     let ws = Workspace::new(Some(&url), "");
     for r in Row::numbered("m", 10) {
@@ -272,7 +270,7 @@ fn a_replaced_or_recreated_sqlite_file_is_followed() {
     assert_eq!(d.get("/readyz").status, 200);
 }
 
-/// Waits until a mapsync session runs a `COPY … FROM STDIN` (a large run is writing).
+/// Waits until a mapsync session runs a `COPY … FROM STDIN` into `db` (a large run is writing).
 fn wait_for_copy(db: &TestDb) {
     wait_until(
         Duration::from_secs(60),
@@ -280,8 +278,11 @@ fn wait_for_copy(db: &TestDb) {
         || {
             run_psql(
                 &db.admin_url(),
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
-             AND state = 'active' AND query LIKE 'COPY%FROM STDIN%'",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
+                     AND state = 'active' AND query LIKE 'COPY%FROM STDIN%' AND datname = '{}'",
+                    db.name
+                ),
             )
             .is_ok_and(|n| n.trim() != "0")
         },

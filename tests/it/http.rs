@@ -2,18 +2,16 @@
 //! sockets, and a real PostgreSQL where a target is needed. What is asserted is what the
 //! mapping page, a probe, a scraper or an operator would notice.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::daemon::Daemon;
-use common::http::{self, Reply};
-use common::mapsync::{SYNC_FIELDS, Workspace, command, remote_count, supabase_db};
-use common::sys::poll_until;
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::http::{self, Reply};
+use crate::harness::sys::poll_until;
+use crate::harness::workspace::{SYNC_FIELDS, Workspace, command, remote_count, supabase_db};
+use crate::harness::*;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "tok-7f3a9c-admin-SECRET";
@@ -881,7 +879,7 @@ fn the_admin_token_guards_every_token_route_and_only_those() {
 }
 
 /// Runs `mapsync run` on `config` and waits (at most 20 s) for it to exit.
-fn run_to_exit(config: &std::path::Path) -> common::mapsync::Run {
+fn run_to_exit(config: &std::path::Path) -> crate::harness::workspace::Run {
     let mut cmd = command();
     cmd.arg("--config")
         .arg(config)
@@ -902,7 +900,7 @@ fn run_to_exit(config: &std::path::Path) -> common::mapsync::Run {
         exited,
         "mapsync run started on a public address without a token"
     );
-    common::mapsync::Run {
+    crate::harness::workspace::Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -929,7 +927,7 @@ fn a_public_listen_address_needs_a_token() {
         .arg(&ws.config)
         .arg("check")
         .env("MAPSYNC_HTTP__LISTEN", "0.0.0.0:9187");
-    let check = common::mapsync::run(cmd);
+    let check = crate::harness::workspace::run(cmd);
     check.expect_code(78);
     assert!(check.stderr.contains("http.admin_token"), "{check:#?}");
 

@@ -14,7 +14,6 @@
 //! crashpad with `--disable-crashpad-for-testing` is no option: Chromium 156 then aborts with
 //! "FD ownership violation" on the first navigation.)
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,10 +1,10 @@
 //! `mapsync sync`, `migrate` and `check` end to end: the real binary, a SQLite file in WAL mode
 //! held open by the application's connection, and a real PostgreSQL.
 
-mod common;
-
-use common::mapsync::{DEPLOYED_SCHEMA, Workspace, remote_count, remote_rows, supabase_db, xmins};
-use common::*;
+use crate::harness::workspace::{
+    DEPLOYED_SCHEMA, Workspace, remote_count, remote_rows, supabase_db, xmins,
+};
+use crate::harness::*;
 use serde_json::{Value, json};
 
 /// A workspace mirrored into a migrated Supabase-like database.
@@ -34,7 +34,7 @@ fn first_sync_mirrors_exactly_what_export_shows() {
     assert_eq!(report["remote_before"], 0);
     assert_eq!(report["remote_after"], 503);
     assert_eq!(report["deleted_count"], 0);
-    for key in common::mapsync::SYNC_FIELDS {
+    for key in crate::harness::workspace::SYNC_FIELDS {
         assert!(report.get(key).is_some(), "result lacks {key}: {report}");
     }
 
@@ -343,7 +343,7 @@ fn row_level_security_gives_supabase_roles_what_they_should_have() {
 fn sync_works_through_pgbouncer_in_transaction_mode() {
     let cluster = PgCluster::start();
     let dbname = cluster.create_db();
-    cluster.psql(&dbname, include_str!("fixtures/supabase_roles_shim.sql"));
+    cluster.psql(&dbname, include_str!("../fixtures/supabase_roles_shim.sql"));
     let bouncer = PgBouncer::start(
         cluster.host(),
         cluster.port(),
@@ -554,9 +554,9 @@ fn concurrent_runs_against_one_table_take_turns() {
     // Two instances start a cold sync at once: without the advisory lock both would COPY the
     // same new ids and one would fail on the primary key.
     let spawn = || {
-        let mut cmd = common::mapsync::command();
+        let mut cmd = crate::harness::workspace::command();
         cmd.arg("--config").arg(&ws.config).arg("sync");
-        std::thread::spawn(move || common::mapsync::run(cmd))
+        std::thread::spawn(move || crate::harness::workspace::run(cmd))
     };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
@@ -583,7 +583,7 @@ fn concurrent_runs_against_one_table_take_turns() {
 fn the_sql_scripts_pass_their_checks_on_a_real_server() {
     let cluster = PgCluster::start();
     let url = cluster.superuser_url("postgres");
-    let psql_dir = common::pg::psql_path()
+    let psql_dir = crate::harness::pg::psql_path()
         .parent()
         .expect("psql's directory")
         .to_path_buf();

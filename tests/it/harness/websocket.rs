@@ -131,11 +131,6 @@ impl WsSender {
         self.send_frame(OP_TEXT, text.as_bytes())
     }
 
-    /// Sends a close frame (best effort).
-    pub fn close(&self) {
-        let _ = self.send_frame(OP_CLOSE, &1000u16.to_be_bytes());
-    }
-
     /// Shuts the socket down both ways: a thread blocked in `recv_text` returns an error.
     pub fn shutdown(&self) {
         let state = self.0.lock().unwrap_or_else(|e| e.into_inner());
