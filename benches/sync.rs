@@ -34,6 +34,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::PgCluster;
+use common::admin::Admin;
 use common::daemon::Daemon;
 use common::sys::scrub_pg_env;
 use common::workspace::Workspace;

@@ -112,7 +112,7 @@ fn token_status_mappings_search_sync_and_export_work_in_a_real_browser() {
         ws.app.upsert(&r);
     }
     ws.mapsync(&["migrate"]).expect_code(0);
-    let daemon = Daemon::start(
+    let daemon = TestApp::spawn(
         &ws,
         Some(&db.url),
         // The watcher stays quiet during the test: the sync button does the pushing.
@@ -320,7 +320,7 @@ fn without_a_target_the_sync_button_warns_that_nothing_was_pushed() {
     for r in rows(12, 0) {
         ws.app.upsert(&r);
     }
-    let daemon = Daemon::start(&ws, None, "");
+    let daemon = TestApp::spawn(&ws, None, "");
     daemon.wait_first_run();
 
     let browser = Browser::launch();
@@ -360,7 +360,7 @@ fn a_run_refused_because_another_instance_writes_the_table_names_it_on_the_page(
     for r in rows(5, 0) {
         ws.app.upsert(&r);
     }
-    let daemon = Daemon::start(&ws, Some(&db.url), "[target]\ndelete_missing = true\n");
+    let daemon = TestApp::spawn(&ws, Some(&db.url), "[target]\ndelete_missing = true\n");
     let status = daemon.wait_first_run();
     assert_eq!(
         status["last_run"]["status"], "refused:other_instance",
@@ -395,7 +395,7 @@ fn a_postgres_failure_shows_the_error_box_with_the_message() {
         "postgres://mapsync:{password}@127.0.0.1:{}/app",
         free_port()
     );
-    let daemon = Daemon::start(&ws, Some(&url), "");
+    let daemon = TestApp::spawn(&ws, Some(&url), "");
     let status = daemon.wait_first_run();
     assert_eq!(status["last_run"]["status"], "error", "{status:#}");
     // What the API answers, for comparison with what the page shows.
@@ -586,8 +586,8 @@ fn chromium_leaves_nothing_running_after_drop() {
 }
 
 /// The metric sum of `mapsync_sync_runs_total{trigger="manual",…}`.
-fn manual_runs(d: &Daemon) -> f64 {
-    crate::harness::http::get(d.addr, "/metrics", None)
+fn manual_runs(d: &impl Admin) -> f64 {
+    crate::harness::http::get(d.addr(), "/metrics", None)
         .text()
         .lines()
         .filter(|l| l.starts_with("mapsync_sync_runs_total{trigger=\"manual\""))

@@ -1,6 +1,6 @@
-//! `mapsync run` end to end: the real binary as a child process, the application's SQLite file
-//! in WAL mode written by its own connection, and a real PostgreSQL — through commits, bursts,
-//! outages, file replacement, kills and signals.
+//! `mapsync run` end to end: the daemon (in-process, or the real binary where a process is
+//! needed), the application's SQLite file in WAL mode written by its own connection, and a
+//! real PostgreSQL — through commits, bursts, outages, file replacement, kills and signals.
 
 use std::path::Path;
 use std::time::Duration;
@@ -35,7 +35,7 @@ fn count_like(db: &TestDb, pattern: &str) -> u64 {
 }
 
 /// The value of one sample line in `/metrics` (0 when absent).
-fn metric(d: &Daemon, sample: &str) -> f64 {
+fn metric(d: &impl Admin, sample: &str) -> f64 {
     d.get("/metrics")
         .text()
         .lines()
@@ -48,7 +48,7 @@ fn metric(d: &Daemon, sample: &str) -> f64 {
 #[test]
 fn commits_reach_postgres_one_by_one_and_in_a_burst_of_200() {
     let (ws, db) = mirrored(&Row::numbered("seed", 20));
-    let d = Daemon::start(&ws, Some(&db.url), FAST);
+    let d = TestApp::spawn(&ws, Some(&db.url), FAST);
     let first = d.wait_first_run();
     assert_eq!(first["last_run"]["trigger"], "startup");
     assert_eq!(first["last_run"]["status"], "synced", "{first:#}");
@@ -130,7 +130,7 @@ fn a_postgres_outage_keeps_the_daemon_live_and_loses_nothing() {
         ws.app.upsert(&r);
     }
     ws.mapsync(&["migrate"]).expect_code(0);
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&url),
         &format!("{FAST}\n[target]\nretry_max = 2\nconnect_timeout_ms = 1000\n"),
@@ -353,7 +353,7 @@ fn snapshots_rotate_and_skip_unchanged_content() {
     for r in Row::numbered("m", 3) {
         ws.app.upsert(&r);
     }
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         None,
         &FAST.replace("[snapshot]\n", "[snapshot]\nkeep = 3\n"),
@@ -362,7 +362,7 @@ fn snapshots_rotate_and_skip_unchanged_content() {
     d.wait(Duration::from_secs(10), "the first snapshot", || {
         snapshot_files(&ws.snapshot_dir()).len() == 1
     });
-    let ok = |d: &Daemon| metric(d, "mapsync_snapshot_writes_total{result=\"ok\"}");
+    let ok = |d: &TestApp| metric(d, "mapsync_snapshot_writes_total{result=\"ok\"}");
     for i in 0..5 {
         let before = ok(&d);
         // Added in reverse: the file's order (rowid) is not the export order.
@@ -388,7 +388,7 @@ fn snapshots_rotate_and_skip_unchanged_content() {
     let r = d.post("/snapshots", b"");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["data"]["written"], false);
-    let unchanged = |d: &Daemon| metric(d, "mapsync_snapshot_writes_total{result=\"unchanged\"}");
+    let unchanged = |d: &TestApp| metric(d, "mapsync_snapshot_writes_total{result=\"unchanged\"}");
     let before = unchanged(&d);
     ws.app
         .exec("INSERT INTO ai_prompts (name, content) VALUES ('no mapping here', 'x')");
@@ -470,7 +470,7 @@ fn a_failing_snapshot_write_is_counted_and_damages_nothing() {
 #[test]
 fn an_idle_daemon_sends_postgres_nothing() {
     let (ws, db) = mirrored(&Row::numbered("m", 10));
-    let d = Daemon::start(&ws, Some(&db.url), FAST);
+    let d = TestApp::spawn(&ws, Some(&db.url), FAST);
     d.wait_first_run();
     let activity = || {
         run_psql(
@@ -562,7 +562,7 @@ fn snapshots_after_runs_are_spaced_by_min_interval_and_flushed_at_shutdown() {
 #[test]
 fn watched_changes_with_delete_propagation_follow_inserts_updates_deletes_and_aliases() {
     let (ws, db) = mirrored(&Row::numbered("m", 30));
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&db.url),
         &format!("{FAST}\n[target]\ndelete_missing = true\n"),

@@ -1,9 +1,9 @@
-//! The fault suite (issue 8): an operator's worst day, against the real binary, the
-//! application's SQLite file written the way the application writes it, and a real
-//! PostgreSQL. Each test asserts what a user would check: Postgres ends equal to the source
-//! (row by row, all ten fields), nothing half-written, no remote row lost, recovery within
-//! its bound, the error visible in `/readyz`, `/status` and the metrics, and no mapsync
-//! session left in `pg_stat_activity`.
+//! The fault suite (issue 8): an operator's worst day, against the daemon (in-process, or the
+//! real binary where a process is needed), the application's SQLite file written the way the
+//! application writes it, and a real PostgreSQL. Each test asserts what a user would check:
+//! Postgres ends equal to the source (row by row, all ten fields), nothing half-written, no
+//! remote row lost, recovery within its bound, the error visible in `/readyz`, `/status` and
+//! the metrics, and no mapsync session left in `pg_stat_activity`.
 //!
 //! Scenarios covered elsewhere and not repeated here: `kill -9` in the middle of a large run
 //! and SIGTERM mid-run (tests/daemon.rs), a Postgres outage during commits
@@ -36,7 +36,7 @@ fn mirrored(seed: &[Row]) -> (Workspace, TestDb) {
 }
 
 /// The value of one sample line in `/metrics` (0 when absent).
-fn metric(d: &Daemon, sample: &str) -> f64 {
+fn metric(d: &impl Admin, sample: &str) -> f64 {
     d.get("/metrics")
         .text()
         .lines()
@@ -47,7 +47,7 @@ fn metric(d: &Daemon, sample: &str) -> f64 {
 }
 
 /// Failed runs so far, over every trigger.
-fn errors(d: &Daemon) -> f64 {
+fn errors(d: &impl Admin) -> f64 {
     ["manual", "watch", "schedule", "startup"]
         .iter()
         .map(|t| {
@@ -294,7 +294,7 @@ fn no_single_row_can_block_a_run() {
     assert!(!text.contains("+10000"), "no timestamp past year 9999");
 
     // The daemon mirrors every later change too, and is ready.
-    let d = Daemon::start(&ws, Some(&db.url), FAST);
+    let d = TestApp::spawn(&ws, Some(&db.url), FAST);
     let first = d.wait_first_run();
     assert_eq!(first["last_run"]["status"], "synced", "{first:#}");
     app.upsert(&Row::mapping("after", "o4-mini"));
@@ -463,7 +463,7 @@ const RECOVERY_BOUND: Duration = Duration::from_secs(6);
 #[test]
 fn recovery_follows_the_returning_file_not_the_backoff_timer() {
     let (mut ws, db) = mirrored(&Row::numbered("m", 10));
-    let d = Daemon::start(&ws, Some(&db.url), FAST);
+    let d = TestApp::spawn(&ws, Some(&db.url), FAST);
     d.wait_first_run();
     close_app(&mut ws);
     let aside = ws.path().join("aside.sqlite3");
@@ -500,7 +500,7 @@ fn recovery_follows_the_first_answer_of_postgres_not_the_backoff_timer() {
         ws.app.upsert(&r);
     }
     ws.mapsync(&["migrate"]).expect_code(0);
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&url),
         &format!("{FAST}\n[target]\nretry_max = 60\nconnect_timeout_ms = 1000\n"),
@@ -685,13 +685,13 @@ fn a_full_snapshot_disk_clears_itself_and_a_read_only_one_blocks_no_sync() {
     };
     let kib = (size * 9 / 2).div_ceil(4096) * 4;
     let disk = Tmpfs::mount(&ws.snapshot_dir(), kib);
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&db.url),
         &FAST.replace("[snapshot]\n", "[snapshot]\nkeep = 4\n"),
     );
     d.wait_first_run();
-    let ok = |d: &Daemon| metric(d, "mapsync_snapshot_writes_total{result=\"ok\"}");
+    let ok = |d: &TestApp| metric(d, "mapsync_snapshot_writes_total{result=\"ok\"}");
     for i in 0..8 {
         let before = ok(&d);
         ws.app
@@ -743,7 +743,7 @@ fn after_a_restart_into_a_refused_state_pending_changes_counts_the_deletes() {
     assert_eq!(remote_count(&db), 1_003);
     let app = AppDb::open(&ws.db_path());
     app.exec("DELETE FROM llm_model_mappings WHERE rowid > 3");
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&db.url),
         &format!("{FAST}\n[target]\ndelete_missing = true\n"),
@@ -802,7 +802,7 @@ fn a_second_instance_on_the_same_table_never_deletes_the_firsts_rows() {
     );
 
     // The daemon reports the same, in /status.
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &second,
         Some(&db.url),
         &format!("{FAST}\n[target]\ndelete_missing = true\n"),
@@ -930,7 +930,7 @@ fn a_damaged_emptied_or_locked_sqlite_file_never_costs_a_remote_row() {
 #[test]
 fn hand_edits_in_postgres_are_repaired_by_the_next_full_run() {
     let (ws, db) = mirrored(&Row::numbered("m", 30));
-    let d = Daemon::start(&ws, Some(&db.url), FAST);
+    let d = TestApp::spawn(&ws, Some(&db.url), FAST);
     d.wait_first_run();
     db.psql(
         "UPDATE public.model_mappings SET default_model = 'hand-edit' WHERE id = 'mapping:m002'",

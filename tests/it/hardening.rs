@@ -2,7 +2,8 @@
 //! in the operator's browser would try it (issue 9, SPEC §3, §4, §6): bodies trickled to pin
 //! memory, slow clients flooding the connection slots, cross-site POSTs and DNS rebinding,
 //! literal settings, symbolic links in the snapshot directory, loose JSON, error bodies, the
-//! access log. The real `mapsync run`, real sockets, a real PostgreSQL where rows matter.
+//! access log. The daemon in-process, or the real `mapsync run` where memory, the environment
+//! or the log are measured; real sockets, a real PostgreSQL where rows matter.
 //! Every flood is bounded in count and time; nothing is asserted about timing.
 
 use std::net::SocketAddr;
@@ -27,18 +28,21 @@ fn workspace(n: usize) -> Workspace {
     ws
 }
 
+/// How a test runs the daemon: [`TestApp::spawn`] or [`Daemon::start`].
+type Start<D> = fn(&Workspace, Option<&str>, &str) -> D;
+
 /// The daemon on `n` mappings, with no credential and no target, after its first run.
-fn open_daemon(n: usize) -> (Workspace, Daemon) {
+fn open_daemon<D: Admin>(n: usize, start: Start<D>) -> (Workspace, D) {
     let ws = workspace(n);
-    let d = Daemon::start(&ws, None, "");
+    let d = start(&ws, None, "");
     d.wait_first_run();
     (ws, d)
 }
 
 /// The daemon on `n` mappings with the admin token [`TOKEN`], no target.
-fn token_daemon(n: usize) -> (Workspace, Daemon) {
+fn token_daemon<D: Admin>(n: usize, start: Start<D>) -> (Workspace, D) {
     let ws = workspace(n);
-    let d = Daemon::start(
+    let d = start(
         &ws,
         None,
         &format!("[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\n"),
@@ -47,8 +51,8 @@ fn token_daemon(n: usize) -> (Workspace, Daemon) {
 }
 
 /// The sum of every `/metrics` sample whose line starts with `prefix`.
-fn metric(d: &Daemon, prefix: &str) -> f64 {
-    http::get(d.addr, "/metrics", None)
+fn metric(d: &impl Admin, prefix: &str) -> f64 {
+    http::get(d.addr(), "/metrics", None)
         .text()
         .lines()
         .filter(|l| l.starts_with(prefix))
@@ -56,7 +60,7 @@ fn metric(d: &Daemon, prefix: &str) -> f64 {
         .sum()
 }
 
-fn manual_runs(d: &Daemon) -> f64 {
+fn manual_runs(d: &impl Admin) -> f64 {
     metric(d, "mapsync_sync_runs_total{trigger=\"manual\"")
 }
 
@@ -94,7 +98,7 @@ fn send(addr: SocketAddr, request: &[u8]) -> Reply {
 #[test]
 fn trickled_bodies_hold_memory_in_proportion_and_livez_answers_throughout() {
     // No credential: the sync route reads bodies from anyone on loopback (same-origin).
-    let (_ws, d) = open_daemon(3);
+    let (_ws, d) = open_daemon(3, Daemon::start);
     let pid = d.child.id();
     // Idle: after a few requests, so the port's own first allocations are in.
     for _ in 0..20 {
@@ -155,7 +159,7 @@ fn trickled_bodies_hold_memory_in_proportion_and_livez_answers_throughout() {
 
 #[test]
 fn five_hundred_slow_reconnecting_clients_never_keep_livez_or_a_sync_from_answering() {
-    let (_ws, d) = open_daemon(3);
+    let (_ws, d) = open_daemon(3, Daemon::start);
     let limit = Duration::from_secs(25);
     let floods: Vec<_> = (0..4)
         .map(|_| flood::slow_heads(d.addr, 125, Duration::from_millis(50), limit))
@@ -190,14 +194,14 @@ fn five_hundred_slow_reconnecting_clients_never_keep_livez_or_a_sync_from_answer
 
 /// A workspace with 40 mirrored rows, 30 of them since deleted from the source: a forced
 /// delete would show in Postgres at once.
-fn forty_rows_thirty_deleted() -> (TestDb, Workspace, Daemon) {
+fn forty_rows_thirty_deleted() -> (TestDb, Workspace, TestApp) {
     let db = supabase_db();
     let ws = Workspace::new(Some(&db.url), "");
     for r in Row::numbered("m", 40) {
         ws.app.upsert(&r);
     }
     ws.mapsync(&["migrate"]).expect_code(0);
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&db.url),
         "[schedule]\nreconcile = \"0 0 0 1 1 *\"\n\n[watch]\ndebounce_ms = 600000\nmax_delay_ms = 600000\n\n\
@@ -356,7 +360,7 @@ fn settings_from_the_environment_are_literal() {
 
 #[test]
 fn symbolic_links_in_the_snapshot_directory_are_never_followed() {
-    let (ws, d) = token_daemon(3);
+    let (ws, d) = token_daemon(3, TestApp::spawn);
     d.wait_status(Duration::from_secs(30), "a snapshot", |s| {
         !s["snapshot"]["newest"].is_null()
     });
@@ -409,7 +413,7 @@ fn symbolic_links_in_the_snapshot_directory_are_never_followed() {
 
 #[test]
 fn json_fields_of_the_wrong_type_are_named_and_start_nothing() {
-    let (_ws, d) = open_daemon(2);
+    let (_ws, d) = open_daemon(2, TestApp::spawn);
     let before = manual_runs(&d);
     for (body, field) in [
         (r#"{"direction":1}"#, "direction"),
@@ -439,7 +443,7 @@ fn json_fields_of_the_wrong_type_are_named_and_start_nothing() {
 
 #[test]
 fn error_bodies_are_one_short_line_and_heads_hyper_refuses_get_the_envelope() {
-    let (_ws, d) = open_daemon(2);
+    let (_ws, d) = open_daemon(2, TestApp::spawn);
     let host = d.addr.to_string();
 
     let r = http::post(d.addr, "/sync?delete_missing=%0Ainjected%0Aline", None, b"");
@@ -502,7 +506,7 @@ fn error_bodies_are_one_short_line_and_heads_hyper_refuses_get_the_envelope() {
 
 #[test]
 fn every_request_is_logged_once_with_who_asked_and_never_a_credential() {
-    let (_ws, d) = token_daemon(2);
+    let (_ws, d) = token_daemon(2, Daemon::start);
     d.wait_first_run();
     let authz = format!("Bearer {TOKEN}");
     let r = http::request(

@@ -214,7 +214,7 @@ fn a_jwt_issuer_is_only_checked_when_set_and_the_audience_is_configurable() {
         "[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\njwt_secret_file = {:?}\njwt_audience = \"000123\"\n",
         keys.secret_file
     );
-    let d = Daemon::start(&ws, None, &section);
+    let d = TestApp::spawn(&ws, None, &section);
     d.wait_first_run();
     let host = d.addr.to_string();
     let mut c = jwt::admin("someone");
@@ -240,7 +240,7 @@ fn rs256_and_es256_tokens_are_each_checked_with_a_key_of_their_own_type() {
         "[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\njwt_jwks_file = {:?}\n",
         keys.both_jwks_file
     );
-    let d = Daemon::start(&ws, None, &section);
+    let d = TestApp::spawn(&ws, None, &section);
     d.wait_first_run();
     let host = d.addr.to_string();
     let call = |t: &str| page_post(d.addr, &host, COMPAT_PATH, t, b"");

@@ -245,7 +245,7 @@ fn a_snapshots_only_daemon_has_no_target_up_and_counts_skipped_runs() {
     for i in 0..5 {
         ws.app.upsert(&Row::mapping(&format!("s{i}"), "gpt-4o"));
     }
-    let daemon = Daemon::start(&ws, None, "");
+    let daemon = TestApp::spawn(&ws, None, "");
     daemon.wait_first_run();
     let prom = Prometheus::start(&[daemon.addr]);
     let target = wait_target_up(&prom, daemon.addr);
@@ -285,7 +285,7 @@ fn an_outage_shows_as_target_down_pending_changes_and_growing_lag() {
     }
     ws.mapsync(&["migrate"]).expect_code(0);
     // The whole [target] section here, to shorten the retry back-off.
-    let daemon = Daemon::start(
+    let daemon = TestApp::spawn(
         &ws,
         None,
         &format!(

@@ -1,5 +1,6 @@
-//! Integration-test harness for mapsync: the real binary as a daemon ([`daemon`]), a workspace
-//! and one-shot commands of the binary ([`workspace`]); throwaway PostgreSQL clusters and databases ([`pg`]), a transaction-mode
+//! Integration-test harness for mapsync: the daemon in-process ([`app`]) or as the real binary
+//! ([`daemon`]), both driven through [`Admin`]; a workspace and one-shot commands of the binary
+//! ([`workspace`]); throwaway PostgreSQL clusters and databases ([`pg`]), a transaction-mode
 //! PgBouncer ([`pgbouncer`]), nginx, Prometheus and headless Chromium; a test CA ([`tls`]); the
 //! application's side of the SQLite file ([`appdb`]), a fixture generator ([`fixture`]) and
 //! small helpers ([`sys`]: [`free_port`], [`wait_until`]).
@@ -8,6 +9,8 @@
 //! starts is stopped and its directory removed on Drop; leftovers of crashed runs
 //! (`temp_dir()/mapsync-test-pg*-<dead pid>-<n>`) are pruned on first use.
 
+pub mod admin;
+pub mod app;
 pub mod appdb;
 pub mod browser;
 pub mod daemon;
@@ -24,6 +27,8 @@ pub mod tls;
 pub mod websocket;
 pub mod workspace;
 
+pub use admin::Admin;
+pub use app::TestApp;
 pub use appdb::{AppDb, Row};
 pub use fixture::generate;
 pub use pg::{PgCluster, PgOptions, TestDb, run_psql, test_db};

@@ -121,6 +121,21 @@ impl Workspace {
         std::fs::write(&self.config, toml).expect("write config");
     }
 
+    /// Rewrites the config for a daemon (as [`Workspace::write_config`], plus `[http] listen =
+    /// "127.0.0.1:0"` unless `extra` has an `[http]` section); returns the `admin_token` that
+    /// `extra` sets, if any.
+    pub fn write_daemon_config(&self, target_url: Option<&str>, extra: &str) -> Option<String> {
+        let mut extra = extra.to_string();
+        if !extra.contains("[http]") {
+            extra.push_str("\n[http]\nlisten = \"127.0.0.1:0\"\n");
+        }
+        self.write_config(target_url, &extra);
+        extra
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("admin_token = "))
+            .map(|t| t.trim_matches('"').to_string())
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
