@@ -4,15 +4,12 @@
 //! real mouse events on the element's box; no test may see a JavaScript exception.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::time::Duration;
 
 use chrono::Timelike;
 
 use crate::harness::browser::{Browser, Page, chromium_path};
 use crate::harness::daemon::Daemon;
-use crate::harness::websocket::WebSocket;
 use crate::harness::workspace::{Workspace, supabase_db};
 use crate::harness::*;
 use serde_json::{Value, json};
@@ -427,108 +424,6 @@ fn a_postgres_failure_shows_the_error_box_with_the_message() {
     assert_eq!(text, format!("Sync failed: {msg}"));
     assert!(!page.text("body").contains(password));
     assert_no_exceptions(&page);
-}
-
-/// The WebSocket client against a scripted loopback server: masked client frames, 16- and
-/// 64-bit lengths both ways, a fragmented message with a ping in the middle, and close.
-#[test]
-fn the_websocket_client_speaks_rfc6455() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut out = stream.try_clone().unwrap();
-        let mut input = BufReader::new(stream);
-        let mut key = String::new();
-        loop {
-            let mut line = String::new();
-            input.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(k) = line.strip_prefix("Sec-WebSocket-Key: ") {
-                key = k.trim().to_string();
-            }
-        }
-        assert_eq!(key, "dGhlIHNhbXBsZSBub25jZQ==");
-        out.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
-        )
-        .unwrap();
-        // Reads one client frame: it must be masked; returns (opcode, payload).
-        let read_frame = |input: &mut BufReader<std::net::TcpStream>| {
-            let mut h = [0u8; 2];
-            input.read_exact(&mut h).unwrap();
-            assert!(h[1] & 0x80 != 0, "client frames are masked");
-            let len = match h[1] & 0x7f {
-                126 => {
-                    let mut b = [0u8; 2];
-                    input.read_exact(&mut b).unwrap();
-                    u16::from_be_bytes(b) as usize
-                }
-                127 => {
-                    let mut b = [0u8; 8];
-                    input.read_exact(&mut b).unwrap();
-                    u64::from_be_bytes(b) as usize
-                }
-                n => n as usize,
-            };
-            let mut mask = [0u8; 4];
-            input.read_exact(&mut mask).unwrap();
-            let mut p = vec![0u8; len];
-            input.read_exact(&mut p).unwrap();
-            p.iter_mut()
-                .enumerate()
-                .for_each(|(i, b)| *b ^= mask[i % 4]);
-            (h[0] & 0x0f, p)
-        };
-        // Echo three client messages (short, 16-bit, 64-bit lengths) back unmasked.
-        for _ in 0..3 {
-            let (op, p) = read_frame(&mut input);
-            assert_eq!(op, 1);
-            let mut f = vec![0x81u8];
-            if p.len() < 126 {
-                f.push(p.len() as u8);
-            } else if p.len() <= 0xffff {
-                f.push(126);
-                f.extend_from_slice(&(p.len() as u16).to_be_bytes());
-            } else {
-                f.push(127);
-                f.extend_from_slice(&(p.len() as u64).to_be_bytes());
-            }
-            f.extend_from_slice(&p);
-            out.write_all(&f).unwrap();
-        }
-        // A fragmented message with a ping between the fragments.
-        out.write_all(&[0x01, 3]).unwrap();
-        out.write_all(b"hel").unwrap();
-        out.write_all(&[0x89, 2]).unwrap();
-        out.write_all(b"hi").unwrap();
-        out.write_all(&[0x00, 2]).unwrap();
-        out.write_all(b"lo").unwrap();
-        out.write_all(&[0x80, 3]).unwrap();
-        out.write_all(b"!!!").unwrap();
-        let (op, p) = read_frame(&mut input);
-        assert_eq!(
-            (op, p.as_slice()),
-            (0xA, b"hi".as_slice()),
-            "the ping is answered"
-        );
-        out.write_all(&[0x88, 2, 0x03, 0xe8]).unwrap();
-    });
-
-    let mut ws = WebSocket::connect(&format!("ws://{addr}/devtools/x")).unwrap();
-    let tx = ws.sender();
-    for len in [5usize, 300, 70_000] {
-        let text: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
-        tx.send_text(&text).unwrap();
-        assert_eq!(ws.recv_text().unwrap(), text, "echo of {len} bytes");
-    }
-    assert_eq!(ws.recv_text().unwrap(), "hello!!!");
-    let closed = ws.recv_text().unwrap_err();
-    assert_eq!(closed.kind(), std::io::ErrorKind::ConnectionAborted);
-    server.join().unwrap();
 }
 
 #[test]

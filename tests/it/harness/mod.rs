@@ -24,7 +24,6 @@ pub mod pgbouncer;
 pub mod prometheus;
 pub mod sys;
 pub mod tls;
-pub mod websocket;
 pub mod workspace;
 
 pub use admin::Admin;
