@@ -1,6 +1,6 @@
 //! Self-test of the integration-test harness in tests/it/harness: every helper the other
-//! integration tests rely on is exercised here against real PostgreSQL, PgBouncer, openssl
-//! and SQLite, and each test asserts something that breaks if the harness does.
+//! integration tests rely on is exercised here against real PostgreSQL, PgBouncer, libpq's
+//! TLS checks and SQLite, and each test asserts something that breaks if the harness does.
 
 use std::time::{Duration, Instant};
 
@@ -230,6 +230,14 @@ fn tls_cluster_verify_full() {
     }
     let err = run_psql(&conninfo("localhost", "verify-full", &other), q).unwrap_err();
     assert!(err.contains("certificate verify failed"), "{err}");
+    // A name the certificate does not carry: verify-full refuses it, verify-ca checks no name.
+    let err = run_psql(&conninfo("elsewhere.example", "verify-full", &ca_cert), q).unwrap_err();
+    assert!(err.contains("does not match host name"), "{err}");
+    assert_eq!(
+        run_psql(&conninfo("elsewhere.example", "verify-ca", &ca_cert), q).unwrap(),
+        "t",
+        "verify-ca to a name the certificate does not carry"
+    );
     let err = run_psql(&conninfo("localhost", "disable", &ca_cert), q).unwrap_err();
     assert!(
         err.contains("no encryption") || err.contains("rejects connection"),
