@@ -480,16 +480,6 @@ fn chromium_leaves_nothing_running_after_drop() {
     assert!(gone, "Chromium processes left running: {left:?}");
 }
 
-/// The metric sum of `mapsync_sync_runs_total{trigger="manual",…}`.
-fn manual_runs(d: &impl Admin) -> f64 {
-    crate::harness::http::get(d.addr(), "/metrics", None)
-        .text()
-        .lines()
-        .filter(|l| l.starts_with("mapsync_sync_runs_total{trigger=\"manual\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A page on another origin calls the compat route the way the mapping page's HTTP client
 /// does (`fetch` with `Authorization` and `X-Request-Id`, so the browser sends a preflight
 /// first): from an origin in `http.cors_origins` the preflight passes and the answer is read;
@@ -522,7 +512,7 @@ fn a_listed_origin_may_call_the_sync_route_cross_origin_and_others_are_blocked()
         daemon.addr
     );
     let browser = Browser::launch();
-    let before = manual_runs(&daemon);
+    let before = daemon.manual_runs();
 
     let tab = browser.open(&format!("http://{}/", listed.addr));
     let got = tab.eval(&call);
@@ -540,7 +530,7 @@ fn a_listed_origin_may_call_the_sync_route_cross_origin_and_others_are_blocked()
         got["body"]["data"]["status"],
         "skipped:supabase_not_configured"
     );
-    assert_eq!(manual_runs(&daemon), before + 1.0);
+    assert_eq!(daemon.manual_runs(), before + 1.0);
     let log = daemon.log();
     assert!(
         log.lines()
@@ -556,7 +546,7 @@ fn a_listed_origin_may_call_the_sync_route_cross_origin_and_others_are_blocked()
         "an unlisted origin read the answer: {got}"
     );
     assert_eq!(
-        manual_runs(&daemon),
+        daemon.manual_runs(),
         before + 1.0,
         "a blocked cross-origin call started a run"
     );

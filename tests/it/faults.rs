@@ -16,45 +16,21 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::harness::daemon::Daemon;
-use crate::harness::workspace::{Workspace, command, remote_count, remote_rows, supabase_db};
+use crate::harness::workspace::{
+    FAST, Workspace, command, mirrored, mirrored_on_own_cluster, remote_count, remote_rows,
+    snapshot_files, supabase_db,
+};
 use crate::harness::*;
 use serde_json::Value;
-
-/// Short debounce so tests run fast; schedules far away so only the watcher, the start-up run
-/// and requests act.
-const FAST: &str = "[log]\nlevel = \"info,mapsync=debug\"\n\n[snapshot]\nmin_interval_s = 0\n\n[watch]\ndebounce_ms = 50\nmax_delay_ms = 500\n\n[schedule]\nreconcile = \"0 0 0 1 1 *\"\nsnapshot = \"0 0 0 1 1 *\"\n";
-
-/// A migrated Supabase-like database and a workspace whose SQLite file holds `seed`.
-fn mirrored(seed: &[Row]) -> (Workspace, TestDb) {
-    let db = supabase_db();
-    let ws = Workspace::new(Some(&db.url), "");
-    for r in seed {
-        ws.app.upsert(r);
-    }
-    ws.mapsync(&["migrate"]).expect_code(0);
-    (ws, db)
-}
-
-/// The value of one sample line in `/metrics` (0 when absent).
-fn metric(d: &impl Admin, sample: &str) -> f64 {
-    d.get("/metrics")
-        .text()
-        .lines()
-        .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// Failed runs so far, over every trigger.
 fn errors(d: &impl Admin) -> f64 {
     ["manual", "watch", "schedule", "startup"]
         .iter()
         .map(|t| {
-            metric(
-                d,
-                &format!("mapsync_sync_runs_total{{trigger=\"{t}\",result=\"error\"}}"),
-            )
+            d.metric(&format!(
+                "mapsync_sync_runs_total{{trigger=\"{t}\",result=\"error\"}}"
+            ))
         })
         .sum()
 }
@@ -317,12 +293,12 @@ fn an_idle_daemon_holds_nothing_on_the_application_database() {
     // Idle: nothing pending, and no file event for a while (a checkpoint after a burst is
     // one more event, and one more read).
     let idle = |d: &Daemon| {
-        let events = metric(d, "mapsync_fs_events_total");
+        let events = d.metric("mapsync_fs_events_total");
         let s = d.status();
         std::thread::sleep(Duration::from_millis(300));
         s["state"] == "idle"
             && s["pending_changes"] == 0
-            && metric(d, "mapsync_fs_events_total") == events
+            && d.metric("mapsync_fs_events_total") == events
             && d.status()["state"] == "idle"
     };
 
@@ -491,15 +467,7 @@ fn recovery_follows_the_returning_file_not_the_backoff_timer() {
 
 #[test]
 fn recovery_follows_the_first_answer_of_postgres_not_the_backoff_timer() {
-    let cluster = PgCluster::start();
-    let dbname = cluster.create_db();
-    cluster.psql(&dbname, include_str!("../fixtures/supabase_roles_shim.sql"));
-    let url = cluster.superuser_url(&dbname);
-    let ws = Workspace::new(Some(&url), "");
-    for r in Row::numbered("m", 10) {
-        ws.app.upsert(&r);
-    }
-    ws.mapsync(&["migrate"]).expect_code(0);
+    let (cluster, dbname, url, ws) = mirrored_on_own_cluster(&Row::numbered("m", 10));
     let d = TestApp::spawn(
         &ws,
         Some(&url),
@@ -660,19 +628,6 @@ impl Drop for Tmpfs {
     }
 }
 
-fn snapshot_files(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.starts_with("model-mappings-2"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 #[test]
 fn a_full_snapshot_disk_clears_itself_and_a_read_only_one_blocks_no_sync() {
     let (ws, db) = mirrored(&Row::numbered("m", 150));
@@ -691,7 +646,7 @@ fn a_full_snapshot_disk_clears_itself_and_a_read_only_one_blocks_no_sync() {
         &FAST.replace("[snapshot]\n", "[snapshot]\nkeep = 4\n"),
     );
     d.wait_first_run();
-    let ok = |d: &TestApp| metric(d, "mapsync_snapshot_writes_total{result=\"ok\"}");
+    let ok = |d: &TestApp| d.metric("mapsync_snapshot_writes_total{result=\"ok\"}");
     for i in 0..8 {
         let before = ok(&d);
         ws.app
@@ -708,7 +663,7 @@ fn a_full_snapshot_disk_clears_itself_and_a_read_only_one_blocks_no_sync() {
     let doc: Value = serde_json::from_slice(&latest).unwrap();
     assert_eq!(doc["count"], 150, "the newest snapshot is whole");
     assert_eq!(
-        metric(&d, "mapsync_snapshot_writes_total{result=\"error\"}"),
+        d.metric("mapsync_snapshot_writes_total{result=\"error\"}"),
         0.0,
         "every write succeeded, after retention made room"
     );
@@ -724,7 +679,7 @@ fn a_full_snapshot_disk_clears_itself_and_a_read_only_one_blocks_no_sync() {
     });
     let e = s["snapshot"]["last_error"].as_str().unwrap();
     assert!(e.contains("writable") || e.contains("Read-only"), "{e}");
-    assert!(metric(&d, "mapsync_snapshot_writes_total{result=\"error\"}") >= 1.0);
+    assert!(d.metric("mapsync_snapshot_writes_total{result=\"error\"}") >= 1.0);
     assert_eq!(
         std::fs::read(ws.snapshot_dir().join("model-mappings-latest.json")).unwrap(),
         latest,
@@ -754,7 +709,7 @@ fn after_a_restart_into_a_refused_state_pending_changes_counts_the_deletes() {
         s["pending_changes"], 997,
         "what the next run would delete: {s:#}"
     );
-    assert_eq!(metric(&d, "mapsync_pending_changes"), 997.0);
+    assert_eq!(d.metric("mapsync_pending_changes"), 997.0);
     assert_eq!(remote_count(&db), 1_003, "nothing was deleted");
 }
 

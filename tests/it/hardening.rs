@@ -50,20 +50,6 @@ fn token_daemon<D: Admin>(n: usize, start: Start<D>) -> (Workspace, D) {
     (ws, d)
 }
 
-/// The sum of every `/metrics` sample whose line starts with `prefix`.
-fn metric(d: &impl Admin, prefix: &str) -> f64 {
-    http::get(d.addr(), "/metrics", None)
-        .text()
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn manual_runs(d: &impl Admin) -> f64 {
-    metric(d, "mapsync_sync_runs_total{trigger=\"manual\"")
-}
-
 /// Asserts `r` is the envelope `{"code":status,"msg":<one line>,"data":null}`; returns msg.
 #[track_caller]
 fn error_msg(r: &Reply, status: u16) -> String {
@@ -153,7 +139,7 @@ fn trickled_bodies_hold_memory_in_proportion_and_livez_answers_throughout() {
     assert!(probes >= 20);
     eprintln!("idle {idle} KiB, peak {peak} KiB, {sent} bytes trickled, {connects} connections");
     // The daemon is fine, and never ran a sync for a half-sent body: only the real ones ran.
-    assert_eq!(manual_runs(&d), (probes / 10) as f64);
+    assert_eq!(d.manual_runs(), (probes / 10) as f64);
     assert_eq!(http::get(d.addr, "/livez", None).status, 200);
 }
 
@@ -220,7 +206,7 @@ fn forty_rows_thirty_deleted() -> (TestDb, Workspace, TestApp) {
 fn a_cross_site_post_is_refused_and_starts_nothing() {
     let (db, _ws, d) = forty_rows_thirty_deleted();
     let host = d.addr.to_string();
-    let before = manual_runs(&d);
+    let before = d.manual_runs();
     let attacks = [
         // The issue's curl: a "simple" cross-site request, no preflight in a browser.
         raw(
@@ -264,7 +250,7 @@ fn a_cross_site_post_is_refused_and_starts_nothing() {
         let msg = error_msg(&r, 403);
         assert!(msg.contains("origin"), "{msg}");
     }
-    assert_eq!(manual_runs(&d), before, "a refused request started a run");
+    assert_eq!(d.manual_runs(), before, "a refused request started a run");
     assert_eq!(remote_count(&db), 40, "a refused request changed Postgres");
 
     // The admin page's own origin may (it is the request's Host).
@@ -274,14 +260,14 @@ fn a_cross_site_post_is_refused_and_starts_nothing() {
         &raw("POST", "/sync", &host, &format!("Origin: {own}\r\n"), ""),
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(manual_runs(&d), before + 1.0);
+    assert_eq!(d.manual_runs(), before + 1.0);
     assert_eq!(remote_count(&db), 40, "delete propagation is off");
 }
 
 #[test]
 fn an_unknown_host_is_refused_so_rebinding_reads_nothing() {
     let (db, _ws, d) = forty_rows_thirty_deleted();
-    let before = manual_runs(&d);
+    let before = d.manual_runs();
     let port = d.addr.port();
     for host in [
         format!("evil.example:{port}"),
@@ -302,7 +288,7 @@ fn an_unknown_host_is_refused_so_rebinding_reads_nothing() {
             assert!(!r.text().contains("mapping:m0"), "{host} read {path}");
         }
     }
-    assert_eq!(manual_runs(&d), before, "a refused request started a run");
+    assert_eq!(d.manual_runs(), before, "a refused request started a run");
     assert_eq!(remote_count(&db), 40, "a refused request changed Postgres");
     // The listen address, localhost on any port, and http.allowed_hosts are served.
     for host in [
@@ -414,7 +400,7 @@ fn symbolic_links_in_the_snapshot_directory_are_never_followed() {
 #[test]
 fn json_fields_of_the_wrong_type_are_named_and_start_nothing() {
     let (_ws, d) = open_daemon(2, TestApp::spawn);
-    let before = manual_runs(&d);
+    let before = d.manual_runs();
     for (body, field) in [
         (r#"{"direction":1}"#, "direction"),
         (r#"{"direction":["push"]}"#, "direction"),
@@ -431,7 +417,7 @@ fn json_fields_of_the_wrong_type_are_named_and_start_nothing() {
         let msg = error_msg(&r, 400);
         assert!(msg.contains(field), "{body}: {msg}");
     }
-    assert_eq!(manual_runs(&d), before);
+    assert_eq!(d.manual_runs(), before);
     let r = http::post(
         d.addr,
         PUSH_PATH,

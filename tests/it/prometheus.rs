@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::harness::daemon::Daemon;
 use crate::harness::prometheus::{Prometheus, prometheus_path};
-use crate::harness::workspace::{Workspace, remote_count, supabase_db};
+use crate::harness::workspace::{SUPABASE_ROLES_SHIM, Workspace, remote_count, supabase_db};
 use crate::harness::*;
 use serde_json::Value;
 
@@ -278,7 +278,7 @@ fn an_outage_shows_as_target_down_pending_changes_and_growing_lag() {
     let cluster = PgCluster::start();
     let name = cluster.create_db();
     let url = cluster.superuser_url(&name);
-    run_psql(&url, include_str!("../fixtures/supabase_roles_shim.sql")).expect("roles shim");
+    run_psql(&url, SUPABASE_ROLES_SHIM).expect("roles shim");
     let ws = Workspace::new(Some(&url), "");
     for i in 0..10 {
         ws.app.upsert(&Row::mapping(&format!("o{i}"), "gpt-4o"));

@@ -95,6 +95,35 @@ pub trait Admin {
         }
     }
 
+    /// `/metrics` as a scraper reads it (no token).
+    #[track_caller]
+    fn metrics(&self) -> String {
+        http::get(self.addr(), "/metrics", None).text()
+    }
+
+    /// The value of one sample of `/metrics`, e.g. `mapsync_pending_changes` or
+    /// `mapsync_snapshot_writes_total{result="ok"}` (0 when absent).
+    #[track_caller]
+    fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Runs asked for over HTTP so far, whatever their result: the sum of
+    /// `mapsync_sync_runs_total{trigger="manual",…}`.
+    #[track_caller]
+    fn manual_runs(&self) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with("mapsync_sync_runs_total{trigger=\"manual\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Waits until the first run has finished; returns `/status`'s data.
     #[track_caller]
     fn wait_first_run(&self) -> Value {
