@@ -3,7 +3,7 @@
 //!
 //! This is a plain program (`harness = false`). It drives the release binary as a child
 //! process, exactly as a user would, against a throwaway PostgreSQL cluster started by the
-//! test harness (`tests/common`), and prints Markdown that can be pasted into
+//! test harness (`tests/it/harness`), and prints Markdown that can be pasted into
 //! `docs/PERFORMANCE.md`.
 //!
 //! Environment: `MAPSYNC_BENCH_ROWS` (default 100000) source rows, `MAPSYNC_BENCH_REPS`
@@ -24,7 +24,9 @@
 //! The daemon sections run `mapsync run` ([`common::daemon::Daemon`]) on the same source; they
 //! rewrite the workspace's config, so they come after the one-shot section.
 
-#[path = "../tests/common/mod.rs"]
+// The whole integration-test harness, of which this program uses a part.
+#[path = "../tests/it/harness/mod.rs"]
+#[allow(dead_code, unused_imports)]
 mod common;
 
 use std::path::Path;
@@ -32,9 +34,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::PgCluster;
+use common::admin::Admin;
 use common::daemon::Daemon;
-use common::mapsync::Workspace;
 use common::sys::scrub_pg_env;
+use common::workspace::Workspace;
 use measure::{Sample, Stats};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -148,7 +151,7 @@ impl Bench {
 
     /// `mapsync --config <workspace config> sync`, ready to spawn.
     fn sync_command(&self) -> Command {
-        let mut cmd = common::mapsync::command();
+        let mut cmd = common::workspace::command();
         cmd.arg("--config").arg(&self.ws.config).arg("sync");
         cmd
     }
@@ -392,7 +395,7 @@ fn source_read_only(b: &Bench) -> Series {
     let expected = format!("{} mappings", b.expected_rows());
     let mut series = Series::new("source read only (`mapsync check`, no target)");
     for _ in 0..b.reps {
-        let mut cmd = common::mapsync::command();
+        let mut cmd = common::workspace::command();
         cmd.arg("--config").arg(&config).arg("check");
         let sample = measure::run(&mut cmd);
         sample.expect_success("mapsync check");

@@ -3,15 +3,13 @@
 //! Prometheus's HTTP API — so a wrong `Content-Type`, a malformed exposition or a renamed
 //! metric fails here even if `/metrics` looks fine to a human.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::daemon::Daemon;
-use common::mapsync::{Workspace, remote_count, supabase_db};
-use common::prometheus::{Prometheus, prometheus_path};
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::prometheus::{Prometheus, prometheus_path};
+use crate::harness::workspace::{SUPABASE_ROLES_SHIM, Workspace, remote_count, supabase_db};
+use crate::harness::*;
 use serde_json::Value;
 
 const ROWS: usize = 37;
@@ -28,7 +26,7 @@ fn now_secs() -> f64 {
 /// Waits until Prometheus reports the daemon's target healthy; returns the target.
 fn wait_target_up(prom: &Prometheus, daemon: SocketAddr) -> Value {
     let mut last = Vec::new();
-    if common::sys::poll_until(WAIT, || {
+    if crate::harness::sys::poll_until(WAIT, || {
         last = prom.active_targets();
         last.len() == 1 && last[0]["health"] == "up"
     }) {
@@ -189,7 +187,7 @@ fn prometheus_scrapes_every_spec_metric_with_the_right_values() {
     // The types Prometheus learnt from the exposition.
     let meta = prom.api(&format!(
         "/api/v1/targets/metadata?match_target={}",
-        common::sys::url_encode(r#"{job="mapsync"}"#)
+        crate::harness::sys::url_encode(r#"{job="mapsync"}"#)
     ));
     let type_of = |metric: &str| -> Option<String> {
         meta.as_array()?
@@ -247,7 +245,7 @@ fn a_snapshots_only_daemon_has_no_target_up_and_counts_skipped_runs() {
     for i in 0..5 {
         ws.app.upsert(&Row::mapping(&format!("s{i}"), "gpt-4o"));
     }
-    let daemon = Daemon::start(&ws, None, "");
+    let daemon = TestApp::spawn(&ws, None, "");
     daemon.wait_first_run();
     let prom = Prometheus::start(&[daemon.addr]);
     let target = wait_target_up(&prom, daemon.addr);
@@ -280,14 +278,14 @@ fn an_outage_shows_as_target_down_pending_changes_and_growing_lag() {
     let cluster = PgCluster::start();
     let name = cluster.create_db();
     let url = cluster.superuser_url(&name);
-    run_psql(&url, include_str!("fixtures/supabase_roles_shim.sql")).expect("roles shim");
+    run_psql(&url, SUPABASE_ROLES_SHIM).expect("roles shim");
     let ws = Workspace::new(Some(&url), "");
     for i in 0..10 {
         ws.app.upsert(&Row::mapping(&format!("o{i}"), "gpt-4o"));
     }
     ws.mapsync(&["migrate"]).expect_code(0);
     // The whole [target] section here, to shorten the retry back-off.
-    let daemon = Daemon::start(
+    let daemon = TestApp::spawn(
         &ws,
         None,
         &format!(

@@ -5,7 +5,7 @@
 //! must not run its workers as root here), and stops it and removes its directory on Drop.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use super::sys::{
 
 const NOT_FOUND: &str = "nginx not found: install it with `apt-get install -y nginx`";
 /// The shipped configuration.
-pub const SHIPPED: &str = include_str!("../../deploy/nginx/mapsync.conf");
+pub const SHIPPED: &str = include_str!("../../../deploy/nginx/mapsync.conf");
 /// The addresses the shipped file names, replaced by the test's.
 pub const SHIPPED_MAPSYNC: &str = "127.0.0.1:9187";
 pub const SHIPPED_APP: &str = "127.0.0.1:9999";
@@ -99,10 +99,6 @@ impl Nginx {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

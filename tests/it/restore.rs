@@ -2,19 +2,17 @@
 //! open by the application's connection, snapshots written by the real binary's `export`, and
 //! what a user then sees in the file (through the application's own connection).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ::mapsync::appdb::restore::{
+use crate::harness::appdb::FIXED_UPDATED_AT;
+use crate::harness::workspace::Workspace;
+use crate::harness::*;
+use mapsync::appdb::restore::{
     Entries, EntryResult, RestoreError, RestoreOptions, RestoreReport, restore,
 };
-use ::mapsync::config::Settings;
-use ::mapsync::mapping::Redactor;
-use common::appdb::FIXED_UPDATED_AT;
-use common::mapsync::Workspace;
-use common::*;
+use mapsync::config::Settings;
+use mapsync::mapping::Redactor;
 use serde_json::{Value, json};
 
 fn settings(ws: &Workspace) -> Settings {
@@ -676,7 +674,7 @@ fn unusable_files_and_databases_fail_with_one_line_and_change_nothing() {
         let e = restore_file(s, file, false).expect_err("restore must fail");
         let line = e.to_string();
         assert!(!line.contains('\n'), "one line: {line}");
-        ::mapsync::Error::from(e).to_string()
+        mapsync::Error::from(e).to_string()
     };
     let s = settings(&ws);
     let line = fails(&truncated, &s);
@@ -833,7 +831,7 @@ fn schema_of(path: &Path) -> Vec<String> {
 /// database with the application's schema that, synced back, leaves Postgres unchanged.
 #[test]
 fn a_lost_host_is_rebuilt_from_a_snapshot_or_the_mirror_and_postgres_stays_unchanged() {
-    use common::mapsync::{remote_count, supabase_db, xmins};
+    use crate::harness::workspace::{remote_count, supabase_db, xmins};
     let db = supabase_db();
     let ws = Workspace::new(Some(&db.url), "");
     for r in Row::numbered("m", 25) {
@@ -901,9 +899,9 @@ fn a_lost_host_is_rebuilt_from_a_snapshot_or_the_mirror_and_postgres_stays_uncha
             ),
         )
         .unwrap();
-        let mut cmd = common::mapsync::command();
+        let mut cmd = crate::harness::workspace::command();
         cmd.arg("--config").arg(&config).arg("sync");
-        let synced = common::mapsync::run(cmd);
+        let synced = crate::harness::workspace::run(cmd);
         synced.expect_code(0);
         let synced = synced.json();
         assert_eq!(synced["changed_count"], 0, "{name}: {synced}");

@@ -1,62 +1,36 @@
-//! The fault suite (issue 8): an operator's worst day, against the real binary, the
-//! application's SQLite file written the way the application writes it, and a real
-//! PostgreSQL. Each test asserts what a user would check: Postgres ends equal to the source
-//! (row by row, all ten fields), nothing half-written, no remote row lost, recovery within
-//! its bound, the error visible in `/readyz`, `/status` and the metrics, and no mapsync
-//! session left in `pg_stat_activity`.
+//! The fault suite (issue 8): an operator's worst day, against the daemon (in-process, or the
+//! real binary where a process is needed), the application's SQLite file written the way the
+//! application writes it, and a real PostgreSQL. Each test asserts what a user would check:
+//! Postgres ends equal to the source (row by row, all ten fields), nothing half-written, no
+//! remote row lost, recovery within its bound, the error visible in `/readyz`, `/status` and
+//! the metrics, and no mapsync session left in `pg_stat_activity`.
 //!
 //! Scenarios covered elsewhere and not repeated here: `kill -9` in the middle of a large run
 //! and SIGTERM mid-run (tests/daemon.rs), a Postgres outage during commits
 //! (tests/daemon.rs), a file replaced or deleted and re-created (tests/daemon.rs), wrong
 //! passwords and TLS (tests/sync.rs).
 
-mod common;
-
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::daemon::Daemon;
-use common::mapsync::{Workspace, command, remote_count, remote_rows, supabase_db};
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::workspace::{
+    FAST, Workspace, command, mirrored, mirrored_on_own_cluster, remote_count, remote_rows,
+    snapshot_files, supabase_db,
+};
+use crate::harness::*;
 use serde_json::Value;
 
-/// Short debounce so tests run fast; schedules far away so only the watcher, the start-up run
-/// and requests act.
-const FAST: &str = "[log]\nlevel = \"info,mapsync=debug\"\n\n[snapshot]\nmin_interval_s = 0\n\n[watch]\ndebounce_ms = 50\nmax_delay_ms = 500\n\n[schedule]\nreconcile = \"0 0 0 1 1 *\"\nsnapshot = \"0 0 0 1 1 *\"\n";
-
-/// A migrated Supabase-like database and a workspace whose SQLite file holds `seed`.
-fn mirrored(seed: &[Row]) -> (Workspace, TestDb) {
-    let db = supabase_db();
-    let ws = Workspace::new(Some(&db.url), "");
-    for r in seed {
-        ws.app.upsert(r);
-    }
-    ws.mapsync(&["migrate"]).expect_code(0);
-    (ws, db)
-}
-
-/// The value of one sample line in `/metrics` (0 when absent).
-fn metric(d: &Daemon, sample: &str) -> f64 {
-    d.get("/metrics")
-        .text()
-        .lines()
-        .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Failed runs so far, over every trigger.
-fn errors(d: &Daemon) -> f64 {
+fn errors(d: &impl Admin) -> f64 {
     ["manual", "watch", "schedule", "startup"]
         .iter()
         .map(|t| {
-            metric(
-                d,
-                &format!("mapsync_sync_runs_total{{trigger=\"{t}\",result=\"error\"}}"),
-            )
+            d.metric(&format!(
+                "mapsync_sync_runs_total{{trigger=\"{t}\",result=\"error\"}}"
+            ))
         })
         .sum()
 }
@@ -75,7 +49,7 @@ fn mirror_form(ws: &Workspace) -> std::collections::BTreeMap<String, Value> {
         .arg(&ws.config)
         .arg("export")
         .env("MAPSYNC_SNAPSHOT__REDACT", "true");
-    let out = common::mapsync::run(cmd);
+    let out = crate::harness::workspace::run(cmd);
     out.expect_code(0);
     out.json()["mappings"]
         .as_array()
@@ -135,11 +109,15 @@ fn assert_mirror_equals_source(ws: &Workspace, db: &TestDb, not_mirrored: &[&str
     }
 }
 
-/// Sessions of mapsync's (application_name) on the server.
+/// Sessions of mapsync's (application_name) on `db` (other tests' daemons use the same server).
 fn mapsync_sessions(db: &TestDb) -> u64 {
     run_psql(
         &db.admin_url(),
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync'",
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
+             AND datname = '{}'",
+            db.name
+        ),
     )
     .ok()
     .and_then(|n| n.trim().parse().ok())
@@ -292,7 +270,7 @@ fn no_single_row_can_block_a_run() {
     assert!(!text.contains("+10000"), "no timestamp past year 9999");
 
     // The daemon mirrors every later change too, and is ready.
-    let d = Daemon::start(&ws, Some(&db.url), FAST);
+    let d = TestApp::spawn(&ws, Some(&db.url), FAST);
     let first = d.wait_first_run();
     assert_eq!(first["last_run"]["status"], "synced", "{first:#}");
     app.upsert(&Row::mapping("after", "o4-mini"));
@@ -315,12 +293,12 @@ fn an_idle_daemon_holds_nothing_on_the_application_database() {
     // Idle: nothing pending, and no file event for a while (a checkpoint after a burst is
     // one more event, and one more read).
     let idle = |d: &Daemon| {
-        let events = metric(d, "mapsync_fs_events_total");
+        let events = d.metric("mapsync_fs_events_total");
         let s = d.status();
         std::thread::sleep(Duration::from_millis(300));
         s["state"] == "idle"
             && s["pending_changes"] == 0
-            && metric(d, "mapsync_fs_events_total") == events
+            && d.metric("mapsync_fs_events_total") == events
             && d.status()["state"] == "idle"
     };
 
@@ -461,7 +439,7 @@ const RECOVERY_BOUND: Duration = Duration::from_secs(6);
 #[test]
 fn recovery_follows_the_returning_file_not_the_backoff_timer() {
     let (mut ws, db) = mirrored(&Row::numbered("m", 10));
-    let d = Daemon::start(&ws, Some(&db.url), FAST);
+    let d = TestApp::spawn(&ws, Some(&db.url), FAST);
     d.wait_first_run();
     close_app(&mut ws);
     let aside = ws.path().join("aside.sqlite3");
@@ -489,16 +467,8 @@ fn recovery_follows_the_returning_file_not_the_backoff_timer() {
 
 #[test]
 fn recovery_follows_the_first_answer_of_postgres_not_the_backoff_timer() {
-    let cluster = PgCluster::start();
-    let dbname = cluster.create_db();
-    cluster.psql(&dbname, include_str!("fixtures/supabase_roles_shim.sql"));
-    let url = cluster.superuser_url(&dbname);
-    let ws = Workspace::new(Some(&url), "");
-    for r in Row::numbered("m", 10) {
-        ws.app.upsert(&r);
-    }
-    ws.mapsync(&["migrate"]).expect_code(0);
-    let d = Daemon::start(
+    let (cluster, dbname, url, ws) = mirrored_on_own_cluster(&Row::numbered("m", 10));
+    let d = TestApp::spawn(
         &ws,
         Some(&url),
         &format!("{FAST}\n[target]\nretry_max = 60\nconnect_timeout_ms = 1000\n"),
@@ -518,7 +488,7 @@ fn recovery_follows_the_first_answer_of_postgres_not_the_backoff_timer() {
         s["last_run"]["status"] == "error" && s["state"] == "retrying"
     });
     assert_eq!(s["last_run"]["reason"], "target_network", "{s:#}");
-    assert!(metric(&d, "mapsync_sync_failures_total{reason=\"target_network\"}") >= 1.0);
+    assert!(d.metric("mapsync_sync_failures_total{reason=\"target_network\"}") >= 1.0);
     cluster.start_again();
     let back = Instant::now();
     d.wait(
@@ -550,7 +520,7 @@ fn sigterm_on_a_run_blocked_by_a_row_lock_leaves_no_session_behind() {
         "BEGIN; UPDATE public.model_mappings SET name = 'held' WHERE id = 'mapping:m003';",
     );
     wait_until(Duration::from_secs(10), "the row lock taken", || {
-        db.psql("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.mode = 'RowExclusiveLock' AND a.application_name = 'psql'")
+        db.psql("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.mode = 'RowExclusiveLock' AND a.application_name = 'psql' AND a.datname = current_database()")
             .trim()
             != "0"
     });
@@ -561,7 +531,7 @@ fn sigterm_on_a_run_blocked_by_a_row_lock_leaves_no_session_behind() {
         || {
             db.psql(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
-             AND wait_event_type = 'Lock'",
+             AND wait_event_type = 'Lock' AND datname = current_database()",
             )
             .trim()
                 != "0"
@@ -590,7 +560,7 @@ fn sigterm_on_a_run_blocked_by_a_row_lock_leaves_no_session_behind() {
         || {
             db.psql(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
-             AND wait_event_type = 'Lock'",
+             AND wait_event_type = 'Lock' AND datname = current_database()",
             )
             .trim()
                 != "0"
@@ -660,19 +630,6 @@ impl Drop for Tmpfs {
     }
 }
 
-fn snapshot_files(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.starts_with("model-mappings-2"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 #[test]
 fn a_full_snapshot_disk_clears_itself_and_a_read_only_one_blocks_no_sync() {
     let (ws, db) = mirrored(&Row::numbered("m", 150));
@@ -685,13 +642,13 @@ fn a_full_snapshot_disk_clears_itself_and_a_read_only_one_blocks_no_sync() {
     };
     let kib = (size * 9 / 2).div_ceil(4096) * 4;
     let disk = Tmpfs::mount(&ws.snapshot_dir(), kib);
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&db.url),
         &FAST.replace("[snapshot]\n", "[snapshot]\nkeep = 4\n"),
     );
     d.wait_first_run();
-    let ok = |d: &Daemon| metric(d, "mapsync_snapshot_writes_total{result=\"ok\"}");
+    let ok = |d: &TestApp| d.metric("mapsync_snapshot_writes_total{result=\"ok\"}");
     for i in 0..8 {
         let before = ok(&d);
         ws.app
@@ -708,7 +665,7 @@ fn a_full_snapshot_disk_clears_itself_and_a_read_only_one_blocks_no_sync() {
     let doc: Value = serde_json::from_slice(&latest).unwrap();
     assert_eq!(doc["count"], 150, "the newest snapshot is whole");
     assert_eq!(
-        metric(&d, "mapsync_snapshot_writes_total{result=\"error\"}"),
+        d.metric("mapsync_snapshot_writes_total{result=\"error\"}"),
         0.0,
         "every write succeeded, after retention made room"
     );
@@ -724,7 +681,7 @@ fn a_full_snapshot_disk_clears_itself_and_a_read_only_one_blocks_no_sync() {
     });
     let e = s["snapshot"]["last_error"].as_str().unwrap();
     assert!(e.contains("writable") || e.contains("Read-only"), "{e}");
-    assert!(metric(&d, "mapsync_snapshot_writes_total{result=\"error\"}") >= 1.0);
+    assert!(d.metric("mapsync_snapshot_writes_total{result=\"error\"}") >= 1.0);
     assert_eq!(
         std::fs::read(ws.snapshot_dir().join("model-mappings-latest.json")).unwrap(),
         latest,
@@ -743,7 +700,7 @@ fn after_a_restart_into_a_refused_state_pending_changes_counts_the_deletes() {
     assert_eq!(remote_count(&db), 1_003);
     let app = AppDb::open(&ws.db_path());
     app.exec("DELETE FROM llm_model_mappings WHERE rowid > 3");
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&db.url),
         &format!("{FAST}\n[target]\ndelete_missing = true\n"),
@@ -754,7 +711,7 @@ fn after_a_restart_into_a_refused_state_pending_changes_counts_the_deletes() {
         s["pending_changes"], 997,
         "what the next run would delete: {s:#}"
     );
-    assert_eq!(metric(&d, "mapsync_pending_changes"), 997.0);
+    assert_eq!(d.metric("mapsync_pending_changes"), 997.0);
     assert_eq!(remote_count(&db), 1_003, "nothing was deleted");
 }
 
@@ -802,7 +759,7 @@ fn a_second_instance_on_the_same_table_never_deletes_the_firsts_rows() {
     );
 
     // The daemon reports the same, in /status.
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &second,
         Some(&db.url),
         &format!("{FAST}\n[target]\ndelete_missing = true\n"),
@@ -874,7 +831,7 @@ fn a_damaged_emptied_or_locked_sqlite_file_never_costs_a_remote_row() {
     not_ready(&d, "a truncated file", "llm_model_mappings");
     assert!(errors(&d) > before, "counted in mapsync_sync_runs_total");
     assert_eq!(d.status()["last_run"]["reason"], "source");
-    assert!(metric(&d, "mapsync_sync_failures_total{reason=\"source\"}") >= 1.0);
+    assert!(d.metric("mapsync_sync_failures_total{reason=\"source\"}") >= 1.0);
     put_back(&ws);
     ready_again(&d, "the file restored after truncation");
 
@@ -900,7 +857,7 @@ fn a_damaged_emptied_or_locked_sqlite_file_never_costs_a_remote_row() {
     });
     assert_eq!(s["pending_changes"], 40, "{s:#}");
     assert_eq!(s["last_run"]["reason"], "mass_delete", "{s:#}");
-    assert!(metric(&d, "mapsync_sync_failures_total{reason=\"mass_delete\"}") >= 1.0);
+    assert!(d.metric("mapsync_sync_failures_total{reason=\"mass_delete\"}") >= 1.0);
     assert_eq!(remote_count(&db), 40, "an emptied file wipes nothing");
     put_back(&ws);
     d.wait_status(Duration::from_secs(15), "synced again", |s| {
@@ -934,7 +891,7 @@ fn a_damaged_emptied_or_locked_sqlite_file_never_costs_a_remote_row() {
 #[test]
 fn hand_edits_in_postgres_are_repaired_by_the_next_full_run() {
     let (ws, db) = mirrored(&Row::numbered("m", 30));
-    let d = Daemon::start(&ws, Some(&db.url), FAST);
+    let d = TestApp::spawn(&ws, Some(&db.url), FAST);
     d.wait_first_run();
     db.psql(
         "UPDATE public.model_mappings SET default_model = 'hand-edit' WHERE id = 'mapping:m002'",

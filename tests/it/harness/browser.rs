@@ -1,11 +1,12 @@
 //! Headless Chromium driven over the Chrome DevTools Protocol, for black-box tests of the admin
 //! page: [`Browser::launch`] starts `chromium --headless` on a throwaway profile with
-//! `--remote-debugging-port=0`, reads the DevTools URL from its stderr and connects with the
-//! small WebSocket client in [`super::websocket`]. [`Browser::open`] gives a [`Page`] (a tab
+//! `--remote-debugging-port=0`, reads the DevTools URL from its stderr and connects to it
+//! over WebSocket (`tungstenite`). [`Browser::open`] gives a [`Page`] (a tab
 //! attached in flat mode) with `eval`, `wait_for`, real mouse clicks and typing.
 //!
-//! Every message from Chromium is read by one thread and handed over a channel; command
-//! answers are matched by id, everything else is kept as an event (`Runtime.exceptionThrown`,
+//! One thread owns the WebSocket: it sends what the test queues and hands every message from
+//! Chromium over a channel (reading with a short timeout, so that neither waits on the
+//! other); command answers are matched by id, everything else is kept as an event (`Runtime.exceptionThrown`,
 //! `Browser.downloadProgress`, …) for the test to inspect.
 //!
 //! Chromium runs in its own process group; Drop closes it over CDP, then kills that group (by
@@ -14,12 +15,12 @@
 //! crashpad with `--disable-crashpad-for-testing` is no option: Chromium 156 then aborts with
 //! "FD ownership violation" on the first navigation.)
 
-use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,12 +28,14 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::sys::{collect_lines, is_executable, poll_until, which};
-use super::websocket::{WebSocket, WsSender};
 
 const NOT_FOUND: &str = "chromium not found (/usr/bin/chromium or on PATH): install it with `apt-get install -y chromium`";
 
 /// How long one CDP command may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the connection's thread waits for a message before it looks for one to send.
+const POLL: Duration = Duration::from_millis(5);
 
 /// The Chromium binary; panics with the install command when missing.
 pub fn chromium_path() -> PathBuf {
@@ -49,11 +52,12 @@ pub struct Browser {
     child: Child,
     /// The `--user-data-dir` (and a downloads directory), removed on Drop.
     profile: tempfile::TempDir,
-    ws: WsSender,
+    /// Messages for Chromium, sent by the connection's thread; dropped to end it.
+    outbox: Option<Sender<String>>,
     inbox: Mutex<Receiver<Value>>,
     events: Mutex<Vec<Value>>,
     next_id: AtomicU64,
-    reader: Option<JoinHandle<()>>,
+    connection: Option<JoinHandle<()>>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -114,7 +118,7 @@ impl Browser {
                 stderr.lock().unwrap_or_else(|e| e.into_inner())
             );
         };
-        let socket = match WebSocket::connect(&url) {
+        let socket = match connect(&url) {
             Ok(s) => s,
             Err(e) => {
                 kill_group(&mut child);
@@ -122,27 +126,17 @@ impl Browser {
                 panic!("cannot connect to Chromium's DevTools at {url}: {e}");
             }
         };
-        let ws = socket.sender();
-        let (tx, rx) = channel();
-        let reader = std::thread::spawn(move || {
-            let mut socket = socket;
-            while let Ok(text) = socket.recv_text() {
-                let Ok(msg) = serde_json::from_str::<Value>(&text) else {
-                    continue;
-                };
-                if tx.send(msg).is_err() {
-                    break;
-                }
-            }
-        });
+        let (outbox, to_send) = channel();
+        let (received, inbox) = channel();
+        let connection = std::thread::spawn(move || serve(socket, to_send, received));
         Browser {
             child,
             profile,
-            ws,
-            inbox: Mutex::new(rx),
+            outbox: Some(outbox),
+            inbox: Mutex::new(inbox),
             events: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
-            reader: Some(reader),
+            connection: Some(connection),
             stderr,
         }
     }
@@ -186,9 +180,12 @@ impl Browser {
         if let Some(s) = session {
             msg["sessionId"] = Value::from(s);
         }
-        self.ws
-            .send_text(&msg.to_string())
-            .unwrap_or_else(|e| panic!("sending {method} to Chromium failed: {e}"));
+        let sent = self.outbox.as_ref().map(|o| o.send(msg.to_string()));
+        assert!(
+            matches!(sent, Some(Ok(()))),
+            "sending {method} to Chromium failed: the DevTools connection is closed; Chromium stderr:\n{}",
+            self.stderr()
+        );
         let deadline = Instant::now() + CALL_TIMEOUT;
         loop {
             let m = self.recv(deadline).unwrap_or_else(|why| {
@@ -307,6 +304,70 @@ impl Browser {
     }
 }
 
+/// Connects to Chromium's DevTools at `url` (`ws://127.0.0.1:<port>/devtools/browser/<id>`);
+/// reads time out after [`POLL`].
+fn connect(url: &str) -> Result<tungstenite::WebSocket<TcpStream>, String> {
+    let host = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .ok_or_else(|| format!("not a ws:// URL: {url}"))?;
+    let stream = TcpStream::connect(host).map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (socket, _) = tungstenite::client(url, stream).map_err(|e| e.to_string())?;
+    socket
+        .get_ref()
+        .set_read_timeout(Some(POLL))
+        .map_err(|e| e.to_string())?;
+    Ok(socket)
+}
+
+/// The connection's thread: sends what arrives on `to_send`, hands every JSON message from
+/// Chromium to `received`, and ends when either side is gone (closing the WebSocket if it
+/// can). Pings are answered by tungstenite.
+fn serve(
+    mut socket: tungstenite::WebSocket<TcpStream>,
+    to_send: Receiver<String>,
+    received: Sender<Value>,
+) {
+    use tungstenite::{Error, Message};
+    loop {
+        loop {
+            match to_send.try_recv() {
+                Ok(text) => {
+                    if socket.send(Message::text(text)).is_err() {
+                        return;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    let _ = socket.close(None);
+                    let _ = socket.flush();
+                    return;
+                }
+            }
+        }
+        let parsed = match socket.read() {
+            Ok(Message::Text(text)) => serde_json::from_str::<Value>(text.as_str()).ok(),
+            Ok(Message::Binary(bytes)) => serde_json::from_slice::<Value>(&bytes).ok(),
+            Ok(_) => None,
+            Err(Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(_) => return,
+        };
+        if let Some(msg) = parsed {
+            if received.send(msg).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// Kills the process group led by `child` (Chromium and every helper it forked), then reaps.
 fn kill_group(child: &mut Child) {
     // SAFETY: kill(2) on the process group our own child leads (process_group(0) at spawn).
@@ -350,9 +411,9 @@ impl Drop for Browser {
         if let Ok(None) = self.child.try_wait() {
             // Ask politely (flushes the profile), then make sure.
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let _ = self
-                .ws
-                .send_text(&json!({"id": id, "method": "Browser.close"}).to_string());
+            if let Some(outbox) = &self.outbox {
+                let _ = outbox.send(json!({"id": id, "method": "Browser.close"}).to_string());
+            }
             let child = &mut self.child;
             poll_until(Duration::from_secs(5), || {
                 matches!(child.try_wait(), Ok(Some(_)))
@@ -365,9 +426,10 @@ impl Drop for Browser {
         }
         let _ = self.child.wait();
         kill_named(self.profile.path());
-        self.ws.shutdown();
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
+        // The connection's thread ends once it finds the outbox closed.
+        self.outbox = None;
+        if let Some(c) = self.connection.take() {
+            let _ = c.join();
         }
     }
 }

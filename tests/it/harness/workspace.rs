@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use serde_json::Value;
 
-use super::{AppDb, TestDb, run_psql, test_db};
+use super::{AppDb, PgCluster, Row, TestDb, run_psql, test_db};
 
 /// The binary under test, built by cargo for integration tests.
 pub fn bin() -> PathBuf {
@@ -121,6 +121,21 @@ impl Workspace {
         std::fs::write(&self.config, toml).expect("write config");
     }
 
+    /// Rewrites the config for a daemon (as [`Workspace::write_config`], plus `[http] listen =
+    /// "127.0.0.1:0"` unless `extra` has an `[http]` section); returns the `admin_token` that
+    /// `extra` sets, if any.
+    pub fn write_daemon_config(&self, target_url: Option<&str>, extra: &str) -> Option<String> {
+        let mut extra = extra.to_string();
+        if !extra.contains("[http]") {
+            extra.push_str("\n[http]\nlisten = \"127.0.0.1:0\"\n");
+        }
+        self.write_config(target_url, &extra);
+        extra
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("admin_token = "))
+            .map(|t| t.trim_matches('"').to_string())
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -149,6 +164,55 @@ impl Workspace {
     }
 }
 
+/// Short debounce so tests run fast; schedules far away so only the watcher, the start-up run
+/// and requests act.
+pub const FAST: &str = "[log]\nlevel = \"info,mapsync=debug\"\n\n[snapshot]\nmin_interval_s = 0\n\n[watch]\ndebounce_ms = 50\nmax_delay_ms = 500\n\n[schedule]\nreconcile = \"0 0 0 1 1 *\"\nsnapshot = \"0 0 0 1 1 *\"\n";
+
+/// A migrated Supabase-like database and a workspace whose SQLite file holds `seed`.
+pub fn mirrored(seed: &[Row]) -> (Workspace, TestDb) {
+    let db = supabase_db();
+    let ws = Workspace::new(Some(&db.url), "");
+    for r in seed {
+        ws.app.upsert(r);
+    }
+    ws.mapsync(&["migrate"]).expect_code(0);
+    (ws, db)
+}
+
+/// A migrated database with the Supabase roles on a PostgreSQL cluster of the test's own (which
+/// it may stop and start), and a workspace whose SQLite file holds `seed`: the cluster, the
+/// database's name, its URL and the workspace.
+pub fn mirrored_on_own_cluster(seed: &[Row]) -> (PgCluster, String, String, Workspace) {
+    let cluster = PgCluster::start();
+    let dbname = cluster.create_db();
+    cluster.psql(&dbname, SUPABASE_ROLES_SHIM);
+    let url = cluster.superuser_url(&dbname);
+    let ws = Workspace::new(Some(&url), "");
+    for r in seed {
+        ws.app.upsert(r);
+    }
+    ws.mapsync(&["migrate"]).expect_code(0);
+    (cluster, dbname, url, ws)
+}
+
+/// Timestamped snapshot files (`model-mappings-2…`) in `dir`, sorted by name, so by time.
+pub fn snapshot_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("model-mappings-2"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Supabase's API roles and `auth` helpers for a plain PostgreSQL (idempotent; the roles are
+/// cluster-wide).
+pub const SUPABASE_ROLES_SHIM: &str = include_str!("../../fixtures/supabase_roles_shim.sql");
+
 /// A fresh database on a server that looks like Supabase: the `anon`, `authenticated` and
 /// `service_role` roles and the `auth` helpers (tests/fixtures/supabase_roles_shim.sql).
 pub fn supabase_db() -> TestDb {
@@ -156,13 +220,13 @@ pub fn supabase_db() -> TestDb {
     static SHIM: Mutex<()> = Mutex::new(());
     let db = test_db();
     let _guard = SHIM.lock().unwrap_or_else(|e| e.into_inner());
-    run_psql(&db.url, include_str!("../fixtures/supabase_roles_shim.sql"))
+    run_psql(&db.url, SUPABASE_ROLES_SHIM)
         .unwrap_or_else(|e| panic!("supabase roles shim failed: {e}"));
     db
 }
 
 /// The deployed table as it is on Supabase today (tests/fixtures/deployed_supabase_schema.sql).
-pub const DEPLOYED_SCHEMA: &str = include_str!("../fixtures/deployed_supabase_schema.sql");
+pub const DEPLOYED_SCHEMA: &str = include_str!("../../fixtures/deployed_supabase_schema.sql");
 
 /// Every mirrored row as JSON objects keyed by id, read with psql (what a user would see).
 pub fn remote_rows(db: &TestDb) -> std::collections::BTreeMap<String, Value> {

@@ -2,16 +2,14 @@
 //! the same revision in `mapsync_build_info`, shell completions that complete in bash, zsh and
 //! fish, and man pages that `man` renders.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::daemon::Daemon;
-use common::http;
-use common::mapsync::{Workspace, command};
-use common::sys::which;
+use crate::harness::daemon::Daemon;
+use crate::harness::http;
+use crate::harness::sys::which;
+use crate::harness::workspace::{Workspace, command};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -39,7 +37,7 @@ fn run(mut cmd: Command) -> Output {
     match rx.recv_timeout(DEADLINE) {
         Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
         Err(_) => {
-            common::sys::signal(pid, "KILL");
+            crate::harness::sys::signal(pid, "KILL");
             panic!("{what} did not finish within {DEADLINE:?}");
         }
     }
@@ -297,7 +295,7 @@ fn stderr_of(ws: &Workspace, config: &Path, args: &[&str], journal: Option<&str>
     use std::os::unix::fs::MetadataExt;
     let path = ws
         .path()
-        .join(format!("stderr-{}.log", common::sys::random_hex(4)));
+        .join(format!("stderr-{}.log", crate::harness::sys::random_hex(4)));
     let file = std::fs::File::create(&path).expect("stderr file");
     let meta = file.metadata().expect("stat stderr file");
     let mut cmd = command();
@@ -315,7 +313,7 @@ fn stderr_of(ws: &Workspace, config: &Path, args: &[&str], journal: Option<&str>
     let what = format!("{cmd:?}");
     let mut child = cmd.stdin(Stdio::null()).spawn().expect("mapsync starts");
     let mut status = None;
-    let done = common::sys::poll_until(DEADLINE, || {
+    let done = crate::harness::sys::poll_until(DEADLINE, || {
         status = child.try_wait().ok().flatten();
         status.is_some()
     });
@@ -331,7 +329,7 @@ fn stderr_of(ws: &Workspace, config: &Path, args: &[&str], journal: Option<&str>
 fn log_lines_carry_their_syslog_priority_when_stderr_is_the_journal() {
     let ws = Workspace::new(None, "");
     // A row whose candidates are not JSON: read as [] with a warning (SPEC §1).
-    let mut broken = common::Row::mapping("broken", "gpt-4o");
+    let mut broken = crate::harness::Row::mapping("broken", "gpt-4o");
     broken.candidates_json = Some("not json".into());
     ws.app.upsert(&broken);
     let out = ws.path().join("export.json");
@@ -408,7 +406,7 @@ fn check_warns_when_a_remote_connection_is_not_certificate_verified() {
         );
         run
     };
-    let warn_line = |run: &common::mapsync::Run| {
+    let warn_line = |run: &crate::harness::workspace::Run| {
         run.stdout
             .lines()
             .find(|l| l.starts_with("warn tls: "))
@@ -441,7 +439,7 @@ fn check_warns_when_a_remote_connection_is_not_certificate_verified() {
     assert!(warn.contains("without target.ssl_root_cert"), "{warn}");
 
     // Verified: no warning.
-    let ca = common::TestCa::new();
+    let ca = crate::harness::TestCa::new();
     let root = format!("ssl_root_cert = {:?}\n", ca.ca_cert);
     for (query, extra) in [
         ("?sslmode=verify-full", root.as_str()),
@@ -454,7 +452,7 @@ fn check_warns_when_a_remote_connection_is_not_certificate_verified() {
     }
 
     // A local server with the default sslmode: no warning, and check passes.
-    let db = common::mapsync::supabase_db();
+    let db = crate::harness::workspace::supabase_db();
     ws.write_config(Some(&db.url), "");
     ws.mapsync(&["migrate"]).expect_code(0);
     let local = ws.mapsync(&["check"]);

@@ -14,16 +14,14 @@
 //! - "Overwrite Supabase": `{"direction":"push","overwrite":false,"delete_missing":true}`;
 //! - "Pull from Supabase": `{"direction":"pull","overwrite":true,"delete_missing":false}`.
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::daemon::Daemon;
-use common::http::{self, Reply};
-use common::jwt::{self, Keys, at, claims};
-use common::mapsync::{Workspace, remote_count, supabase_db};
-use common::nginx::Nginx;
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::http::{self, Reply};
+use crate::harness::jwt::{self, Keys, at, claims};
+use crate::harness::nginx::Nginx;
+use crate::harness::workspace::{Workspace, remote_count, supabase_db};
+use crate::harness::*;
 use serde_json::{Value, json};
 
 const PUSH_PATH: &str = "/api/v1/llm/model-groups/sync";
@@ -216,7 +214,7 @@ fn a_jwt_issuer_is_only_checked_when_set_and_the_audience_is_configurable() {
         "[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\njwt_secret_file = {:?}\njwt_audience = \"000123\"\n",
         keys.secret_file
     );
-    let d = Daemon::start(&ws, None, &section);
+    let d = TestApp::spawn(&ws, None, &section);
     d.wait_first_run();
     let host = d.addr.to_string();
     let mut c = jwt::admin("someone");
@@ -242,7 +240,7 @@ fn rs256_and_es256_tokens_are_each_checked_with_a_key_of_their_own_type() {
         "[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\njwt_jwks_file = {:?}\n",
         keys.both_jwks_file
     );
-    let d = Daemon::start(&ws, None, &section);
+    let d = TestApp::spawn(&ws, None, &section);
     d.wait_first_run();
     let host = d.addr.to_string();
     let call = |t: &str| page_post(d.addr, &host, COMPAT_PATH, t, b"");
@@ -271,7 +269,7 @@ fn rs256_and_es256_tokens_are_each_checked_with_a_key_of_their_own_type() {
 
 #[test]
 fn the_pages_requests_through_nginx_get_the_envelopes_it_expects() {
-    common::nginx::nginx_path(); // fails with the install command before anything starts
+    crate::harness::nginx::nginx_path(); // fails with the install command before anything starts
     let db = supabase_db();
     let ws = Workspace::new(Some(&db.url), "");
     for r in Row::numbered("m", 13) {

@@ -3,18 +3,17 @@
 //! 5 s busy timeout (Python's `sqlite3.connect` default). Use it to create the file the
 //! daemon watches and to change it while the daemon runs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rusqlite::{Connection, params};
 
 /// The application's schema (tests/fixtures/app_sqlite_schema.sql).
-pub const APP_SCHEMA: &str = include_str!("../fixtures/app_sqlite_schema.sql");
+pub const APP_SCHEMA: &str = include_str!("../../fixtures/app_sqlite_schema.sql");
 
 /// Fixed `updated_at` of [`Row::mapping`] (and the fixture generator's base time).
 pub const FIXED_UPDATED_AT: &str = "2026-01-16T08:21:05+00:00";
 
 pub struct AppDb {
-    pub path: PathBuf,
     conn: Connection,
 }
 
@@ -82,10 +81,7 @@ impl AppDb {
         );
         conn.execute_batch("PRAGMA foreign_keys = ON")
             .expect("PRAGMA foreign_keys");
-        AppDb {
-            path: path.to_path_buf(),
-            conn,
-        }
+        AppDb { conn }
     }
 
     /// `INSERT OR REPLACE INTO llm_model_mappings …` (one autocommitted statement).

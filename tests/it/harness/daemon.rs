@@ -1,18 +1,17 @@
 //! The real `mapsync run` as a child process: started on a [`Workspace`]'s config with the
 //! admin port on 127.0.0.1:0, its address read from its log, its stderr kept for assertions,
-//! and stopped (SIGTERM, then SIGKILL) when dropped.
+//! and stopped (SIGTERM, then SIGKILL) when dropped. For what a real process is needed for:
+//! signals, exit codes, the environment, stderr, resource limits and measurements of the
+//! process; everything else runs the daemon in-process ([`super::app::TestApp`]).
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
-
-use super::http::{self, Reply};
-use super::mapsync::{Workspace, command};
+use super::admin::Admin;
 use super::sys::{collect_lines, poll_until, signal_and_wait};
+use super::workspace::{Workspace, command};
 
 pub struct Daemon {
     pub child: Child,
@@ -26,15 +25,7 @@ impl Daemon {
     /// plus `[http] listen = "127.0.0.1:0"` unless `extra` has an `[http]` section) and waits
     /// until it listens.
     pub fn start(ws: &Workspace, target_url: Option<&str>, extra: &str) -> Daemon {
-        let mut extra = extra.to_string();
-        if !extra.contains("[http]") {
-            extra.push_str("\n[http]\nlisten = \"127.0.0.1:0\"\n");
-        }
-        ws.write_config(target_url, &extra);
-        let token = extra
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("admin_token = "))
-            .map(|t| t.trim_matches('"').to_string());
+        let token = ws.write_daemon_config(target_url, extra);
         Self::spawn(ws, token, |_| {})
     }
 
@@ -85,65 +76,6 @@ impl Daemon {
         daemon
     }
 
-    /// Everything the daemon logged so far.
-    pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    pub fn get(&self, path: &str) -> Reply {
-        http::get(self.addr, path, self.token.as_deref())
-    }
-
-    pub fn post(&self, path: &str, body: &[u8]) -> Reply {
-        http::post(self.addr, path, self.token.as_deref(), body)
-    }
-
-    /// `/status`'s data.
-    pub fn status(&self) -> Value {
-        let r = self.get("/status");
-        assert_eq!(r.status, 200, "{}", r.text());
-        r.json()["data"].clone()
-    }
-
-    /// Waits until `/status` satisfies `f`, or panics with the last status and the log.
-    #[track_caller]
-    pub fn wait_status(
-        &self,
-        timeout: Duration,
-        what: &str,
-        mut f: impl FnMut(&Value) -> bool,
-    ) -> Value {
-        let mut last = Value::Null;
-        if poll_until(timeout, || {
-            last = self.status();
-            f(&last)
-        }) {
-            return last;
-        }
-        panic!(
-            "timed out waiting for {what}; last status: {last:#}\nlog:\n{}",
-            self.log()
-        );
-    }
-
-    /// Waits until `f` holds, or panics naming `what` with the daemon's log.
-    #[track_caller]
-    pub fn wait(&self, timeout: Duration, what: &str, f: impl FnMut() -> bool) {
-        if !poll_until(timeout, f) {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}; log:\n{}",
-                self.log()
-            );
-        }
-    }
-
-    /// Waits until the first run has finished.
-    pub fn wait_first_run(&self) -> Value {
-        self.wait_status(Duration::from_secs(60), "the start-up run", |s| {
-            !s["last_run"].is_null()
-        })
-    }
-
     /// Sends `signal` (e.g. `libc::SIGTERM`).
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid.
@@ -161,6 +93,32 @@ impl Daemon {
                 self.log()
             )
         })
+    }
+}
+
+impl Admin for Daemon {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn exit(&self) -> Option<String> {
+        // try_wait needs &mut; /proc tells whether the child is still there without reaping it.
+        let state = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok();
+        match state
+            .as_deref()
+            .and_then(|s| s.rsplit(')').next()?.split_whitespace().next())
+        {
+            Some("Z") | None => Some("the process has exited".into()),
+            Some(_) => None,
+        }
     }
 }
 

@@ -1,31 +1,15 @@
-//! `mapsync run` end to end: the real binary as a child process, the application's SQLite file
-//! in WAL mode written by its own connection, and a real PostgreSQL — through commits, bursts,
-//! outages, file replacement, kills and signals.
+//! `mapsync run` end to end: the daemon (in-process, or the real binary where a process is
+//! needed), the application's SQLite file in WAL mode written by its own connection, and a
+//! real PostgreSQL — through commits, bursts, outages, file replacement, kills and signals.
 
-mod common;
-
-use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::Daemon;
-use common::mapsync::{Workspace, remote_count, remote_rows, supabase_db};
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::workspace::{
+    FAST, Workspace, mirrored, mirrored_on_own_cluster, remote_count, remote_rows, snapshot_files,
+};
+use crate::harness::*;
 use serde_json::Value;
-
-/// Short debounce so tests run fast; the reconcile schedule is far away so only the watcher
-/// and the start-up run act.
-const FAST: &str = "[log]\nlevel = \"info,mapsync=debug\"\n\n[snapshot]\nmin_interval_s = 0\n\n[watch]\ndebounce_ms = 50\nmax_delay_ms = 500\n\n[schedule]\nreconcile = \"0 0 0 1 1 *\"\nsnapshot = \"0 0 0 1 1 *\"\n";
-
-/// A migrated Supabase-like database and a workspace whose SQLite file holds `seed`.
-fn mirrored(seed: &[Row]) -> (Workspace, TestDb) {
-    let db = supabase_db();
-    let ws = Workspace::new(Some(&db.url), "");
-    for r in seed {
-        ws.app.upsert(r);
-    }
-    ws.mapsync(&["migrate"]).expect_code(0);
-    (ws, db)
-}
 
 fn count_like(db: &TestDb, pattern: &str) -> u64 {
     db.psql(&format!(
@@ -36,21 +20,10 @@ fn count_like(db: &TestDb, pattern: &str) -> u64 {
     .unwrap()
 }
 
-/// The value of one sample line in `/metrics` (0 when absent).
-fn metric(d: &Daemon, sample: &str) -> f64 {
-    d.get("/metrics")
-        .text()
-        .lines()
-        .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn commits_reach_postgres_one_by_one_and_in_a_burst_of_200() {
     let (ws, db) = mirrored(&Row::numbered("seed", 20));
-    let d = Daemon::start(&ws, Some(&db.url), FAST);
+    let d = TestApp::spawn(&ws, Some(&db.url), FAST);
     let first = d.wait_first_run();
     assert_eq!(first["last_run"]["trigger"], "startup");
     assert_eq!(first["last_run"]["status"], "synced", "{first:#}");
@@ -123,16 +96,8 @@ fn the_application_can_checkpoint_its_wal_while_the_daemon_runs() {
 
 #[test]
 fn a_postgres_outage_keeps_the_daemon_live_and_loses_nothing() {
-    let cluster = PgCluster::start();
-    let dbname = cluster.create_db();
-    cluster.psql(&dbname, include_str!("fixtures/supabase_roles_shim.sql"));
-    let url = cluster.superuser_url(&dbname);
-    let ws = Workspace::new(Some(&url), "");
-    for r in Row::numbered("m", 10) {
-        ws.app.upsert(&r);
-    }
-    ws.mapsync(&["migrate"]).expect_code(0);
-    let d = Daemon::start(
+    let (cluster, dbname, url, ws) = mirrored_on_own_cluster(&Row::numbered("m", 10));
+    let d = TestApp::spawn(
         &ws,
         Some(&url),
         &format!("{FAST}\n[target]\nretry_max = 2\nconnect_timeout_ms = 1000\n"),
@@ -186,12 +151,7 @@ fn a_postgres_outage_keeps_the_daemon_live_and_loses_nothing() {
     });
     let s = d.status();
     assert_eq!(s["pending_changes"], 0, "{s:#}");
-    assert!(
-        metric(
-            &d,
-            "mapsync_sync_runs_total{trigger=\"watch\",result=\"error\"}"
-        ) >= 1.0
-    );
+    assert!(d.metric("mapsync_sync_runs_total{trigger=\"watch\",result=\"error\"}") >= 1.0);
 }
 
 fn remote_rows_at(cluster: &PgCluster, db: &str) -> std::collections::BTreeMap<String, Value> {
@@ -272,7 +232,7 @@ fn a_replaced_or_recreated_sqlite_file_is_followed() {
     assert_eq!(d.get("/readyz").status, 200);
 }
 
-/// Waits until a mapsync session runs a `COPY … FROM STDIN` (a large run is writing).
+/// Waits until a mapsync session runs a `COPY … FROM STDIN` into `db` (a large run is writing).
 fn wait_for_copy(db: &TestDb) {
     wait_until(
         Duration::from_secs(60),
@@ -280,8 +240,11 @@ fn wait_for_copy(db: &TestDb) {
         || {
             run_psql(
                 &db.admin_url(),
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
-             AND state = 'active' AND query LIKE 'COPY%FROM STDIN%'",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
+                     AND state = 'active' AND query LIKE 'COPY%FROM STDIN%' AND datname = '{}'",
+                    db.name
+                ),
             )
             .is_ok_and(|n| n.trim() != "0")
         },
@@ -332,27 +295,13 @@ fn sigterm_exits_0_in_time_idle_and_mid_run() {
     assert!(n == 0 || n == 60_008, "all or nothing, got {n} rows");
 }
 
-/// Timestamped snapshot files in `dir`, sorted.
-fn snapshot_files(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.starts_with("model-mappings-2"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 #[test]
 fn snapshots_rotate_and_skip_unchanged_content() {
     let ws = Workspace::new(None, "");
     for r in Row::numbered("m", 3) {
         ws.app.upsert(&r);
     }
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         None,
         &FAST.replace("[snapshot]\n", "[snapshot]\nkeep = 3\n"),
@@ -361,7 +310,7 @@ fn snapshots_rotate_and_skip_unchanged_content() {
     d.wait(Duration::from_secs(10), "the first snapshot", || {
         snapshot_files(&ws.snapshot_dir()).len() == 1
     });
-    let ok = |d: &Daemon| metric(d, "mapsync_snapshot_writes_total{result=\"ok\"}");
+    let ok = |d: &TestApp| d.metric("mapsync_snapshot_writes_total{result=\"ok\"}");
     for i in 0..5 {
         let before = ok(&d);
         // Added in reverse: the file's order (rowid) is not the export order.
@@ -387,7 +336,7 @@ fn snapshots_rotate_and_skip_unchanged_content() {
     let r = d.post("/snapshots", b"");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["data"]["written"], false);
-    let unchanged = |d: &Daemon| metric(d, "mapsync_snapshot_writes_total{result=\"unchanged\"}");
+    let unchanged = |d: &TestApp| d.metric("mapsync_snapshot_writes_total{result=\"unchanged\"}");
     let before = unchanged(&d);
     ws.app
         .exec("INSERT INTO ai_prompts (name, content) VALUES ('no mapping here', 'x')");
@@ -441,7 +390,7 @@ fn a_failing_snapshot_write_is_counted_and_damages_nothing() {
     d.wait_status(Duration::from_secs(15), "the failed snapshot", |s| {
         !s["snapshot"]["last_error"].is_null() && s["source"]["rows"] == 403
     });
-    assert!(metric(&d, "mapsync_snapshot_writes_total{result=\"error\"}") >= 1.0);
+    assert!(d.metric("mapsync_snapshot_writes_total{result=\"error\"}") >= 1.0);
     assert_eq!(d.get("/livez").status, 200);
     assert_eq!(
         snapshot_files(&ws.snapshot_dir()),
@@ -469,7 +418,7 @@ fn a_failing_snapshot_write_is_counted_and_damages_nothing() {
 #[test]
 fn an_idle_daemon_sends_postgres_nothing() {
     let (ws, db) = mirrored(&Row::numbered("m", 10));
-    let d = Daemon::start(&ws, Some(&db.url), FAST);
+    let d = TestApp::spawn(&ws, Some(&db.url), FAST);
     d.wait_first_run();
     let activity = || {
         run_psql(
@@ -561,7 +510,7 @@ fn snapshots_after_runs_are_spaced_by_min_interval_and_flushed_at_shutdown() {
 #[test]
 fn watched_changes_with_delete_propagation_follow_inserts_updates_deletes_and_aliases() {
     let (ws, db) = mirrored(&Row::numbered("m", 30));
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&db.url),
         &format!("{FAST}\n[target]\ndelete_missing = true\n"),

@@ -6,7 +6,6 @@
 //! Prometheus runs fine as root (checked with 2.42: it neither refuses nor warns), so unlike
 //! PostgreSQL it is started directly, without `runuser`.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,7 +33,8 @@ pub fn prometheus_path() -> PathBuf {
 pub struct Prometheus {
     child: Child,
     pub addr: SocketAddr,
-    dir: tempfile::TempDir,
+    /// Its config and data, removed on drop.
+    _dir: tempfile::TempDir,
     log: Arc<Mutex<String>>,
 }
 
@@ -98,7 +98,7 @@ impl Prometheus {
                 return Prometheus {
                     child,
                     addr,
-                    dir,
+                    _dir: dir,
                     log,
                 };
             }
@@ -188,10 +188,6 @@ impl Prometheus {
             .as_array()
             .cloned()
             .unwrap_or_default()
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 

@@ -418,10 +418,6 @@ impl PgCluster {
         &self.dir
     }
 
-    pub fn data_dir(&self) -> &Path {
-        &self.data
-    }
-
     /// The CA passed in [`PgOptions::ssl`], if any.
     pub fn ca(&self) -> Option<&TestCa> {
         self.ssl.as_ref()

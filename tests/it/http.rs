@@ -1,19 +1,18 @@
-//! The admin HTTP port (SPEC §4), black-box: the real `mapsync run` as a child process, real
-//! sockets, and a real PostgreSQL where a target is needed. What is asserted is what the
+//! The admin HTTP port (SPEC §4), black-box: the daemon in-process (the real `mapsync run`
+//! where start-up, the log or the environment are checked), real sockets, and a real
+//! PostgreSQL where a target is needed. What is asserted is what the
 //! mapping page, a probe, a scraper or an operator would notice.
-
-mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::daemon::Daemon;
-use common::http::{self, Reply};
-use common::mapsync::{SYNC_FIELDS, Workspace, command, remote_count, supabase_db};
-use common::sys::poll_until;
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::http::{self, Reply};
+use crate::harness::sys::poll_until;
+use crate::harness::workspace::{SYNC_FIELDS, Workspace, command, remote_count, supabase_db};
+use crate::harness::*;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "tok-7f3a9c-admin-SECRET";
@@ -84,14 +83,20 @@ fn bearer() -> String {
 }
 
 /// `method path` with the admin token and extra headers.
-fn authed(d: &Daemon, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+fn authed(
+    d: &impl Admin,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
     let auth = bearer();
     let mut all = vec![("Authorization", auth.as_str())];
     all.extend_from_slice(headers);
     if !body.is_empty() {
         all.push(("Content-Type", "application/json"));
     }
-    http::request(d.addr, method, path, &all, body)
+    http::request(d.addr(), method, path, &all, body)
 }
 
 /// Asserts `r` is exactly `{"code":200,"msg":"ok","data":…}` with HTTP 200; returns `data`.
@@ -182,10 +187,10 @@ fn metric_sum(text: &str, prefix: &str) -> f64 {
 
 /// Waits until `/readyz` answers `status`; returns its body.
 #[track_caller]
-fn wait_readyz(d: &Daemon, status: u16) -> Value {
+fn wait_readyz(d: &impl Admin, status: u16) -> Value {
     let mut last = None;
     if poll_until(Duration::from_secs(20), || {
-        let r = http::get(d.addr, "/readyz", None);
+        let r = http::get(d.addr(), "/readyz", None);
         let hit = r.status == status;
         last = Some(r);
         hit
@@ -202,7 +207,7 @@ fn wait_readyz(d: &Daemon, status: u16) -> Value {
 }
 
 /// Waits until a timestamped snapshot is on disk (the start-up run's).
-fn wait_snapshot(d: &Daemon) -> Value {
+fn wait_snapshot(d: &impl Admin) -> Value {
     d.wait_status(Duration::from_secs(30), "a snapshot", |s| {
         !s["snapshot"]["newest"].is_null()
     })
@@ -227,7 +232,7 @@ fn is_snapshot_name(name: &str) -> bool {
 #[test]
 fn probes_metrics_status_and_the_page_answer_without_a_target() {
     let ws = workspace(&Row::numbered("m", 3));
-    let d = Daemon::start(&ws, None, "");
+    let d = TestApp::spawn(&ws, None, "");
     let status = d.wait_first_run();
 
     for path in ["/livez", "/healthz"] {
@@ -345,7 +350,7 @@ fn probes_metrics_status_and_the_page_answer_without_a_target() {
 #[test]
 fn without_a_target_every_sync_route_answers_skipped_never_5xx() {
     let ws = workspace(&Row::numbered("m", 5));
-    let d = Daemon::start(&ws, None, "");
+    let d = TestApp::spawn(&ws, None, "");
     d.wait_first_run();
 
     for path in [
@@ -395,7 +400,7 @@ fn without_a_target_every_sync_route_answers_skipped_never_5xx() {
 #[test]
 fn readyz_names_a_missing_sqlite_file() {
     let ws = workspace(&Row::numbered("m", 2));
-    let d = Daemon::start(&ws, None, "");
+    let d = TestApp::spawn(&ws, None, "");
     d.wait_first_run();
     wait_readyz(&d, 200);
 
@@ -473,7 +478,7 @@ fn a_wrong_password_or_a_missing_table_answers_503_with_the_fix() {
     let user = head.rsplit_once(':').unwrap().0;
     let bad_url = format!("{user}:{wrong}@{tail}");
     let ws = workspace(&Row::numbered("m", 2));
-    let d = Daemon::start(&ws, Some(&bad_url), "");
+    let d = TestApp::spawn(&ws, Some(&bad_url), "");
     d.wait_first_run();
     let r = d.post(SYNC_PATH, b"");
     let msg = error_msg(&r, 503);
@@ -483,7 +488,7 @@ fn a_wrong_password_or_a_missing_table_answers_503_with_the_fix() {
 
     // The right password, but `mapsync migrate` never ran.
     let ws = workspace(&Row::numbered("m", 2));
-    let d = Daemon::start(&ws, Some(&db.url), "");
+    let d = TestApp::spawn(&ws, Some(&db.url), "");
     d.wait_first_run();
     let msg = error_msg(&d.post(SYNC_PATH, b""), 503);
     assert!(msg.contains("mapsync migrate"), "names the fix: {msg}");
@@ -507,7 +512,7 @@ fn sync_routes_mirror_into_postgres_and_guard_mass_deletes() {
     }
     ws.mapsync(&["migrate"]).expect_code(0);
     // No scheduled reconcile during the test: the counts below are the manual runs' own.
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&db.url),
         "[schedule]\nreconcile = \"0 0 0 1 1 *\"\n",
@@ -621,7 +626,7 @@ fn export_snapshots_and_the_mappings_list() {
         "system",
         r#"{"__model_mapping": {"default_model": "gpt-4o", "candidates": ["gpt-4o"]}}"#,
     );
-    let d = Daemon::start(&ws, None, "");
+    let d = TestApp::spawn(&ws, None, "");
     d.wait_first_run();
     wait_snapshot(&d);
 
@@ -823,7 +828,7 @@ const TOKEN_ROUTES: [(&str, &str, &[u8]); 9] = [
 #[test]
 fn the_admin_token_guards_every_token_route_and_only_those() {
     let ws = workspace(&Row::numbered("m", 3));
-    let d = Daemon::start(&ws, None, &http_section(""));
+    let d = TestApp::spawn(&ws, None, &http_section(""));
     d.wait_first_run();
     wait_snapshot(&d);
     let latest = ws.snapshot_dir().join("model-mappings-latest.json");
@@ -881,7 +886,7 @@ fn the_admin_token_guards_every_token_route_and_only_those() {
 }
 
 /// Runs `mapsync run` on `config` and waits (at most 20 s) for it to exit.
-fn run_to_exit(config: &std::path::Path) -> common::mapsync::Run {
+fn run_to_exit(config: &std::path::Path) -> crate::harness::workspace::Run {
     let mut cmd = command();
     cmd.arg("--config")
         .arg(config)
@@ -902,7 +907,7 @@ fn run_to_exit(config: &std::path::Path) -> common::mapsync::Run {
         exited,
         "mapsync run started on a public address without a token"
     );
-    common::mapsync::Run {
+    crate::harness::workspace::Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -929,7 +934,7 @@ fn a_public_listen_address_needs_a_token() {
         .arg(&ws.config)
         .arg("check")
         .env("MAPSYNC_HTTP__LISTEN", "0.0.0.0:9187");
-    let check = common::mapsync::run(cmd);
+    let check = crate::harness::workspace::run(cmd);
     check.expect_code(78);
     assert!(check.stderr.contains("http.admin_token"), "{check:#?}");
 
@@ -956,7 +961,7 @@ fn cors_headers(r: &Reply) -> Vec<&(String, String)> {
 #[test]
 fn cors_headers_go_to_listed_origins_only() {
     let ws = workspace(&Row::numbered("m", 2));
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         None,
         &http_section(&format!(
@@ -1061,7 +1066,7 @@ fn a_preflight_from_an_unlisted_origin_gets_no_cors_headers() {
     // SPEC §4: "origins listed in http.cors_origins get CORS headers and preflight answers;
     // others get none".
     let ws = workspace(&Row::numbered("m", 1));
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         None,
         &http_section(&format!("cors_origins = [\"{ORIGIN}\"]")),
@@ -1106,7 +1111,7 @@ fn raw_head(method: &str, path: &str, addr: SocketAddr, extra: &str) -> String {
 #[test]
 fn bad_requests_get_the_envelope_with_one_line() {
     let ws = workspace(&Row::numbered("m", 2));
-    let d = Daemon::start(&ws, None, &http_section(""));
+    let d = TestApp::spawn(&ws, None, &http_section(""));
     d.wait_first_run();
 
     // Unknown paths.
@@ -1213,7 +1218,7 @@ fn bad_requests_get_the_envelope_with_one_line() {
 fn an_oversized_body_is_refused_on_every_post_route() {
     // SPEC §4: "body over 64 KiB 413", whatever the route; a refused request does nothing.
     let ws = workspace(&Row::numbered("m", 2));
-    let d = Daemon::start(&ws, None, &http_section(""));
+    let d = TestApp::spawn(&ws, None, &http_section(""));
     d.wait_first_run();
     let manual_runs = || {
         let m = http::get(d.addr, "/metrics", None).text();
@@ -1321,7 +1326,7 @@ fn wait_closed(s: &mut TcpStream, since: Instant, deadline: Duration, what: &str
 #[test]
 fn slow_and_idle_clients_are_cut_off_while_others_are_served() {
     let ws = workspace(&Row::numbered("m", 2));
-    let d = Daemon::start(&ws, None, "");
+    let d = TestApp::spawn(&ws, None, "");
     d.wait_first_run();
 
     let started = Instant::now();
@@ -1368,7 +1373,7 @@ fn simultaneous_sync_requests_share_at_most_two_runs() {
     let ws = Workspace::new(Some(&db.url), "");
     generate(&ws.db_path(), 3000, 2, true);
     ws.mapsync(&["migrate"]).expect_code(0);
-    let d = Daemon::start(&ws, Some(&db.url), &http_section(""));
+    let d = TestApp::spawn(&ws, Some(&db.url), &http_section(""));
     let first = d.wait_first_run();
     assert_eq!(first["last_run"]["status"], "synced", "{first}");
 

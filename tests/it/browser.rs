@@ -3,20 +3,15 @@
 //! the sync button's three outcomes (ok, warning, error) and the export download. Clicks are
 //! real mouse events on the element's box; no test may see a JavaScript exception.
 
-mod common;
-
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::time::Duration;
 
 use chrono::Timelike;
 
-use common::browser::{Browser, Page, chromium_path};
-use common::daemon::Daemon;
-use common::mapsync::{Workspace, supabase_db};
-use common::websocket::WebSocket;
-use common::*;
+use crate::harness::browser::{Browser, Page, chromium_path};
+use crate::harness::daemon::Daemon;
+use crate::harness::workspace::{Workspace, supabase_db};
+use crate::harness::*;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -114,7 +109,7 @@ fn token_status_mappings_search_sync_and_export_work_in_a_real_browser() {
         ws.app.upsert(&r);
     }
     ws.mapsync(&["migrate"]).expect_code(0);
-    let daemon = Daemon::start(
+    let daemon = TestApp::spawn(
         &ws,
         Some(&db.url),
         // The watcher stays quiet during the test: the sync button does the pushing.
@@ -322,7 +317,7 @@ fn without_a_target_the_sync_button_warns_that_nothing_was_pushed() {
     for r in rows(12, 0) {
         ws.app.upsert(&r);
     }
-    let daemon = Daemon::start(&ws, None, "");
+    let daemon = TestApp::spawn(&ws, None, "");
     daemon.wait_first_run();
 
     let browser = Browser::launch();
@@ -362,7 +357,7 @@ fn a_run_refused_because_another_instance_writes_the_table_names_it_on_the_page(
     for r in rows(5, 0) {
         ws.app.upsert(&r);
     }
-    let daemon = Daemon::start(&ws, Some(&db.url), "[target]\ndelete_missing = true\n");
+    let daemon = TestApp::spawn(&ws, Some(&db.url), "[target]\ndelete_missing = true\n");
     let status = daemon.wait_first_run();
     assert_eq!(
         status["last_run"]["status"], "refused:other_instance",
@@ -397,7 +392,7 @@ fn a_postgres_failure_shows_the_error_box_with_the_message() {
         "postgres://mapsync:{password}@127.0.0.1:{}/app",
         free_port()
     );
-    let daemon = Daemon::start(&ws, Some(&url), "");
+    let daemon = TestApp::spawn(&ws, Some(&url), "");
     let status = daemon.wait_first_run();
     assert_eq!(status["last_run"]["status"], "error", "{status:#}");
     // What the API answers, for comparison with what the page shows.
@@ -429,108 +424,6 @@ fn a_postgres_failure_shows_the_error_box_with_the_message() {
     assert_eq!(text, format!("Sync failed: {msg}"));
     assert!(!page.text("body").contains(password));
     assert_no_exceptions(&page);
-}
-
-/// The WebSocket client against a scripted loopback server: masked client frames, 16- and
-/// 64-bit lengths both ways, a fragmented message with a ping in the middle, and close.
-#[test]
-fn the_websocket_client_speaks_rfc6455() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut out = stream.try_clone().unwrap();
-        let mut input = BufReader::new(stream);
-        let mut key = String::new();
-        loop {
-            let mut line = String::new();
-            input.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(k) = line.strip_prefix("Sec-WebSocket-Key: ") {
-                key = k.trim().to_string();
-            }
-        }
-        assert_eq!(key, "dGhlIHNhbXBsZSBub25jZQ==");
-        out.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
-        )
-        .unwrap();
-        // Reads one client frame: it must be masked; returns (opcode, payload).
-        let read_frame = |input: &mut BufReader<std::net::TcpStream>| {
-            let mut h = [0u8; 2];
-            input.read_exact(&mut h).unwrap();
-            assert!(h[1] & 0x80 != 0, "client frames are masked");
-            let len = match h[1] & 0x7f {
-                126 => {
-                    let mut b = [0u8; 2];
-                    input.read_exact(&mut b).unwrap();
-                    u16::from_be_bytes(b) as usize
-                }
-                127 => {
-                    let mut b = [0u8; 8];
-                    input.read_exact(&mut b).unwrap();
-                    u64::from_be_bytes(b) as usize
-                }
-                n => n as usize,
-            };
-            let mut mask = [0u8; 4];
-            input.read_exact(&mut mask).unwrap();
-            let mut p = vec![0u8; len];
-            input.read_exact(&mut p).unwrap();
-            p.iter_mut()
-                .enumerate()
-                .for_each(|(i, b)| *b ^= mask[i % 4]);
-            (h[0] & 0x0f, p)
-        };
-        // Echo three client messages (short, 16-bit, 64-bit lengths) back unmasked.
-        for _ in 0..3 {
-            let (op, p) = read_frame(&mut input);
-            assert_eq!(op, 1);
-            let mut f = vec![0x81u8];
-            if p.len() < 126 {
-                f.push(p.len() as u8);
-            } else if p.len() <= 0xffff {
-                f.push(126);
-                f.extend_from_slice(&(p.len() as u16).to_be_bytes());
-            } else {
-                f.push(127);
-                f.extend_from_slice(&(p.len() as u64).to_be_bytes());
-            }
-            f.extend_from_slice(&p);
-            out.write_all(&f).unwrap();
-        }
-        // A fragmented message with a ping between the fragments.
-        out.write_all(&[0x01, 3]).unwrap();
-        out.write_all(b"hel").unwrap();
-        out.write_all(&[0x89, 2]).unwrap();
-        out.write_all(b"hi").unwrap();
-        out.write_all(&[0x00, 2]).unwrap();
-        out.write_all(b"lo").unwrap();
-        out.write_all(&[0x80, 3]).unwrap();
-        out.write_all(b"!!!").unwrap();
-        let (op, p) = read_frame(&mut input);
-        assert_eq!(
-            (op, p.as_slice()),
-            (0xA, b"hi".as_slice()),
-            "the ping is answered"
-        );
-        out.write_all(&[0x88, 2, 0x03, 0xe8]).unwrap();
-    });
-
-    let mut ws = WebSocket::connect(&format!("ws://{addr}/devtools/x")).unwrap();
-    let tx = ws.sender();
-    for len in [5usize, 300, 70_000] {
-        let text: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
-        tx.send_text(&text).unwrap();
-        assert_eq!(ws.recv_text().unwrap(), text, "echo of {len} bytes");
-    }
-    assert_eq!(ws.recv_text().unwrap(), "hello!!!");
-    let closed = ws.recv_text().unwrap_err();
-    assert_eq!(closed.kind(), std::io::ErrorKind::ConnectionAborted);
-    server.join().unwrap();
 }
 
 #[test]
@@ -580,21 +473,11 @@ fn chromium_leaves_nothing_running_after_drop() {
             .collect()
     };
     let mut left = Vec::new();
-    let gone = common::sys::poll_until(Duration::from_secs(10), || {
+    let gone = crate::harness::sys::poll_until(Duration::from_secs(10), || {
         left = in_group();
         left.is_empty()
     });
     assert!(gone, "Chromium processes left running: {left:?}");
-}
-
-/// The metric sum of `mapsync_sync_runs_total{trigger="manual",…}`.
-fn manual_runs(d: &Daemon) -> f64 {
-    common::http::get(d.addr, "/metrics", None)
-        .text()
-        .lines()
-        .filter(|l| l.starts_with("mapsync_sync_runs_total{trigger=\"manual\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// A page on another origin calls the compat route the way the mapping page's HTTP client
@@ -605,8 +488,8 @@ fn manual_runs(d: &Daemon) -> f64 {
 fn a_listed_origin_may_call_the_sync_route_cross_origin_and_others_are_blocked() {
     chromium_path();
     let page = "<!doctype html><html><head><meta charset=utf-8><title>app</title></head><body>app</body></html>";
-    let listed = common::http::StubServer::start("text/html; charset=utf-8", page);
-    let unlisted = common::http::StubServer::start("text/html; charset=utf-8", page);
+    let listed = crate::harness::http::StubServer::start("text/html; charset=utf-8", page);
+    let unlisted = crate::harness::http::StubServer::start("text/html; charset=utf-8", page);
     let ws = Workspace::new(None, "");
     for r in rows(3, 1) {
         ws.app.upsert(&r);
@@ -629,7 +512,7 @@ fn a_listed_origin_may_call_the_sync_route_cross_origin_and_others_are_blocked()
         daemon.addr
     );
     let browser = Browser::launch();
-    let before = manual_runs(&daemon);
+    let before = daemon.manual_runs();
 
     let tab = browser.open(&format!("http://{}/", listed.addr));
     let got = tab.eval(&call);
@@ -647,7 +530,7 @@ fn a_listed_origin_may_call_the_sync_route_cross_origin_and_others_are_blocked()
         got["body"]["data"]["status"],
         "skipped:supabase_not_configured"
     );
-    assert_eq!(manual_runs(&daemon), before + 1.0);
+    assert_eq!(daemon.manual_runs(), before + 1.0);
     let log = daemon.log();
     assert!(
         log.lines()
@@ -663,7 +546,7 @@ fn a_listed_origin_may_call_the_sync_route_cross_origin_and_others_are_blocked()
         "an unlisted origin read the answer: {got}"
     );
     assert_eq!(
-        manual_runs(&daemon),
+        daemon.manual_runs(),
         before + 1.0,
         "a blocked cross-origin call started a run"
     );

@@ -3,18 +3,16 @@
 //! the printed URL and curl lines followed, and Ctrl-C (SIGTERM) ending it cleanly. The admin
 //! port is moved off 9187 with `MAPSYNC_HTTP__LISTEN` so tests never collide.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::http;
-use common::mapsync::{command, remote_count, remote_rows, supabase_db};
-use common::sys::{collect_lines, poll_until, signal_and_wait, which};
-use common::*;
+use crate::harness::http;
+use crate::harness::sys::{collect_lines, poll_until, signal_and_wait, which};
+use crate::harness::workspace::{command, remote_count, remote_rows, supabase_db};
+use crate::harness::*;
 use serde_json::Value;
 
 /// 19 rows in `llm_model_mappings` and one prompt mapping.
@@ -291,7 +289,7 @@ fn processes_naming(needle: &str) -> Vec<String> {
 #[test]
 fn demo_in_a_fresh_directory_mirrors_twenty_mappings_into_its_own_postgres() {
     assert!(
-        common::pg::pg_bin_dir().is_dir(),
+        crate::harness::pg::pg_bin_dir().is_dir(),
         "the demo's whole path needs PostgreSQL's server: apt-get install -y postgresql"
     );
     let dir = tempfile::tempdir().unwrap();
@@ -352,7 +350,7 @@ fn demo_in_a_fresh_directory_mirrors_twenty_mappings_into_its_own_postgres() {
             "PATH",
             format!(
                 "{}:{}",
-                common::pg::psql_path().parent().unwrap().display(),
+                crate::harness::pg::psql_path().parent().unwrap().display(),
                 std::env::var("PATH").unwrap_or_default()
             ),
         )
@@ -485,7 +483,7 @@ fn demo_with_a_target_mirrors_the_twenty_mappings_into_postgres() {
         .arg("migrate")
         .current_dir(dir.path())
         .env("MAPSYNC_TARGET__URL", &pg.url);
-    common::mapsync::run(migrate).expect_code(0);
+    crate::harness::workspace::run(migrate).expect_code(0);
 
     let mut demo = Demo::start(dir.path(), &[("MAPSYNC_TARGET__URL", &pg.url)]);
     assert!(

@@ -2,19 +2,18 @@
 //! in the operator's browser would try it (issue 9, SPEC §3, §4, §6): bodies trickled to pin
 //! memory, slow clients flooding the connection slots, cross-site POSTs and DNS rebinding,
 //! literal settings, symbolic links in the snapshot directory, loose JSON, error bodies, the
-//! access log. The real `mapsync run`, real sockets, a real PostgreSQL where rows matter.
+//! access log. The daemon in-process, or the real `mapsync run` where memory, the environment
+//! or the log are measured; real sockets, a real PostgreSQL where rows matter.
 //! Every flood is bounded in count and time; nothing is asserted about timing.
-
-mod common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::daemon::Daemon;
-use common::flood::{self, probe, rss_kib};
-use common::http::{self, Reply};
-use common::mapsync::{Workspace, remote_count, supabase_db};
-use common::*;
+use crate::harness::daemon::Daemon;
+use crate::harness::flood::{self, probe, rss_kib};
+use crate::harness::http::{self, Reply};
+use crate::harness::workspace::{Workspace, remote_count, supabase_db};
+use crate::harness::*;
 use serde_json::Value;
 
 const PUSH_PATH: &str = "/api/v1/llm/model-groups/sync";
@@ -29,37 +28,26 @@ fn workspace(n: usize) -> Workspace {
     ws
 }
 
+/// How a test runs the daemon: [`TestApp::spawn`] or [`Daemon::start`].
+type Start<D> = fn(&Workspace, Option<&str>, &str) -> D;
+
 /// The daemon on `n` mappings, with no credential and no target, after its first run.
-fn open_daemon(n: usize) -> (Workspace, Daemon) {
+fn open_daemon<D: Admin>(n: usize, start: Start<D>) -> (Workspace, D) {
     let ws = workspace(n);
-    let d = Daemon::start(&ws, None, "");
+    let d = start(&ws, None, "");
     d.wait_first_run();
     (ws, d)
 }
 
 /// The daemon on `n` mappings with the admin token [`TOKEN`], no target.
-fn token_daemon(n: usize) -> (Workspace, Daemon) {
+fn token_daemon<D: Admin>(n: usize, start: Start<D>) -> (Workspace, D) {
     let ws = workspace(n);
-    let d = Daemon::start(
+    let d = start(
         &ws,
         None,
         &format!("[http]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\n"),
     );
     (ws, d)
-}
-
-/// The sum of every `/metrics` sample whose line starts with `prefix`.
-fn metric(d: &Daemon, prefix: &str) -> f64 {
-    http::get(d.addr, "/metrics", None)
-        .text()
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn manual_runs(d: &Daemon) -> f64 {
-    metric(d, "mapsync_sync_runs_total{trigger=\"manual\"")
 }
 
 /// Asserts `r` is the envelope `{"code":status,"msg":<one line>,"data":null}`; returns msg.
@@ -96,7 +84,7 @@ fn send(addr: SocketAddr, request: &[u8]) -> Reply {
 #[test]
 fn trickled_bodies_hold_memory_in_proportion_and_livez_answers_throughout() {
     // No credential: the sync route reads bodies from anyone on loopback (same-origin).
-    let (_ws, d) = open_daemon(3);
+    let (_ws, d) = open_daemon(3, Daemon::start);
     let pid = d.child.id();
     // Idle: after a few requests, so the port's own first allocations are in.
     for _ in 0..20 {
@@ -151,13 +139,13 @@ fn trickled_bodies_hold_memory_in_proportion_and_livez_answers_throughout() {
     assert!(probes >= 20);
     eprintln!("idle {idle} KiB, peak {peak} KiB, {sent} bytes trickled, {connects} connections");
     // The daemon is fine, and never ran a sync for a half-sent body: only the real ones ran.
-    assert_eq!(manual_runs(&d), (probes / 10) as f64);
+    assert_eq!(d.manual_runs(), (probes / 10) as f64);
     assert_eq!(http::get(d.addr, "/livez", None).status, 200);
 }
 
 #[test]
 fn five_hundred_slow_reconnecting_clients_never_keep_livez_or_a_sync_from_answering() {
-    let (_ws, d) = open_daemon(3);
+    let (_ws, d) = open_daemon(3, Daemon::start);
     let limit = Duration::from_secs(25);
     let floods: Vec<_> = (0..4)
         .map(|_| flood::slow_heads(d.addr, 125, Duration::from_millis(50), limit))
@@ -192,14 +180,14 @@ fn five_hundred_slow_reconnecting_clients_never_keep_livez_or_a_sync_from_answer
 
 /// A workspace with 40 mirrored rows, 30 of them since deleted from the source: a forced
 /// delete would show in Postgres at once.
-fn forty_rows_thirty_deleted() -> (TestDb, Workspace, Daemon) {
+fn forty_rows_thirty_deleted() -> (TestDb, Workspace, TestApp) {
     let db = supabase_db();
     let ws = Workspace::new(Some(&db.url), "");
     for r in Row::numbered("m", 40) {
         ws.app.upsert(&r);
     }
     ws.mapsync(&["migrate"]).expect_code(0);
-    let d = Daemon::start(
+    let d = TestApp::spawn(
         &ws,
         Some(&db.url),
         "[schedule]\nreconcile = \"0 0 0 1 1 *\"\n\n[watch]\ndebounce_ms = 600000\nmax_delay_ms = 600000\n\n\
@@ -218,7 +206,7 @@ fn forty_rows_thirty_deleted() -> (TestDb, Workspace, Daemon) {
 fn a_cross_site_post_is_refused_and_starts_nothing() {
     let (db, _ws, d) = forty_rows_thirty_deleted();
     let host = d.addr.to_string();
-    let before = manual_runs(&d);
+    let before = d.manual_runs();
     let attacks = [
         // The issue's curl: a "simple" cross-site request, no preflight in a browser.
         raw(
@@ -262,7 +250,7 @@ fn a_cross_site_post_is_refused_and_starts_nothing() {
         let msg = error_msg(&r, 403);
         assert!(msg.contains("origin"), "{msg}");
     }
-    assert_eq!(manual_runs(&d), before, "a refused request started a run");
+    assert_eq!(d.manual_runs(), before, "a refused request started a run");
     assert_eq!(remote_count(&db), 40, "a refused request changed Postgres");
 
     // The admin page's own origin may (it is the request's Host).
@@ -272,14 +260,14 @@ fn a_cross_site_post_is_refused_and_starts_nothing() {
         &raw("POST", "/sync", &host, &format!("Origin: {own}\r\n"), ""),
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(manual_runs(&d), before + 1.0);
+    assert_eq!(d.manual_runs(), before + 1.0);
     assert_eq!(remote_count(&db), 40, "delete propagation is off");
 }
 
 #[test]
 fn an_unknown_host_is_refused_so_rebinding_reads_nothing() {
     let (db, _ws, d) = forty_rows_thirty_deleted();
-    let before = manual_runs(&d);
+    let before = d.manual_runs();
     let port = d.addr.port();
     for host in [
         format!("evil.example:{port}"),
@@ -300,7 +288,7 @@ fn an_unknown_host_is_refused_so_rebinding_reads_nothing() {
             assert!(!r.text().contains("mapping:m0"), "{host} read {path}");
         }
     }
-    assert_eq!(manual_runs(&d), before, "a refused request started a run");
+    assert_eq!(d.manual_runs(), before, "a refused request started a run");
     assert_eq!(remote_count(&db), 40, "a refused request changed Postgres");
     // The listen address, localhost on any port, and http.allowed_hosts are served.
     for host in [
@@ -338,12 +326,12 @@ fn settings_from_the_environment_are_literal() {
         assert_eq!(r.status, 401, "{token} was read as {wrong}");
     }
     // A boolean is true or false, never a number: in the environment and in the file.
-    let mut cmd = common::mapsync::command();
+    let mut cmd = crate::harness::workspace::command();
     cmd.arg("--config")
         .arg(&ws.config)
         .arg("check")
         .env("MAPSYNC_TARGET__DELETE_MISSING", "1");
-    let run = common::mapsync::run(cmd);
+    let run = crate::harness::workspace::run(cmd);
     run.expect_code(78);
     assert!(
         run.stderr.contains("MAPSYNC_TARGET__DELETE_MISSING"),
@@ -358,7 +346,7 @@ fn settings_from_the_environment_are_literal() {
 
 #[test]
 fn symbolic_links_in_the_snapshot_directory_are_never_followed() {
-    let (ws, d) = token_daemon(3);
+    let (ws, d) = token_daemon(3, TestApp::spawn);
     d.wait_status(Duration::from_secs(30), "a snapshot", |s| {
         !s["snapshot"]["newest"].is_null()
     });
@@ -411,8 +399,8 @@ fn symbolic_links_in_the_snapshot_directory_are_never_followed() {
 
 #[test]
 fn json_fields_of_the_wrong_type_are_named_and_start_nothing() {
-    let (_ws, d) = open_daemon(2);
-    let before = manual_runs(&d);
+    let (_ws, d) = open_daemon(2, TestApp::spawn);
+    let before = d.manual_runs();
     for (body, field) in [
         (r#"{"direction":1}"#, "direction"),
         (r#"{"direction":["push"]}"#, "direction"),
@@ -429,7 +417,7 @@ fn json_fields_of_the_wrong_type_are_named_and_start_nothing() {
         let msg = error_msg(&r, 400);
         assert!(msg.contains(field), "{body}: {msg}");
     }
-    assert_eq!(manual_runs(&d), before);
+    assert_eq!(d.manual_runs(), before);
     let r = http::post(
         d.addr,
         PUSH_PATH,
@@ -441,7 +429,7 @@ fn json_fields_of_the_wrong_type_are_named_and_start_nothing() {
 
 #[test]
 fn error_bodies_are_one_short_line_and_heads_hyper_refuses_get_the_envelope() {
-    let (_ws, d) = open_daemon(2);
+    let (_ws, d) = open_daemon(2, TestApp::spawn);
     let host = d.addr.to_string();
 
     let r = http::post(d.addr, "/sync?delete_missing=%0Ainjected%0Aline", None, b"");
@@ -504,7 +492,7 @@ fn error_bodies_are_one_short_line_and_heads_hyper_refuses_get_the_envelope() {
 
 #[test]
 fn every_request_is_logged_once_with_who_asked_and_never_a_credential() {
-    let (_ws, d) = token_daemon(2);
+    let (_ws, d) = token_daemon(2, Daemon::start);
     d.wait_first_run();
     let authz = format!("Bearer {TOKEN}");
     let r = http::request(

@@ -1,22 +1,12 @@
 //! `mapsync sync`, `migrate` and `check` end to end: the real binary, a SQLite file in WAL mode
 //! held open by the application's connection, and a real PostgreSQL.
 
-mod common;
-
-use common::mapsync::{DEPLOYED_SCHEMA, Workspace, remote_count, remote_rows, supabase_db, xmins};
-use common::*;
+use crate::harness::workspace::{
+    DEPLOYED_SCHEMA, SUPABASE_ROLES_SHIM, Workspace, mirrored, remote_count, remote_rows,
+    supabase_db, xmins,
+};
+use crate::harness::*;
 use serde_json::{Value, json};
-
-/// A workspace mirrored into a migrated Supabase-like database.
-fn migrated(rows: &[Row]) -> (Workspace, TestDb) {
-    let db = supabase_db();
-    let ws = Workspace::new(Some(&db.url), "");
-    for r in rows {
-        ws.app.upsert(r);
-    }
-    ws.mapsync(&["migrate"]).expect_code(0);
-    (ws, db)
-}
 
 #[test]
 fn first_sync_mirrors_exactly_what_export_shows() {
@@ -34,7 +24,7 @@ fn first_sync_mirrors_exactly_what_export_shows() {
     assert_eq!(report["remote_before"], 0);
     assert_eq!(report["remote_after"], 503);
     assert_eq!(report["deleted_count"], 0);
-    for key in common::mapsync::SYNC_FIELDS {
+    for key in crate::harness::workspace::SYNC_FIELDS {
         assert!(report.get(key).is_some(), "result lacks {key}: {report}");
     }
 
@@ -92,7 +82,7 @@ fn stored_values_are_normalised_and_a_resync_changes_nothing() {
     let mut empty_scope = Row::mapping("skip", "x");
     empty_scope.id = "mapping:".into();
     empty_scope.scope_key = "   ".into();
-    let (ws, db) = migrated(&[tenant, messy, empty_scope]);
+    let (ws, db) = mirrored(&[tenant, messy, empty_scope]);
 
     let first = ws.sync(&[]);
     assert_eq!(
@@ -130,7 +120,7 @@ fn stored_values_are_normalised_and_a_resync_changes_nothing() {
 
 #[test]
 fn one_change_is_one_changed_row_and_keeps_the_pushed_updated_at() {
-    let (ws, db) = migrated(&Row::numbered("m", 50));
+    let (ws, db) = mirrored(&Row::numbered("m", 50));
     ws.sync(&[]);
     let before = xmins(&db);
 
@@ -161,7 +151,7 @@ fn one_change_is_one_changed_row_and_keeps_the_pushed_updated_at() {
 
 #[test]
 fn rows_edited_or_deleted_by_hand_in_postgres_are_repaired() {
-    let (ws, db) = migrated(&Row::numbered("m", 20));
+    let (ws, db) = mirrored(&Row::numbered("m", 20));
     ws.sync(&[]);
     db.psql(
         "UPDATE public.model_mappings SET default_model = 'hand-edited', candidates = '[\"x\"]' WHERE id = 'mapping:m003';
@@ -191,7 +181,7 @@ fn rows_edited_or_deleted_by_hand_in_postgres_are_repaired() {
 
 #[test]
 fn a_mass_delete_is_refused_unless_forced() {
-    let (ws, db) = migrated(&Row::numbered("m", 30));
+    let (ws, db) = mirrored(&Row::numbered("m", 30));
     ws.sync(&[]);
     for i in 0..20 {
         ws.app.delete(&format!("mapping:m{i:03}"));
@@ -228,7 +218,7 @@ fn a_mass_delete_is_refused_unless_forced() {
 
 #[test]
 fn an_emptied_source_never_wipes_the_mirror_through_the_config_default() {
-    let (ws, db) = migrated(&Row::numbered("m", 15));
+    let (ws, db) = mirrored(&Row::numbered("m", 15));
     ws.sync(&[]);
     ws.app.exec("DELETE FROM llm_model_mappings");
     ws.write_config(
@@ -301,7 +291,7 @@ fn the_deployed_table_is_upgraded_in_place_and_then_mirrored() {
 
 #[test]
 fn row_level_security_gives_supabase_roles_what_they_should_have() {
-    let (ws, db) = migrated(&Row::numbered("m", 3));
+    let (ws, db) = mirrored(&Row::numbered("m", 3));
     ws.sync(&[]);
     let as_role = |role: &str, sql: &str| run_psql(&db.url, &format!("SET ROLE {role}; {sql}"));
     assert_eq!(
@@ -343,7 +333,7 @@ fn row_level_security_gives_supabase_roles_what_they_should_have() {
 fn sync_works_through_pgbouncer_in_transaction_mode() {
     let cluster = PgCluster::start();
     let dbname = cluster.create_db();
-    cluster.psql(&dbname, include_str!("fixtures/supabase_roles_shim.sql"));
+    cluster.psql(&dbname, SUPABASE_ROLES_SHIM);
     let bouncer = PgBouncer::start(
         cluster.host(),
         cluster.port(),
@@ -536,7 +526,7 @@ fn no_target_means_skipped_and_exit_0() {
 
 #[test]
 fn reading_works_while_the_application_holds_a_write_transaction() {
-    let (ws, db) = migrated(&Row::numbered("m", 3));
+    let (ws, db) = mirrored(&Row::numbered("m", 3));
     ws.app.exec("BEGIN IMMEDIATE; INSERT INTO llm_model_mappings (id, scope_type, scope_key) VALUES ('mapping:uncommitted', 'mapping', 'uncommitted');");
     let r = ws.sync(&[]);
     assert_eq!(r["synced_count"], 3, "uncommitted rows are not read: {r}");
@@ -554,9 +544,9 @@ fn concurrent_runs_against_one_table_take_turns() {
     // Two instances start a cold sync at once: without the advisory lock both would COPY the
     // same new ids and one would fail on the primary key.
     let spawn = || {
-        let mut cmd = common::mapsync::command();
+        let mut cmd = crate::harness::workspace::command();
         cmd.arg("--config").arg(&ws.config).arg("sync");
-        std::thread::spawn(move || common::mapsync::run(cmd))
+        std::thread::spawn(move || crate::harness::workspace::run(cmd))
     };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
@@ -583,7 +573,7 @@ fn concurrent_runs_against_one_table_take_turns() {
 fn the_sql_scripts_pass_their_checks_on_a_real_server() {
     let cluster = PgCluster::start();
     let url = cluster.superuser_url("postgres");
-    let psql_dir = common::pg::psql_path()
+    let psql_dir = crate::harness::pg::psql_path()
         .parent()
         .expect("psql's directory")
         .to_path_buf();

@@ -1,12 +1,10 @@
-//! Self-test of the integration-test harness in tests/common: every helper the other
-//! integration tests rely on is exercised here against real PostgreSQL, PgBouncer, openssl
-//! and SQLite, and each test asserts something that breaks if the harness does.
-
-mod common;
+//! Self-test of the integration-test harness in tests/it/harness: every helper the other
+//! integration tests rely on is exercised here against real PostgreSQL, PgBouncer, libpq's
+//! TLS checks and SQLite, and each test asserts something that breaks if the harness does.
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -181,16 +179,17 @@ fn test_dbs_share_one_cluster_and_are_dropped() {
                 std::sync::Arc::ptr_eq(&ca, cb),
                 "two test_db() got different clusters"
             );
-            let dir = ca.dir().to_path_buf();
             drop(a);
             drop(b);
             assert_eq!(count(&admin), "0", "dropping TestDb must drop its database");
-            // We held the last reference: dropping it stops the shared cluster.
+            // Other tests of this binary share the cluster: whether this was the last
+            // reference is theirs to say. A cluster of its own shows what the last drop does.
             drop(ca);
-            assert!(!dir.exists(), "shared cluster dir not removed");
-            // The next test_db() starts a new one.
-            let c = test_db();
-            assert_ne!(c.cluster().unwrap().dir(), dir);
+            let own = PgCluster::start();
+            let dir = own.dir().to_path_buf();
+            assert!(dir.exists());
+            drop(own);
+            assert!(!dir.exists(), "a dropped cluster's directory is removed");
         }
         _ => {
             // MAPSYNC_TEST_DATABASE_URL: an existing server.
@@ -232,6 +231,14 @@ fn tls_cluster_verify_full() {
     }
     let err = run_psql(&conninfo("localhost", "verify-full", &other), q).unwrap_err();
     assert!(err.contains("certificate verify failed"), "{err}");
+    // A name the certificate does not carry: verify-full refuses it, verify-ca checks no name.
+    let err = run_psql(&conninfo("elsewhere.example", "verify-full", &ca_cert), q).unwrap_err();
+    assert!(err.contains("does not match host name"), "{err}");
+    assert_eq!(
+        run_psql(&conninfo("elsewhere.example", "verify-ca", &ca_cert), q).unwrap(),
+        "t",
+        "verify-ca to a name the certificate does not carry"
+    );
     let err = run_psql(&conninfo("localhost", "disable", &ca_cert), q).unwrap_err();
     assert!(
         err.contains("no encryption") || err.contains("rejects connection"),
@@ -496,7 +503,7 @@ fn fixture_100k_rows() {
 
 #[test]
 fn url_with_db_replaces_only_the_database() {
-    use common::pg::url_with_db;
+    use crate::harness::pg::url_with_db;
     assert_eq!(
         url_with_db("postgres://u:p%2Fw@h:5432/postgres?sslmode=require", "x"),
         "postgres://u:p%2Fw@h:5432/x?sslmode=require"

@@ -2,13 +2,11 @@
 //! each key's value and origin, secrets masked wherever they come from, the offline check
 //! connecting to nothing, and exit 78 naming the key for a configuration that cannot work.
 
-mod common;
-
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::mapsync::{Run, command};
+use crate::harness::workspace::{Run, command};
 use serde_json::{Value, json};
 
 /// Recognisable secrets: no output may contain them.
@@ -49,7 +47,7 @@ impl Setup {
         for (k, v) in env {
             cmd.env(k, v.replace("$DIR", &self.dir.path().display().to_string()));
         }
-        let out = common::mapsync::run(cmd);
+        let out = crate::harness::workspace::run(cmd);
         for secret in [PASSWORD, TOKEN] {
             assert!(
                 !out.all_output().contains(secret),
@@ -268,8 +266,8 @@ fn check_passes_offline_and_connects_to_nothing() {
         }
         n
     };
-    let keys = common::jwt::Keys::generate(s.dir.path());
-    let ca = common::TestCa::new();
+    let keys = crate::harness::jwt::Keys::generate(s.dir.path());
+    let ca = crate::harness::TestCa::new();
     std::fs::create_dir(s.path("app")).expect("the application's directory");
     s.write(
         "mapsync.toml",
@@ -502,7 +500,7 @@ fn check_warns_about_what_depends_on_the_host_or_the_user() {
     // And without any config file, the defaults apply: said, not failed.
     let mut cmd = command();
     cmd.current_dir(s.dir.path()).args(["config", "check"]);
-    let defaults = common::mapsync::run(cmd);
+    let defaults = crate::harness::workspace::run(cmd);
     defaults.expect_code(0);
     assert!(
         defaults.stdout.contains("warn file: no --config given"),
