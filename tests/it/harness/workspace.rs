@@ -259,3 +259,70 @@ pub fn remote_count(db: &TestDb) -> u64 {
         .parse()
         .expect("a count")
 }
+
+/// `mapsync export` with the mirror's (redacted) metadata: what Postgres must hold.
+pub fn mirror_form(ws: &Workspace) -> std::collections::BTreeMap<String, Value> {
+    let mut cmd = command();
+    cmd.arg("--config")
+        .arg(&ws.config)
+        .arg("export")
+        .env("MAPSYNC_SNAPSHOT__REDACT", "true");
+    let out = run(cmd);
+    out.expect_code(0);
+    out.json()["mappings"]
+        .as_array()
+        .expect("mappings")
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap().to_string(), m.clone()))
+        .collect()
+}
+
+/// A timestamp as microseconds, from the export's RFC 3339 or psql's `to_char` form.
+fn micros(v: &Value) -> Option<i64> {
+    let t = v.as_str()?;
+    chrono::DateTime::parse_from_rfc3339(t)
+        .map(|t| t.timestamp_micros())
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
+                .map(|t| t.and_utc().timestamp_micros())
+        })
+        .ok()
+}
+
+/// Asserts that Postgres holds exactly the source's mappings, all ten fields of every row,
+/// but for `not_mirrored` ids (which it must not hold).
+#[track_caller]
+pub fn assert_mirror_equals_source(ws: &Workspace, db: &TestDb, not_mirrored: &[&str]) {
+    let source = mirror_form(ws);
+    let remote = remote_rows(db);
+    for id in not_mirrored {
+        assert!(source.contains_key(*id), "{id} is in the source");
+        assert!(!remote.contains_key(*id), "{id} must not be mirrored");
+    }
+    let expected: Vec<&String> = source
+        .keys()
+        .filter(|id| !not_mirrored.contains(&id.as_str()))
+        .collect();
+    let got: Vec<&String> = remote.keys().collect();
+    assert_eq!(got, expected, "the mirror's ids are the source's");
+    for (id, m) in &source {
+        let Some(r) = remote.get(id) else { continue };
+        for field in [
+            "scope_type",
+            "scope_key",
+            "name",
+            "default_model",
+            "candidates",
+            "is_active",
+            "source",
+            "metadata",
+        ] {
+            assert_eq!(r[field], m[field], "{id}: {field}");
+        }
+        assert_eq!(
+            micros(&r["updated_at"]),
+            micros(&m["updated_at"]),
+            "{id}: updated_at"
+        );
+    }
+}
