@@ -4,14 +4,14 @@
 //! hyper 1 over HTTP/1.1, one task per connection, one request per connection (an admin port
 //! gains nothing from keep-alive, and every request head then passes the same limits).
 //! What keeps the port from being a liability, whatever clients send:
-//! - every connection is accepted at once; its request head is read by [`conn`] within
-//!   [`conn::HEAD_TIMEOUT`], among at most [`conn::PENDING_MAX`] waiting heads (the oldest
+//! - every connection is accepted at once; its request head is read by `conn` within
+//!   `conn::HEAD_TIMEOUT`, among at most `conn::PENDING_MAX` waiting heads (the oldest
 //!   is closed when one more arrives), and refused with the envelope when hyper would refuse
 //!   it;
 //! - at most [`MAX_CONNECTIONS`] connections are open; beyond that a new one is closed at
 //!   once;
 //! - bodies are read only by the route that takes one, within a deadline and a shared
-//!   budget ([`routes`]); a connection waiting for its body counts among the waiting heads,
+//!   budget (`routes`); a connection waiting for its body counts among the waiting heads,
 //!   so slow bodies cannot pile up either;
 //! - handlers never do heavy work on the event loop: sorting, searching and serialising
 //!   100,000 mappings run on the blocking pool (or under `block_in_place`).
