@@ -57,6 +57,16 @@ fn mapsync_sessions(db: &TestDb) -> u64 {
     .unwrap_or(u64::MAX)
 }
 
+/// Whether a mapsync session of the test database is waiting on a lock.
+fn mapsync_waiting_on_a_lock(db: &TestDb) -> bool {
+    db.psql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
+         AND wait_event_type = 'Lock' AND datname = current_database()",
+    )
+    .trim()
+        != "0"
+}
+
 /// A psql session kept open (stdin piped), for locks held by hand.
 struct HeldSession(Child);
 
@@ -461,14 +471,7 @@ fn sigterm_on_a_run_blocked_by_a_row_lock_leaves_no_session_behind() {
     wait_until(
         Duration::from_secs(15),
         "mapsync waiting on the lock",
-        || {
-            db.psql(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
-             AND wait_event_type = 'Lock' AND datname = current_database()",
-            )
-            .trim()
-                != "0"
-        },
+        || mapsync_waiting_on_a_lock(&db),
     );
 
     // A caller of POST /sync is answered, with the reason, long before statement_timeout.
@@ -490,15 +493,7 @@ fn sigterm_on_a_run_blocked_by_a_row_lock_leaves_no_session_behind() {
     wait_until(
         Duration::from_secs(15),
         "mapsync waiting on the lock again",
-        || {
-            db.psql(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mapsync' \
-             AND wait_event_type = 'Lock' AND datname = current_database()",
-            )
-            .trim()
-                != "0"
-                || d.status()["state"] == "retrying"
-        },
+        || mapsync_waiting_on_a_lock(&db) || d.status()["state"] == "retrying",
     );
     let (status, took) = d.stop(Duration::from_secs(10));
     assert!(status.success(), "exit {status:?}\n{}", d.log());
