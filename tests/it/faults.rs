@@ -731,7 +731,10 @@ fn a_damaged_emptied_or_locked_sqlite_file_never_costs_a_remote_row() {
         std::fs::write(&tmp, bytes).unwrap();
         std::fs::rename(&tmp, ws.db_path()).unwrap();
     };
+    // Each fault is made just before these are called: the time they wait is the time the
+    // daemon took to notice it, or to recover (printed for the record, not asserted).
     let not_ready = |d: &Daemon, what: &str, needle: &str| {
+        let t = Instant::now();
         d.wait(Duration::from_secs(15), what, || {
             let r = d.get("/readyz");
             r.status == 503
@@ -746,12 +749,18 @@ fn a_damaged_emptied_or_locked_sqlite_file_never_costs_a_remote_row() {
             "{what}: /status shows it"
         );
         assert_eq!(remote_count(&db), 40, "{what}: no remote row lost");
+        eprintln!(
+            "{what}: not ready after {:?}, 40 of 40 remote rows kept",
+            t.elapsed()
+        );
     };
     let ready_again = |d: &Daemon, what: &str| {
+        let t = Instant::now();
         d.wait(Duration::from_secs(15), what, || {
             d.get("/readyz").status == 200
         });
         assert_eq!(remote_count(&db), 40);
+        eprintln!("{what}: ready after {:?}", t.elapsed());
     };
 
     let before = errors(&d);
