@@ -2,7 +2,7 @@
 //! needed), the application's SQLite file in WAL mode written by its own connection, and a
 //! real PostgreSQL — through commits, bursts, outages, file replacement, kills and signals.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::harness::daemon::Daemon;
 use crate::harness::workspace::{
@@ -138,6 +138,7 @@ fn a_postgres_outage_keeps_the_daemon_live_and_loses_nothing() {
         .upsert(&Row::mapping("also-during-outage", "qwen-max"));
 
     cluster.start_again();
+    let back = Instant::now();
     d.wait(
         Duration::from_secs(30),
         "both changes mirrored after the outage",
@@ -145,6 +146,10 @@ fn a_postgres_outage_keeps_the_daemon_live_and_loses_nothing() {
             let r = remote_rows_at(&cluster, &dbname);
             r.contains_key("mapping:during-outage") && r.contains_key("mapping:also-during-outage")
         },
+    );
+    eprintln!(
+        "Postgres back → both changes mirrored: {:?}",
+        back.elapsed()
     );
     d.wait(Duration::from_secs(20), "/readyz back to 200", || {
         d.get("/readyz").status == 200
@@ -265,6 +270,7 @@ fn kill_9_in_the_middle_of_a_large_run_leaves_no_partial_mirror() {
         "the killed run must not have committed anything"
     );
 
+    let restarted = Instant::now();
     let d = Daemon::start(&ws, Some(&db.url), FAST);
     d.wait_status(
         Duration::from_secs(120),
@@ -272,6 +278,10 @@ fn kill_9_in_the_middle_of_a_large_run_leaves_no_partial_mirror() {
         |s| s["last_run"]["status"] == "synced",
     );
     assert_eq!(remote_count(&db), 60_003);
+    eprintln!(
+        "kill -9 mid-run: 0 rows committed; restarted → 60,003 rows in {:?}",
+        restarted.elapsed()
+    );
 }
 
 #[test]
@@ -293,6 +303,7 @@ fn sigterm_exits_0_in_time_idle_and_mid_run() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
     let n = remote_count(&db);
     assert!(n == 0 || n == 60_008, "all or nothing, got {n} rows");
+    eprintln!("SIGTERM mid-run: exit 0 after {took:?}, {n} of 60,008 rows (all or nothing)");
 }
 
 #[test]
