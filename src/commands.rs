@@ -392,11 +392,14 @@ mod tests {
             assert!(!w.contains("pw"), "never the password: {w}");
             assert!(!w.contains('\n'), "one line: {w}");
         }
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::postgres::tls::test_ca_file(dir.path());
+        let ca = ca.to_str().unwrap();
         for (query, root) in [
-            ("?sslmode=verify-full", None),
-            ("?sslmode=verify-ca", None),
-            ("?sslmode=require", Some("/etc/mapsync/supabase-ca.crt")),
-            ("?sslmode=verify-full&sslrootcert=/etc/ca.pem", None),
+            ("?sslmode=verify-full".to_string(), None),
+            ("?sslmode=verify-ca".to_string(), None),
+            ("?sslmode=require".to_string(), Some(ca)),
+            (format!("?sslmode=verify-full&sslrootcert={ca}"), None),
         ] {
             assert_eq!(warning(&format!("{host}{query}"), root), None, "{query}");
         }

@@ -536,7 +536,7 @@ impl Settings {
     /// Loads the settings from `path` (or [`DEFAULT_CONFIG_PATH`] when `None`) and the process
     /// environment.
     pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
-        Self::load_with_env(path, std::env::vars())
+        Self::load_with_env(path, process_env()?)
     }
 
     /// As [`Settings::load`], with the environment given explicitly (for tests).
@@ -546,6 +546,25 @@ impl Settings {
     ) -> Result<Settings, ConfigError> {
         Layers::read(path, env)?.settings()
     }
+}
+
+/// The process environment's `MAPSYNC_` variables. No other variable is read, so one that is
+/// not valid UTF-8 (which `std::env::vars` would panic on) cannot stop the daemon; one of
+/// ours that is not is an error naming it.
+pub(crate) fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| n.starts_with(ENV_PREFIX)) else {
+            continue;
+        };
+        let value = value.into_string().map_err(|_| {
+            ConfigError::new(format!(
+                "{name}: the value is not valid UTF-8: set it as UTF-8 text"
+            ))
+        })?;
+        vars.push((name.to_string(), value));
+    }
+    Ok(vars)
 }
 
 /// The file's and the environment's values, merged in order and checked against [`SCHEMA`].
@@ -1037,8 +1056,14 @@ fn connect_spec(
     root_cert: Option<&Path>,
 ) -> Result<Option<crate::postgres::ConnectSpec>, ConfigError> {
     url.map(|u| {
-        crate::postgres::ConnectSpec::parse(u.expose(), root_cert)
-            .map_err(|e| ConfigError::new(format!("target.url: {e}")))
+        crate::postgres::ConnectSpec::parse(u.expose(), root_cert).map_err(|e| {
+            let key = match e {
+                crate::postgres::UrlError::Tls(_) if root_cert.is_some() => "target.ssl_root_cert",
+                crate::postgres::UrlError::Tls(_) => "target.url (its sslrootcert)",
+                _ => "target.url",
+            };
+            ConfigError::new(format!("{key}: {e}"))
+        })
     })
     .transpose()
 }

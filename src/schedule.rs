@@ -15,24 +15,36 @@ pub struct Schedule {
     cron: Cron,
 }
 
-/// An expression that is not a cron expression with seconds.
+/// Why an expression cannot be a schedule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "`{0}` is not a cron expression with seconds (six fields, e.g. \"0 */5 * * * *\" for every 5 minutes)"
-)]
-pub struct CronError(pub String);
+pub enum CronError {
+    #[error(
+        "`{0}` is not a cron expression with seconds (six fields, e.g. \"0 */5 * * * *\" for every 5 minutes)"
+    )]
+    Syntax(String),
+    #[error(
+        "`{0}` never fires (no date from now on matches it): fix the expression, e.g. \"0 */5 * * * *\" for every 5 minutes"
+    )]
+    NeverFires(String),
+}
 
 impl Schedule {
+    /// Parses `expr`, which must also fire at least once from now on: a schedule that never
+    /// fires would silently turn its job off.
     pub fn parse(expr: &str) -> Result<Schedule, CronError> {
         let cron = CronParser::builder()
             .seconds(Seconds::Required)
             .build()
             .parse(expr)
-            .map_err(|_| CronError(expr.to_string()))?;
-        Ok(Schedule {
+            .map_err(|_| CronError::Syntax(expr.to_string()))?;
+        let schedule = Schedule {
             text: expr.to_string(),
             cron,
-        })
+        };
+        match schedule.next_after(Utc::now()) {
+            Some(_) => Ok(schedule),
+            None => Err(CronError::NeverFires(expr.to_string())),
+        }
     }
 
     /// The first occurrence strictly after `t`; `None` if there is none.
@@ -66,6 +78,13 @@ mod tests {
             "five fields lack the seconds: {e}"
         );
         assert!(Schedule::parse("every hour").is_err());
+    }
+
+    #[test]
+    fn an_expression_no_date_matches_is_refused() {
+        let e = Schedule::parse("0 0 0 30 2 *").unwrap_err();
+        assert_eq!(e, CronError::NeverFires("0 0 0 30 2 *".into()));
+        assert!(e.to_string().contains("never fires"), "{e}");
     }
 
     #[test]

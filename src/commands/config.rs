@@ -10,10 +10,11 @@
 //! |---|---|---|
 //! | `file` | | no `--config`, and no `config/mapsync.toml` here: the defaults apply |
 //! | `source` | `source.sqlite_path` is a directory, or a file stands where its directory should | the file or its directory does not exist, or this user cannot read it |
-//! | `target` | the CA file (`target.ssl_root_cert`, or `sslrootcert` in the URL) holds no PEM certificate | |
 //! | `tls` | | a remote host whose certificate is not verified (the line `mapsync check` prints) |
-//! | `schedule` | an expression no date matches (`0 0 0 30 2 *`) | |
 //! | `snapshot` | a file stands where `snapshot.dir` or one of its parents should be | this user cannot write to it, or cannot create it |
+//!
+//! A CA file that holds no PEM certificate, or a cron expression no date matches
+//! (`0 0 0 30 2 *`), is refused by loading itself, so the daemon refuses it too (exit 78).
 //!
 //! What depends on the user is a warning, not a failure: the service usually runs as a user of
 //! its own, whose rights are not this user's. The checks use access(2), so they write nothing.
@@ -26,14 +27,13 @@ use serde::{Serialize, Serializer};
 
 use super::{CheckLine, Verdict, config_line, tls_line};
 use crate::config::{DEFAULT_CONFIG_PATH, Effective, Origin, Settings, Shown};
-use crate::postgres::{SslMode, tls};
 
 /// `mapsync config check`: the lines to print; any `FAIL` line makes it exit 78.
 pub fn check(effective: &Effective) -> Vec<CheckLine> {
     let s = &effective.settings;
     let mut lines = vec![config_line(s), file_line(effective), source_line(s)];
     lines.extend(target_lines(effective));
-    lines.extend(schedule_lines(s));
+    lines.push(schedule_line(s));
     lines.push(snapshot_line(s));
     lines.push(http_line(s));
     lines
@@ -192,33 +192,14 @@ fn source_line(s: &Settings) -> CheckLine {
     }
 }
 
-/// The target as it would be set up, without connecting: the URL's parts, and the CA file
-/// read and parsed as the connection pool reads it.
+/// The target as it would be set up, without connecting (loading already read and parsed the
+/// CA file, as the connection pool uses it).
 fn target_lines(e: &Effective) -> Vec<CheckLine> {
     let t = &e.settings.target;
-    // Parsed when the settings were loaded (a bad URL never gets this far).
-    let spec = t.connect.as_ref();
-    let ca = match spec {
-        Some(spec) => spec.ssl_root_cert.as_deref(),
-        None => t.ssl_root_cert.as_deref(),
-    };
-    if let Some(ca) = ca {
-        let mode = spec.map_or(SslMode::VerifyFull, |s| s.ssl_mode);
-        if let Err(why) = tls::connector(mode, Some(ca)) {
-            let key = if t.ssl_root_cert.is_some() {
-                "target.ssl_root_cert"
-            } else {
-                "target.url (sslrootcert)"
-            };
-            return vec![line(
-                Verdict::Fail,
-                "target",
-                format!(
-                    "{key}: {why}: give the PEM file of the CA that signed the server's certificate (Supabase: Dashboard → Database settings → SSL Configuration → Download certificate)"
-                ),
-            )];
-        }
-    }
+    let ca = t
+        .connect
+        .as_ref()
+        .and_then(|spec| spec.ssl_root_cert.as_deref());
     let url = e
         .keys
         .iter()
@@ -242,34 +223,24 @@ fn target_lines(e: &Effective) -> Vec<CheckLine> {
     lines
 }
 
-/// Each cron expression's next run, as the engine computes it.
-fn schedule_lines(s: &Settings) -> Vec<CheckLine> {
-    let mut next = Vec::new();
-    let mut failed = Vec::new();
-    for (key, schedule) in [
+/// Each cron expression's next run, as the engine computes it (loading refused any that
+/// never fires).
+fn schedule_line(s: &Settings) -> CheckLine {
+    let now = chrono::Utc::now();
+    let next: Vec<String> = [
         ("schedule.reconcile", &s.schedule.reconcile),
         ("schedule.snapshot", &s.schedule.snapshot),
-    ] {
-        let expr = schedule.as_str();
-        match schedule.next_after(chrono::Utc::now()) {
-            Some(at) => next.push(format!(
-                "{key} \"{expr}\" next at {}",
-                at.format("%Y-%m-%d %H:%M:%S UTC")
-            )),
-            None => failed.push(line(
-                Verdict::Fail,
-                "schedule",
-                format!(
-                    "{key}: \"{expr}\" never fires (no date matches it): fix the expression, e.g. \"0 */5 * * * *\" for every 5 minutes"
-                ),
-            )),
-        }
-    }
-    if failed.is_empty() {
-        vec![line(Verdict::Ok, "schedule", next.join("; "))]
-    } else {
-        failed
-    }
+    ]
+    .into_iter()
+    .map(|(key, schedule)| {
+        let at = schedule.next_after(now).map_or_else(
+            || "never".to_string(),
+            |at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        );
+        format!("{key} \"{}\" next at {at}", schedule.as_str())
+    })
+    .collect();
+    line(Verdict::Ok, "schedule", next.join("; "))
 }
 
 /// Whether the snapshot directory exists and this user can write to it, or create it.
@@ -483,47 +454,38 @@ mod tests {
     #[test]
     fn what_no_user_could_use_fails() {
         let (dir, e) = effective(
-            "[source]\nsqlite_path = \"$DIR\"\n[snapshot]\ndir = \"$DIR/file/snapshots\"\n[schedule]\nsnapshot = \"0 0 0 30 2 *\"\n",
+            "[source]\nsqlite_path = \"$DIR\"\n[snapshot]\ndir = \"$DIR/file/snapshots\"\n",
         );
         std::fs::write(dir.path().join("file"), "").unwrap();
         let lines = check(&e);
         let failed: Vec<&CheckLine> = lines.iter().filter(|l| l.failed()).collect();
-        assert_eq!(failed.len(), 3, "{lines:#?}");
+        assert_eq!(failed.len(), 2, "{lines:#?}");
         assert!(
             failed[0].detail.starts_with("source.sqlite_path: "),
             "{failed:?}"
         );
-        assert!(
-            failed[1].detail.starts_with("schedule.snapshot: "),
-            "{failed:?}"
-        );
-        assert!(failed[2].detail.starts_with("snapshot.dir: "), "{failed:?}");
+        assert!(failed[1].detail.starts_with("snapshot.dir: "), "{failed:?}");
     }
 
     #[test]
-    fn a_ca_file_that_is_not_pem_fails_without_a_target_too() {
-        let (dir, _) = effective("");
+    fn a_ca_file_that_is_not_pem_is_refused_by_loading_when_a_target_uses_it() {
+        let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, "not a certificate\n").unwrap();
-        for url in [
-            "",
-            "url = \"postgres://u:pw@db.example.com/db?sslmode=verify-full\"\n",
-        ] {
-            let file = dir.path().join("mapsync.toml");
-            std::fs::write(
-                &file,
-                format!("[target]\n{url}ssl_root_cert = {:?}\n", ca.display()),
-            )
-            .unwrap();
-            let e = Effective::load_with_env(Some(&file), []).unwrap();
-            let lines = check(&e);
-            let fail = lines.iter().find(|l| l.failed()).expect("a FAIL line");
-            assert!(
-                fail.detail.starts_with("target.ssl_root_cert: ")
-                    && fail.detail.contains("holds no certificate"),
-                "{fail}"
-            );
-        }
+        let file = dir.path().join("mapsync.toml");
+        let url = "url = \"postgres://u:pw@db.example.com/db?sslmode=verify-full\"\n";
+        std::fs::write(
+            &file,
+            format!("[target]\n{url}ssl_root_cert = {:?}\n", ca.display()),
+        )
+        .unwrap();
+        let e = Effective::load_with_env(Some(&file), []).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("bad configuration: target.ssl_root_cert: ")
+                && e.to_string().contains("holds no certificate"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub struct Shown {
 impl Effective {
     /// As [`Settings::load`], with every key's value and origin.
     pub fn load(path: Option<&Path>) -> Result<Effective, ConfigError> {
-        Self::load_with_env(path, std::env::vars())
+        Self::load_with_env(path, super::process_env()?)
     }
 
     /// As [`Effective::load`], with the environment given explicitly (for tests).
@@ -263,12 +263,16 @@ mod tests {
             "{debug}"
         );
 
+        let ca = crate::postgres::tls::test_ca_file(dir.path());
         let e = effective(
             "[target]\nurl = \"postgres://app:pw@h/db\"\n",
             &[
                 (
                     "MAPSYNC_TARGET__URL",
-                    "host=/run/postgresql,db2 port=5432,5433 user=u password=pw dbname=d sslmode=verify-full sslrootcert=/ca.pem",
+                    &format!(
+                        "host=/run/postgresql,db2 port=5432,5433 user=u password=pw dbname=d sslmode=verify-full sslrootcert={}",
+                        ca.display()
+                    ),
                 ),
                 ("MAPSYNC_HTTP__ADMIN_TOKEN", " "),
             ],
@@ -277,7 +281,7 @@ mod tests {
         assert_eq!(
             u.value,
             Some(
-                "postgres://u:***@%2Frun%2Fpostgresql:5432,db2:5433/d?sslmode=verify-full&sslrootcert=/ca.pem"
+                format!("postgres://u:***@%2Frun%2Fpostgresql:5432,db2:5433/d?sslmode=verify-full&sslrootcert={}", ca.display())
                     .into()
             )
         );

@@ -33,12 +33,14 @@ pub use txn::{Rejected, RemoteRows, Session, Txn, Written};
 
 use crate::config::{TableName, TargetSettings};
 
-/// A parsed `target.url`: the tokio-postgres config, the TLS mode, and a printable name.
+/// A parsed `target.url`: the tokio-postgres config, the TLS mode and its connector (the CA
+/// file read and parsed), and a printable name.
 #[derive(Clone)]
 pub struct ConnectSpec {
     pub pg: tokio_postgres::Config,
     pub ssl_mode: SslMode,
     pub ssl_root_cert: Option<PathBuf>,
+    pub tls: MakeRustlsConnect,
     /// `user@host:port/dbname`: safe to print, never holds the password.
     pub display: String,
 }
@@ -54,7 +56,7 @@ impl std::fmt::Debug for ConnectSpec {
 }
 
 /// Why `target.url` is not usable. Never repeats the URL (it holds the password).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum UrlError {
     #[error(
         "not a valid Postgres URL ({0}); expected postgres://user:password@host:5432/dbname?sslmode=require"
@@ -64,6 +66,10 @@ pub enum UrlError {
     SslMode(#[from] tls::SslModeError),
     #[error("it names no host")]
     NoHost,
+    #[error(
+        "{0}: give the PEM file of the CA that signed the server's certificate (Supabase: Dashboard → Database settings → SSL Configuration → Download certificate)"
+    )]
+    Tls(#[from] tls::TlsSetupError),
 }
 
 impl ConnectSpec {
@@ -91,13 +97,16 @@ impl ConnectSpec {
         let user = pg.get_user().unwrap_or("postgres").to_string();
         let db = pg.get_dbname().unwrap_or(&user).to_string();
         pg.application_name("mapsync");
+        let ssl_root_cert = root_cert
+            .map(Path::to_path_buf)
+            .or(sslrootcert.map(PathBuf::from));
+        let tls = tls::connector(ssl_mode, ssl_root_cert.as_deref())?;
         Ok(ConnectSpec {
             display: format!("{user}@{host}:{port}/{db}"),
             pg,
             ssl_mode,
-            ssl_root_cert: root_cert
-                .map(Path::to_path_buf)
-                .or(sslrootcert.map(PathBuf::from)),
+            ssl_root_cert,
+            tls,
         })
     }
 
@@ -208,8 +217,6 @@ pub struct Target {
     spec: ConnectSpec,
     table: TableName,
     statement_timeout: Duration,
-    /// For cancel requests (they open a connection of their own, with the same TLS).
-    tls: MakeRustlsConnect,
     /// The cancel tokens of the runs in progress, so that shutdown can cancel their queries
     /// (a backend waiting on a lock notices a closed client only when the wait ends).
     running: Arc<Mutex<Vec<(u64, CancelToken)>>>,
@@ -253,16 +260,9 @@ impl Target {
         let mut spec = spec.clone();
         spec.pg.connect_timeout(settings.connect_timeout);
         spec.pg.keepalives_idle(Duration::from_secs(30));
-        let tls = tls::connector(spec.ssl_mode, spec.ssl_root_cert.as_deref()).map_err(|e| {
-            TargetError::Tls {
-                at: spec.display.clone(),
-                reason: e.to_string(),
-                hint: "check target.ssl_root_cert",
-            }
-        })?;
         let manager = Manager::from_config(
             spec.pg.clone(),
-            tls.clone(),
+            spec.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -282,7 +282,6 @@ impl Target {
             spec,
             table: settings.table.clone(),
             statement_timeout: settings.statement_timeout,
-            tls,
             running: Arc::default(),
             identity: Arc::new(Identity {
                 instance: settings.instance.clone(),
@@ -307,7 +306,10 @@ impl Target {
     pub async fn cancel_running(&self) -> usize {
         let tokens: Vec<CancelToken> = lock(&self.running).iter().map(|(_, t)| t.clone()).collect();
         for token in &tokens {
-            if let Err(e) = token.cancel_query(self.tls.clone()).await {
+            if let Err(e) =
+                // A cancel request opens a connection of its own, with the same TLS.
+                token.cancel_query(self.spec.tls.clone()).await
+            {
                 tracing::warn!(target = %self.spec.display, error = %one_line(&e), "cannot cancel the run's query");
             }
         }

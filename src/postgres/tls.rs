@@ -242,6 +242,16 @@ impl ServerCertVerifier for EncryptOnly {
     }
 }
 
+/// A PEM file holding one self-signed certificate, written into `dir`: a CA file that loads.
+#[cfg(test)]
+pub(crate) fn test_ca_file(dir: &Path) -> PathBuf {
+    let cert = rcgen::generate_simple_self_signed(vec!["ca.test".to_string()])
+        .expect("a self-signed certificate");
+    let path = dir.join("ca.pem");
+    std::fs::write(&path, cert.cert.pem()).expect("write the CA file");
+    path
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,5 +274,15 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+    }
+
+    #[test]
+    fn a_pem_certificate_is_trusted_and_anything_else_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(connector(SslMode::VerifyFull, Some(&test_ca_file(dir.path()))).is_ok());
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let e = connector(SslMode::VerifyFull, Some(&junk)).err().unwrap();
+        assert!(e.to_string().contains("holds no certificate"), "{e}");
     }
 }

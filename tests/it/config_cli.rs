@@ -401,6 +401,23 @@ fn an_invalid_configuration_exits_78_naming_the_key_as_the_daemon_does() {
             None,
             "http.jwt_jwks_file",
         ),
+        // What the daemon can only find out by reading a file or the calendar: refused at
+        // start-up too, not after it has begun serving.
+        (
+            "[target]\nurl = \"postgres://u:pw@127.0.0.1:9/db?sslmode=verify-full\"\nssl_root_cert = \"$DIR/not-json\"\n",
+            None,
+            "target.ssl_root_cert",
+        ),
+        (
+            "[target]\nurl = \"postgres://u:pw@127.0.0.1:9/db?sslmode=verify-full&sslrootcert=$DIR/not-json\"\n",
+            None,
+            "target.url",
+        ),
+        (
+            "[schedule]\nreconcile = \"0 0 0 30 2 *\"\n",
+            None,
+            "schedule.reconcile",
+        ),
     ] {
         s.write("mapsync.toml", toml);
         let env: Vec<(&str, &str)> = env.into_iter().collect();
@@ -424,18 +441,9 @@ fn an_invalid_configuration_exits_78_naming_the_key_as_the_daemon_does() {
 #[test]
 fn check_fails_with_78_on_what_loading_accepts_but_cannot_work() {
     let s = Setup::new();
-    s.write("not-a-cert.pem", "not a certificate\n");
     s.write("a-file", "");
     std::fs::create_dir(s.path("app")).expect("mkdir");
     for (toml, key) in [
-        (
-            "[target]\nurl = \"postgres://u:pw@db.example.com/db?sslmode=verify-full\"\nssl_root_cert = \"$DIR/not-a-cert.pem\"\n",
-            "target.ssl_root_cert",
-        ),
-        (
-            "[schedule]\nsnapshot = \"0 0 0 30 2 *\"\n",
-            "schedule.snapshot",
-        ),
         (
             "[snapshot]\ndir = \"$DIR/a-file/snapshots\"\n",
             "snapshot.dir",
@@ -505,5 +513,34 @@ fn check_warns_about_what_depends_on_the_host_or_the_user() {
     assert!(
         defaults.stdout.contains("warn file: no --config given"),
         "{defaults:#?}"
+    );
+}
+
+#[test]
+fn an_environment_variable_that_is_not_utf8_stops_nothing_and_one_of_ours_is_named() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let s = Setup::new();
+    s.write("mapsync.toml", "");
+    let bad = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    let config_check = |name: &str| {
+        let mut cmd = command();
+        cmd.current_dir(s.dir.path())
+            .arg("--config")
+            .arg(s.path("mapsync.toml"))
+            .args(["config", "check"])
+            .env(name, bad);
+        crate::harness::workspace::run(cmd)
+    };
+    // Someone else's variable: not ours to read, so not ours to fail on.
+    let run = config_check("LANG_OF_SOMEONE_ELSE");
+    run.expect_code(0);
+    // One of ours: a one-line error naming it, exit 78 (no panic, no backtrace).
+    let run = config_check("MAPSYNC_HTTP__ADMIN_TOKEN");
+    run.expect_code(78);
+    assert!(
+        run.stderr
+            .starts_with("error: bad configuration: MAPSYNC_HTTP__ADMIN_TOKEN")
+            && run.stderr.trim_end().lines().count() == 1,
+        "{run:#?}"
     );
 }
