@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install (or upgrade, or roll back) mapsync as a systemd service, on hosts
 # without dpkg (elsewhere, prefer the Debian package: deploy/deb.sh builds it).
-# It installs the same files as the package: the unit (with ExecStart= naming
-# /usr/local/bin/mapsync), the default config, the sysusers.d entry, and the
-# shell completions and man pages that the binary generates.
+# It installs the same service files as the package: the binary (as
+# /usr/local/bin/mapsync), the unit (with ExecStart= naming it), the default
+# config, the sysusers.d entry, and the shell completions and man pages that
+# the binary generates. Not the SQL scripts, alert rules or docs: use them from
+# the repository.
 #
 # Run as root from the repository (or anywhere: paths default to the repository
 # that holds this script). Idempotent: running it again with the same inputs

@@ -1,4 +1,4 @@
-//! What each one-shot subcommand does (`sync`, `export`, `check`, `migrate`). `main.rs` parses
+//! The one-shot subcommands (`sync`, `export`, `check`, `migrate`, `restore`). `main.rs` parses
 //! the command line and prints; everything with behaviour lives here, testable as a library.
 //!
 //! `check` prints one line per check; a `warn` line (a connection to a remote host whose

@@ -47,7 +47,7 @@ const EMFILE: i32 = 24;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
     /// The database, its `-wal` or `-journal` was written, created, removed or renamed onto:
-    /// check `data_version` and sync if something committed.
+    /// check the files' fingerprint (`SqliteSource::changed`) and sync if something committed.
     Commit,
     /// Events may have been missed (queue overflow, watcher error, the directory itself removed
     /// or replaced, an unknown event): run a full reconcile.
