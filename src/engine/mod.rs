@@ -217,9 +217,9 @@ impl EngineHandle {
         SnapshotStore::new(&self.shared.snapshot_settings, self.shared.redactor.clone())
     }
 
-    /// The mappings as last read (empty before the first read).
-    pub fn image(&self) -> Arc<SourceImage> {
-        self.shared.image.borrow().clone().unwrap_or_default()
+    /// The mappings as last read; `None` until a read has succeeded.
+    pub fn image(&self) -> Option<Arc<SourceImage>> {
+        self.shared.image.borrow().clone()
     }
 
     /// Waits until the first run has been attempted (for systemd's READY=1).

@@ -600,9 +600,15 @@ impl App {
         )
     }
 
-    /// The current mappings in export order; sorted once per image on the blocking pool.
-    async fn sorted(&self) -> Sorted {
-        let image = self.engine.image();
+    /// The current mappings in export order; sorted once per image on the blocking pool. A 503
+    /// before the first successful read: an empty list would pass for a file with no mappings.
+    async fn sorted(&self) -> Result<Sorted, Response<Body>> {
+        let unavailable = |why: &str| reply::envelope_error(StatusCode::SERVICE_UNAVAILABLE, why);
+        let Some(image) = self.engine.image() else {
+            return Err(unavailable(
+                "no mappings have been read yet from the SQLite file (GET /status says why): try again once it has been read",
+            ));
+        };
         if let Some((cached, sorted)) = self
             .sorted
             .lock()
@@ -610,7 +616,7 @@ impl App {
             .as_ref()
         {
             if Arc::ptr_eq(cached, &image) {
-                return sorted.clone();
+                return Ok(sorted.clone());
             }
         }
         let for_sort = image.clone();
@@ -624,10 +630,12 @@ impl App {
             Ok(sorted) => {
                 *self.sorted.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((image, sorted.clone()));
-                sorted
+                Ok(sorted)
             }
-            // Only a panic in the sort gets here: answer with nothing, cache nothing.
-            Err(_) => Sorted::default(),
+            // Only a panic in the sort gets here: cache nothing, say so.
+            Err(_) => Err(unavailable(
+                "the mappings could not be sorted for this answer: try again",
+            )),
         }
     }
 
@@ -643,7 +651,10 @@ impl App {
             }
         };
         let needle = params.get("q").unwrap_or("").trim().to_lowercase();
-        let sorted = self.sorted().await;
+        let sorted = match self.sorted().await {
+            Ok(sorted) => sorted,
+            Err(unavailable) => return unavailable,
+        };
         let matches = |m: &&Arc<Mapping>| {
             needle.is_empty()
                 || [Some(m.id()), m.name(), m.default_model()]
@@ -765,7 +776,10 @@ impl App {
     }
 
     async fn export(&self) -> Response<Body> {
-        let sorted = self.sorted().await;
+        let sorted = match self.sorted().await {
+            Ok(sorted) => sorted,
+            Err(unavailable) => return unavailable,
+        };
         let now = Utc::now();
         let redact = self.engine.redacts_exports();
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);

@@ -423,6 +423,39 @@ fn readyz_names_a_missing_sqlite_file() {
 }
 
 #[test]
+fn export_and_the_mappings_list_answer_503_until_the_file_has_been_read() {
+    let ws = workspace(&Row::numbered("m", 2));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", ws.db_path().display()));
+    }
+    let d = TestApp::spawn(&ws, None, "");
+    d.wait_first_run();
+    // Nothing read yet: an empty document would pass for a backup of nothing.
+    for path in ["/export", "/mappings"] {
+        let r = http::get(d.addr, path, None);
+        assert_eq!(r.status, 503, "{path}: {}", r.text());
+        let msg = r.json()["msg"].as_str().unwrap_or_default().to_string();
+        assert!(msg.contains("read yet"), "{path}: {msg}");
+    }
+    let app = AppDb::create(&ws.db_path());
+    for r in Row::numbered("back", 3) {
+        app.upsert(&r);
+    }
+    d.wait(
+        Duration::from_secs(15),
+        "the export once the file is read",
+        || {
+            let r = http::get(d.addr, "/export", None);
+            r.status == 200 && r.json()["count"] == 3
+        },
+    );
+    assert_eq!(
+        http::get(d.addr, "/mappings", None).json()["data"]["total"],
+        3
+    );
+}
+
+#[test]
 fn an_unreachable_target_is_not_ready_and_a_sync_answers_503_with_the_fix() {
     let password = "pw-unreachable-SECRET";
     let port = free_port();
