@@ -16,6 +16,7 @@
 //!   `Content-Length`/`Transfer-Encoding`) is refused here, with the application's envelope.
 
 use std::collections::BTreeMap;
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -28,6 +29,8 @@ use hyper::header::{HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+
+use super::reply::STALL_MAX;
 
 /// A request head must arrive whole within this time of the accept.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -273,19 +276,50 @@ pub async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
 }
 
-/// A stream with bytes already read from it put back in front.
-pub struct Prefixed {
+/// The connection's stream with the bytes already read in front of it, and a guard on the
+/// writes: a client that takes no byte of its answer for [`STALL_MAX`] is cut off (the write
+/// fails, hyper drops the connection), so clients that stop reading cannot hold the port's
+/// connection slots.
+pub struct Prefixed<S = TcpStream> {
     prefix: Bytes,
-    stream: TcpStream,
+    stream: S,
+    /// Running while a write waits for the client; reset by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl Prefixed {
-    pub fn new(prefix: Bytes, stream: TcpStream) -> Prefixed {
-        Prefixed { prefix, stream }
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Bytes, stream: S) -> Prefixed<S> {
+        Prefixed {
+            prefix,
+            stream,
+            stalled: None,
+        }
+    }
+
+    /// `polled` as it is, unless the client has taken nothing for [`STALL_MAX`].
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let stall = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(STALL_MAX)));
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing of its answer for 30 s",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -301,21 +335,24 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.guard(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        self.guard(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        let polled = Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.guard(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -323,7 +360,8 @@ impl AsyncWrite for Prefixed {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.guard(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -420,5 +458,44 @@ mod tests {
         drop(newest);
         rest.clear();
         assert!(pending.inner.lock().unwrap().waiting.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_nothing_for_stall_max_is_cut_off() {
+        let (server, mut client) = tokio::io::duplex(1024);
+        let mut conn = Prefixed::new(Bytes::new(), server);
+        // The client reads a little, then nothing: the writes fill the pipe and wait.
+        conn.write_all(&[b'x'; 1024]).await.unwrap();
+        let mut some = [0u8; 512];
+        client.read_exact(&mut some).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let e = tokio::time::timeout(STALL_MAX * 4, conn.write_all(&[b'y'; 4096]))
+            .await
+            .expect("the write gives up by itself")
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        // Counted from the last byte the client took, not from the first write.
+        assert_eq!(started.elapsed(), STALL_MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_client_that_keeps_reading_is_not_cut_off() {
+        let (server, mut client) = tokio::io::duplex(1024);
+        let reader = tokio::spawn(async move {
+            let mut total = 0;
+            let mut chunk = [0u8; 256];
+            loop {
+                tokio::time::sleep(STALL_MAX / 2).await;
+                match client.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n,
+                }
+            }
+        });
+        let mut conn = Prefixed::new(Bytes::new(), server);
+        conn.write_all(&[b'x'; 4096]).await.unwrap();
+        conn.shutdown().await.unwrap();
+        drop(conn);
+        assert_eq!(reader.await.unwrap(), 4096);
     }
 }

@@ -6,6 +6,8 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -17,13 +19,24 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub type Body = BoxBody<Bytes, Infallible>;
+pub type Body = BoxBody<Bytes, Incomplete>;
+
+/// A streamed body whose writer stopped before the end (the client stopped reading, or the
+/// write failed). hyper then aborts the connection instead of ending the body, so a client
+/// never takes a cut-off download for a whole one.
+#[derive(Debug, thiserror::Error)]
+#[error("the answer stopped before its end")]
+pub struct Incomplete;
 
 pub const JSON: &str = "application/json; charset=utf-8";
 
 /// A response with `body` and `content_type`, not cacheable (every answer here is live).
 pub fn bytes(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut res = Response::new(Full::new(body.into()).boxed());
+    let mut res = Response::new(
+        Full::new(body.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
     *res.status_mut() = status;
     let h = res.headers_mut();
     h.insert(CONTENT_TYPE, header(content_type));
@@ -128,46 +141,66 @@ pub fn header(value: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
 }
 
-/// A body fed chunk by chunk through a channel, for answers written on the blocking pool
-/// (the export of 100,000 mappings never sits in memory whole).
-pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
+/// A streamed answer: the [`ChannelWriter`] that writes it on the blocking pool and the body
+/// hyper sends, chunk by chunk (the export of 100,000 mappings never sits in memory whole).
+/// Nothing but [`ChannelWriter::finish`] ends the body; a writer dropped before it makes the
+/// body fail with [`Incomplete`].
+pub fn channel() -> (ChannelWriter, Body) {
+    let (tx, rx) = mpsc::channel(4);
+    let finished = Arc::new(AtomicBool::new(false));
+    let writer = ChannelWriter {
+        tx,
+        buf: Vec::with_capacity(CHUNK),
+        runtime: tokio::runtime::Handle::current(),
+        finished: finished.clone(),
+    };
+    (writer, ChannelBody { rx, finished }.boxed())
+}
+
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+    finished: Arc<AtomicBool>,
+}
 
 impl HttpBody for ChannelBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = Incomplete;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    ) -> Poll<Option<Result<Frame<Bytes>, Incomplete>>> {
+        self.rx.poll_recv(cx).map(|chunk| match chunk {
+            Some(bytes) => Some(Ok(Frame::data(bytes))),
+            // The writer is gone: the end only if it said so.
+            None if self.finished.load(Ordering::Acquire) => None,
+            None => Some(Err(Incomplete)),
+        })
     }
 }
 
-/// An `io::Write` that sends what is written, in chunks, to a [`ChannelBody`]. For use on the
-/// blocking pool only: it blocks while the client is slower than the writer, and gives up
-/// when the client has taken nothing for [`STALL_MAX`] (a client that stops reading must not
-/// hold a blocking thread for ever).
+/// An `io::Write` that sends what is written, in chunks, to its body (see [`channel`]). For
+/// use on the blocking pool only: it blocks while the client is slower than the writer, and
+/// gives up when the client has taken nothing for [`STALL_MAX`] (a client that stops reading
+/// must not hold a blocking thread for ever).
 pub struct ChannelWriter {
     tx: mpsc::Sender<Bytes>,
     buf: Vec<u8>,
     runtime: tokio::runtime::Handle,
+    finished: Arc<AtomicBool>,
 }
 
 const CHUNK: usize = 64 * 1024;
-/// The longest a download may wait for its client to take the next chunk.
+/// The longest a download may wait for its client to take the next chunk; also the longest
+/// a connection may wait for its client to take any byte (`conn::Prefixed`).
 pub const STALL_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ChannelWriter {
-    /// Must be called within the runtime (the blocking pool is).
-    pub fn new(tx: mpsc::Sender<Bytes>) -> Self {
-        ChannelWriter {
-            tx,
-            buf: Vec::with_capacity(CHUNK),
-            runtime: tokio::runtime::Handle::current(),
-        }
+    /// Sends what is left and ends the body: the client gets a complete answer.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        self.send()?;
+        self.finished.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn send(&mut self) -> std::io::Result<()> {
@@ -215,5 +248,38 @@ mod tests {
             !text.contains('\n') && text.contains("line\\\\r\\\\nnext"),
             "{text}"
         );
+    }
+
+    /// Every frame of `body`, and how it ended.
+    async fn drain(mut body: Body) -> (Vec<u8>, Result<(), Incomplete>) {
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => got.extend_from_slice(&f.into_data().unwrap_or_default()),
+                Err(e) => return (got, Err(e)),
+            }
+        }
+        (got, Ok(()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_streamed_answer_ends_only_when_its_writer_finishes() {
+        use std::io::Write as _;
+        let (mut w, body) = channel();
+        let writer = tokio::task::spawn_blocking(move || {
+            w.write_all(&[b'x'; 200_000])?;
+            w.finish()
+        });
+        let (got, end) = drain(body).await;
+        assert!(writer.await.unwrap().is_ok());
+        assert_eq!((got.len(), end.is_ok()), (200_000, true));
+
+        // A writer that stops half-way (its client stalled, or the write failed): the body
+        // fails, so hyper aborts the connection rather than ending a cut-off download well.
+        let (mut w, body) = channel();
+        let writer = tokio::task::spawn_blocking(move || w.write_all(&[b'x'; 200_000]));
+        let (got, end) = drain(body).await;
+        assert!(writer.await.unwrap().is_ok());
+        assert!(end.is_err(), "{} bytes, then a clean end", got.len());
     }
 }

@@ -46,7 +46,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::auth::{Auth, Caller, Refusal};
 use super::conn::{Pending, Refused};
-use super::reply::{self, Body, ChannelBody, ChannelWriter, quote};
+use super::reply::{self, Body, quote};
 use crate::appdb::SourceImage;
 use crate::config::HttpSettings;
 use crate::engine::{Check, EngineHandle, RunErrorKind};
@@ -782,13 +782,14 @@ impl App {
         };
         let now = Utc::now();
         let redact = self.engine.redacts_exports();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let (mut out, body) = reply::channel();
         tokio::task::spawn_blocking(move || {
-            let mut out = ChannelWriter::new(tx);
-            // A client that goes away ends the write; nothing to report.
-            let _ = snapshot::write_document(&mut out, &sorted, now, redact);
+            // A client that goes away ends the write, and the body with an error.
+            if snapshot::write_document(&mut out, &sorted, now, redact).is_ok() {
+                let _ = out.finish();
+            }
         });
-        let mut res = Response::new(BodyExt::boxed(ChannelBody(rx)));
+        let mut res = Response::new(body);
         let h = res.headers_mut();
         h.insert(
             hyper::header::CONTENT_TYPE,
@@ -834,23 +835,35 @@ impl App {
         }
     }
 
+    /// A snapshot file, streamed as the export is (memory stays bounded by the channel
+    /// whatever the file's size and however many clients ask).
     async fn snapshot_file(&self, name: &str) -> Response<Body> {
         let store = self.store();
         let wanted = name.to_string();
-        let read = tokio::task::spawn_blocking(move || {
-            let mut file = store.open(&wanted)?;
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
-            Some(bytes)
-        })
-        .await;
-        match read {
-            Ok(Some(bytes)) => reply::bytes(StatusCode::OK, reply::JSON, bytes),
-            _ => reply::envelope_error(
+        let Ok(Some(mut file)) = tokio::task::spawn_blocking(move || store.open(&wanted)).await
+        else {
+            return reply::envelope_error(
                 StatusCode::NOT_FOUND,
                 &format!("no snapshot named {}", quote(name)),
-            ),
-        }
+            );
+        };
+        let (mut out, body) = reply::channel();
+        tokio::task::spawn_blocking(move || {
+            if std::io::copy(&mut file, &mut out).is_ok() {
+                let _ = out.finish();
+            }
+        });
+        let mut res = Response::new(body);
+        let h = res.headers_mut();
+        h.insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static(reply::JSON),
+        );
+        h.insert(
+            hyper::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        res
     }
 
     fn store(&self) -> snapshot::SnapshotStore {
