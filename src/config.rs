@@ -24,6 +24,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::mapping::DEFAULT_REDACT_KEYS;
+use crate::one_line;
+
 mod show;
 pub use show::{Effective, Shown};
 
@@ -223,19 +226,6 @@ impl fmt::Display for TableName {
         write!(f, "{}.{}", self.schema, self.table)
     }
 }
-
-pub const DEFAULT_REDACT_KEYS: &[&str] = &[
-    "api_key",
-    "secret",
-    "client_secret",
-    "token",
-    "access_token",
-    "refresh_token",
-    "password",
-    "authorization",
-    "private_key",
-    "access_key",
-];
 
 // ---------------------------------------------------------------------------------------------
 // The raw, file-shaped form. Every section denies unknown keys, and every key has a default, so
@@ -780,10 +770,6 @@ fn from_env(kind: Kind, text: &str) -> Result<toml::Value, Mismatch> {
             found: format!("\"{}\"", cut.escape_default()),
         }
     })
-}
-
-fn one_line(msg: &str) -> String {
-    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// A secret from a file, trimmed. An empty (or whitespace-only) file means "not set": systemd

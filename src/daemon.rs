@@ -52,9 +52,7 @@ pub async fn run(
     let target = Target::from_settings(&settings.target)?;
     let metrics = Arc::new(Metrics::new(target.is_some()));
     let (stop, stopping) = shutdown::channel();
-    let (engine, engine_task) = engine::start(&settings, target, metrics, stopping.clone())
-        .await
-        .map_err(|e| Error::Other(e.to_string()))?;
+    let (engine, engine_task) = engine::start(&settings, target, metrics, stopping.clone()).await?;
     let server = tokio::spawn({
         let (http, engine, stopping) = (settings.http.clone(), engine.clone(), stopping.clone());
         async move { http::serve(listener, &http, engine, stopping).await }

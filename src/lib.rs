@@ -45,6 +45,20 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// had uncommitted changes, or `unknown` when it was not built from a git checkout.
 pub const REVISION: &str = env!("MAPSYNC_REVISION");
 
+/// `text` on one line: each run of whitespace, line breaks included, becomes one space (the
+/// messages of parsers and drivers can span lines; an error here is always one line).
+pub(crate) fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The directory `path` is in: its parent, or `.` for a bare file name.
+pub(crate) fn parent_dir(path: &std::path::Path) -> &std::path::Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    }
+}
+
 /// Any failure a command can end with. `main` prints it as one line and exits with
 /// [`Error::exit_code`].
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +73,8 @@ pub enum Error {
     Snapshot(#[from] snapshot::SnapshotError),
     #[error(transparent)]
     Restore(#[from] appdb::restore::RestoreError),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
     #[error("{0}")]
     Other(String),
 }

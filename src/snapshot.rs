@@ -161,7 +161,7 @@ pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<(), SnapshotError> {
-    let dir = parent_dir(path);
+    let dir = crate::parent_dir(path);
     let temp = dir.join(format!(
         "{TEMP_PREFIX}{}-{}",
         std::process::id(),
@@ -190,13 +190,6 @@ fn private_file(path: &Path) -> io::Result<File> {
         .truncate(true)
         .mode(0o600)
         .open(path)
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

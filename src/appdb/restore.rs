@@ -77,6 +77,7 @@ use super::schema::{
 };
 use crate::config::{Settings, SourceSettings};
 use crate::mapping::{self, EntryError, KeyOrder, Mapping, Origin, Redactor, format_timestamp};
+use crate::one_line;
 use crate::snapshot;
 
 /// Why a restore did not happen. Each message is one line naming the file and the fix; in
@@ -383,10 +384,6 @@ fn restore_error(path: &Path, e: rusqlite::Error) -> RestoreError {
         }
         _ => RestoreError::Other { path, reason },
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 // ---------------------------------------------------------------------------------------------

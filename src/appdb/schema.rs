@@ -181,8 +181,9 @@ pub(crate) fn mapping_of_row(
 }
 
 /// Opens the application's file (never creating it) with `flags`, waiting up to
-/// `busy_timeout` for the application's locks. Shared with `mapsync restore`. A missing file
-/// is reported as such, not as "unable to open".
+/// `busy_timeout` for the application's locks. Shared with `mapsync restore`. Callers check
+/// that the file exists first, so that a missing file is reported as such, not as SQLite's
+/// "unable to open".
 pub(crate) fn open(
     path: &Path,
     flags: OpenFlags,

@@ -229,11 +229,8 @@ impl DbFiles {
         let name = db_path
             .file_name()
             .ok_or_else(|| other("not a file path; check source.sqlite_path".into()))?;
-        let dir = match db_path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
-        };
-        let dir = std::path::absolute(dir).map_err(|e| other(e.to_string()))?;
+        let dir =
+            std::path::absolute(crate::parent_dir(db_path)).map_err(|e| other(e.to_string()))?;
         let with = |suffix: &str| {
             let mut n = name.to_os_string();
             n.push(suffix);

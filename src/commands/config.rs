@@ -113,18 +113,10 @@ fn nearest_existing(path: &Path) -> io::Result<(&Path, Metadata)> {
     Err(io::ErrorKind::NotFound.into())
 }
 
-/// The directory `path` is in (`.` for a bare file name).
-fn parent(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 /// The SQLite file's path, looked at but never opened.
 fn source_line(s: &Settings) -> CheckLine {
     let path = &s.source.sqlite_path;
-    let dir = parent(path);
+    let dir = crate::parent_dir(path);
     let shown = shown_path(path);
     let (p, d) = (shown.display(), shown_path(dir));
     let d = d.display();

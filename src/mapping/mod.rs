@@ -27,7 +27,7 @@ pub use normalize::{
     numeric_text, parse_active_int, parse_active_json, parse_candidates, parse_metadata,
     parse_timestamp, strip_nul,
 };
-pub use redact::Redactor;
+pub use redact::{DEFAULT_REDACT_KEYS, Redactor};
 pub use set::{Candidate, digest, finalize, sort_for_export};
 
 use std::borrow::Cow;

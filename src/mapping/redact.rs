@@ -2,6 +2,20 @@
 
 use serde_json::Value;
 
+/// The keys removed when `snapshot.redact_keys` is not set.
+pub const DEFAULT_REDACT_KEYS: &[&str] = &[
+    "api_key",
+    "secret",
+    "client_secret",
+    "token",
+    "access_token",
+    "refresh_token",
+    "password",
+    "authorization",
+    "private_key",
+    "access_key",
+];
+
 /// Removes sensitive metadata keys at any depth. A key matches a listed name when both are equal
 /// once lower-cased and stripped of `_` and `-`: `api_key` catches `apiKey` and `API-KEY`.
 #[derive(Debug, Clone)]
@@ -55,7 +69,7 @@ impl Redactor {
 
 impl Default for Redactor {
     fn default() -> Self {
-        Redactor::new(crate::config::DEFAULT_REDACT_KEYS)
+        Redactor::new(DEFAULT_REDACT_KEYS)
     }
 }
 

@@ -4,7 +4,8 @@
 //! [`sync`](crate::sync) module's business.
 //!
 //! [`Target`] owns a deadpool-postgres pool. Creating it never touches the network; the first
-//! use does. Every statement runs inside an explicit transaction, and no prepared statement
+//! use does. Every statement of a run runs inside an explicit transaction (only the one-shot
+//! `SELECT 1` of a probe and `mapsync migrate`'s scripts do not), and no prepared statement
 //! outlives its transaction, so the same code works through PgBouncer or Supavisor in
 //! transaction-pooling mode. Timeouts are set per transaction with `SET LOCAL` for the same
 //! reason (poolers refuse the `options` startup parameter).
