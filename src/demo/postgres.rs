@@ -1,9 +1,10 @@
 //! The demo's own PostgreSQL: a throwaway cluster under `./demo/postgres` (initdb once, then
-//! started on a free loopback port for each demo and stopped when it ends), so that
-//! `mapsync demo` shows the whole path, SQLite to Postgres, with one command.
+//! started for each demo and stopped when it ends), so that `mapsync demo` shows the whole
+//! path, SQLite to Postgres, with one command.
 //!
-//! Invariants: the cluster listens on 127.0.0.1 only (trust authentication: nothing outside
-//! this host can reach it), keeps no Unix socket, and is stopped (`pg_ctl stop -m fast`) when
+//! Invariants: the cluster has no TCP address; it listens only on a Unix socket in a
+//! directory of mode 0700 owned by the user it runs as, so its trust authentication lets in
+//! that user (and root), nobody else on the host. It is stopped (`pg_ctl stop -m fast`) when
 //! [`DemoPostgres`] is dropped. PostgreSQL refuses to run as root: as root, its commands run
 //! as the `postgres` user through `runuser`, the way the tests run theirs, and the cluster
 //! lives where that user can reach it (`./demo/postgres`, or a directory under the system's
@@ -26,7 +27,8 @@ pub struct DemoPostgres {
     bin: PathBuf,
     data: PathBuf,
     log: PathBuf,
-    port: u16,
+    /// The directory of its Unix socket.
+    socket_dir: PathBuf,
     /// Run the binaries through `runuser -u postgres` (mapsync runs as root).
     as_server_user: bool,
 }
@@ -64,12 +66,12 @@ impl DemoPostgres {
         let home = cluster_home(demo_dir, as_server_user)?;
         let data = home.join("data");
         let log = home.join("postgres.log");
-        let port = free_port()?;
+        let socket_dir = socket_dir(&home, as_server_user)?;
         let pg = DemoPostgres {
             bin,
             data,
             log,
-            port,
+            socket_dir,
             as_server_user,
         };
         if !pg.data.join("PG_VERSION").exists() {
@@ -83,16 +85,29 @@ impl DemoPostgres {
                 .arg(&pg.log)
                 .arg("-o")
                 .arg(format!(
-                    "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off"
+                    "-p {PORT} -c listen_addresses='' -c unix_socket_directories='{}' -c unix_socket_permissions=0700 -c fsync=off",
+                    pg.socket_dir.display()
                 )),
             "pg_ctl start",
         )?;
         Ok(pg)
     }
 
-    /// The URL the demo mirrors into.
+    /// The URL the demo mirrors into (the socket directory as the host, percent-encoded).
     pub fn url(&self) -> String {
-        format!("postgres://{SERVER_USER}@127.0.0.1:{}/postgres", self.port)
+        let host: String = self
+            .socket_dir
+            .display()
+            .to_string()
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(b).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect();
+        format!("postgres://{SERVER_USER}@{host}:{PORT}/postgres")
     }
 
     /// The cluster's data directory.
@@ -210,10 +225,7 @@ fn cluster_home(demo_dir: &Path, as_server_user: bool) -> Result<PathBuf, Error>
     let home = if reachable_by(&local, uid, gid) {
         local
     } else {
-        let tag = local.display().to_string().bytes().fold(0u64, |h, b| {
-            h.wrapping_mul(0x100_0000_01b3).wrapping_add(u64::from(b))
-        });
-        std::env::temp_dir().join(format!("mapsync-demo-postgres-{tag:016x}"))
+        std::env::temp_dir().join(format!("mapsync-demo-postgres-{:016x}", tag(&local)))
     };
     std::fs::create_dir_all(&home).map_err(|e| fail(&home, e))?;
     std::os::unix::fs::chown(&home, Some(uid), Some(gid)).map_err(|e| fail(&home, e))?;
@@ -251,14 +263,39 @@ fn server_user_ids() -> Option<(u32, u32)> {
     })
 }
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> Result<u16, Error> {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| {
-            Error::Other(format!(
-                "cannot find a free port for the demo's PostgreSQL: {e}"
-            ))
-        })
+/// The port number in the socket's name (`.s.PGSQL.5432`); no TCP port is opened.
+const PORT: u16 = 5432;
+
+/// The directory of the cluster's socket, mode 0700, owned by the user the cluster runs as:
+/// `run` beside the data, or, when that path is too long for a socket's name (108 bytes), a
+/// directory of its own under the temporary directory.
+fn socket_dir(home: &Path, as_server_user: bool) -> Result<PathBuf, Error> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let beside = home.join("run");
+    let dir = if beside.as_os_str().len() + ".s.PGSQL.5432".len() + 1 < 100 {
+        beside
+    } else {
+        std::env::temp_dir().join(format!("mapsync-demo-{:016x}", tag(home)))
+    };
+    let fail = |e: std::io::Error| {
+        Error::Other(format!(
+            "cannot create {} for the demo's PostgreSQL socket: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(&dir).map_err(fail)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    if as_server_user {
+        let (uid, gid) =
+            server_user_ids().ok_or_else(|| fail(std::io::ErrorKind::NotFound.into()))?;
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(fail)?;
+    }
+    Ok(dir)
+}
+
+/// A short name for `path`, the same on every run.
+fn tag(path: &Path) -> u64 {
+    path.display().to_string().bytes().fold(0u64, |h, b| {
+        h.wrapping_mul(0x100_0000_01b3).wrapping_add(u64::from(b))
+    })
 }

@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::CancelToken;
 use tokio_postgres::error::SqlState;
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use tls::SslMode;
 pub use txn::{Rejected, RemoteRows, Session, Txn, Written};
@@ -41,7 +40,7 @@ pub struct ConnectSpec {
     pub pg: tokio_postgres::Config,
     pub ssl_mode: SslMode,
     pub ssl_root_cert: Option<PathBuf>,
-    pub tls: MakeRustlsConnect,
+    pub tls: tls::Connector,
     /// `user@host:port/dbname`: safe to print, never holds the password.
     pub display: String,
 }
@@ -82,14 +81,23 @@ impl ConnectSpec {
         let mut pg: tokio_postgres::Config = rest
             .parse()
             .map_err(|e: tokio_postgres::Error| UrlError::Syntax(e.to_string()))?;
-        let ssl_mode = match sslmode.as_deref() {
+        let mut ssl_mode = match sslmode.as_deref() {
             Some(m) => SslMode::parse(m)?,
             None => SslMode::Prefer,
         };
-        pg.ssl_mode(ssl_mode.for_tokio_postgres());
         if pg.get_hosts().is_empty() {
             return Err(UrlError::NoHost);
         }
+        // As libpq: no TLS over a Unix socket, whatever sslmode says (tokio-postgres would
+        // try, and fail on the socket's path as a server name).
+        if pg
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+        {
+            ssl_mode = SslMode::Disable;
+        }
+        pg.ssl_mode(ssl_mode.for_tokio_postgres());
         let host = match &pg.get_hosts()[0] {
             tokio_postgres::config::Host::Tcp(h) => h.clone(),
             tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
@@ -481,6 +489,27 @@ fn one_line(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unix_socket_is_never_asked_for_tls() {
+        for url in [
+            "postgres://postgres@%2Fvar%2Frun%2Fpostgresql:5432/postgres",
+            "host=/var/run/postgresql user=postgres dbname=postgres sslmode=require",
+        ] {
+            let spec = ConnectSpec::parse(url, None).unwrap();
+            assert!(
+                matches!(spec.pg.get_hosts(), [tokio_postgres::config::Host::Unix(_)]),
+                "{url}: {:?}",
+                spec.pg.get_hosts()
+            );
+            assert_eq!(spec.ssl_mode, SslMode::Disable, "{url}");
+            assert_eq!(
+                spec.pg.get_ssl_mode(),
+                tokio_postgres::config::SslMode::Disable,
+                "{url}"
+            );
+        }
+    }
 
     #[test]
     fn tls_parameters_are_taken_out_of_urls() {

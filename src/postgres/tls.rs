@@ -23,6 +23,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// libpq's `sslmode`.
@@ -90,11 +92,33 @@ impl SslMode {
     }
 }
 
+/// The TLS connector handed to tokio-postgres: rustls's, except that the empty host name
+/// tokio-postgres gives for a Unix socket (it asks for a connector even when it will not use
+/// one) gets a placeholder instead of an "invalid dns name" error. TLS is never used over a
+/// socket: `ConnectSpec::parse` sets `sslmode` to `disable` for one, as libpq does.
+#[derive(Clone)]
+pub struct Connector(MakeRustlsConnect);
+
+impl<S> MakeTlsConnect<S> for Connector
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let name = if hostname.is_empty() {
+            "localhost"
+        } else {
+            hostname
+        };
+        MakeTlsConnect::<S>::make_tls_connect(&mut self.0, name)
+    }
+}
+
 /// Builds the connector for `mode`, trusting `root_cert` (a PEM file) when given.
-pub fn connector(
-    mode: SslMode,
-    root_cert: Option<&Path>,
-) -> Result<MakeRustlsConnect, TlsSetupError> {
+pub fn connector(mode: SslMode, root_cert: Option<&Path>) -> Result<Connector, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = match root_cert {
         Some(path) => {
@@ -141,7 +165,7 @@ pub fn connector(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    Ok(MakeRustlsConnect::new(config))
+    Ok(Connector(MakeRustlsConnect::new(config)))
 }
 
 /// `verify-ca`: the chain must lead to a trusted root; the name in the certificate is not

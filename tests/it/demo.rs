@@ -342,6 +342,18 @@ fn demo_in_a_fresh_directory_mirrors_twenty_mappings_into_its_own_postgres() {
     let mirrored = run_psql(&url, "SELECT count(*) FROM public.model_mappings")
         .unwrap_or_else(|e| panic!("{psql_line}: {e}"));
     assert_eq!(mirrored.trim(), DEMO_MAPPINGS.to_string());
+    // Trust authentication, so nobody else may reach the cluster: no TCP address, and its
+    // socket in a directory only its owner can enter (postmaster.pid: line 5 is the socket
+    // directory, line 6 the listen addresses).
+    let pid_file = std::fs::read_to_string(data_dir.join("postmaster.pid")).unwrap();
+    let lines: Vec<&str> = pid_file.lines().collect();
+    assert_eq!(lines.get(5).map(|l| l.trim()), Some(""), "{pid_file}");
+    let socket_dir = std::fs::metadata(lines[4]).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&socket_dir.permissions()) & 0o777,
+        0o700,
+        "{pid_file}"
+    );
     // The line itself, pasted into a shell.
     let out = std::process::Command::new("sh")
         .arg("-c")
