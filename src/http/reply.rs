@@ -141,11 +141,30 @@ pub fn header(value: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
 }
 
+/// A JSON answer (200, not cacheable) written by `write` on the blocking pool as the client
+/// takes it; the body ends only when `write` has written it all (see [`channel`]).
+pub fn streamed_json(
+    write: impl FnOnce(&mut ChannelWriter) -> std::io::Result<()> + Send + 'static,
+) -> Response<Body> {
+    let (mut out, body) = channel();
+    tokio::task::spawn_blocking(move || {
+        // A client that goes away ends the write, and the body with an error.
+        if write(&mut out).is_ok() {
+            let _ = out.finish();
+        }
+    });
+    let mut res = Response::new(body);
+    let h = res.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
 /// A streamed answer: the [`ChannelWriter`] that writes it on the blocking pool and the body
 /// hyper sends, chunk by chunk (the export of 100,000 mappings never sits in memory whole).
 /// Nothing but [`ChannelWriter::finish`] ends the body; a writer dropped before it makes the
 /// body fail with [`Incomplete`].
-pub fn channel() -> (ChannelWriter, Body) {
+fn channel() -> (ChannelWriter, Body) {
     let (tx, rx) = mpsc::channel(4);
     let finished = Arc::new(AtomicBool::new(false));
     let writer = ChannelWriter {

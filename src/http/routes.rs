@@ -782,24 +782,9 @@ impl App {
         };
         let now = Utc::now();
         let redact = self.engine.redacts_exports();
-        let (mut out, body) = reply::channel();
-        tokio::task::spawn_blocking(move || {
-            // A client that goes away ends the write, and the body with an error.
-            if snapshot::write_document(&mut out, &sorted, now, redact).is_ok() {
-                let _ = out.finish();
-            }
-        });
-        let mut res = Response::new(body);
-        let h = res.headers_mut();
-        h.insert(
-            hyper::header::CONTENT_TYPE,
-            HeaderValue::from_static(reply::JSON),
-        );
-        h.insert(
-            hyper::header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
-        );
-        h.insert(
+        let mut res =
+            reply::streamed_json(move |out| snapshot::write_document(out, &sorted, now, redact));
+        res.headers_mut().insert(
             CONTENT_DISPOSITION,
             reply::header(&format!(
                 "attachment; filename=\"model-mappings-{}.json\"",
@@ -847,23 +832,7 @@ impl App {
                 &format!("no snapshot named {}", quote(name)),
             );
         };
-        let (mut out, body) = reply::channel();
-        tokio::task::spawn_blocking(move || {
-            if std::io::copy(&mut file, &mut out).is_ok() {
-                let _ = out.finish();
-            }
-        });
-        let mut res = Response::new(body);
-        let h = res.headers_mut();
-        h.insert(
-            hyper::header::CONTENT_TYPE,
-            HeaderValue::from_static(reply::JSON),
-        );
-        h.insert(
-            hyper::header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
-        );
-        res
+        reply::streamed_json(move |out| std::io::copy(&mut file, out).map(drop))
     }
 
     fn store(&self) -> snapshot::SnapshotStore {

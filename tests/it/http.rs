@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use crate::harness::daemon::Daemon;
 use crate::harness::http::{self, Reply};
 use crate::harness::sys::poll_until;
-use crate::harness::workspace::{SYNC_FIELDS, Workspace, command, remote_count, supabase_db};
+use crate::harness::workspace::{
+    MAPPING_FIELDS, SYNC_FIELDS, Workspace, command, remote_count, supabase_db,
+};
 use crate::harness::*;
 use serde_json::{Value, json};
 
@@ -21,19 +23,6 @@ const JSON_TYPE: &str = "application/json; charset=utf-8";
 const METRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const SYNC_PATH: &str = "/api/v1/llm/model-groups/sync-to-supabase";
 const PUSH_PATH: &str = "/api/v1/llm/model-groups/sync";
-/// The ten fields of an exported mapping, in order (SPEC §1).
-const MAPPING_FIELDS: [&str; 10] = [
-    "id",
-    "scope_type",
-    "scope_key",
-    "name",
-    "default_model",
-    "candidates",
-    "is_active",
-    "updated_at",
-    "source",
-    "metadata",
-];
 /// Every metric name of SPEC §5, as its samples start (counters end in `_total`).
 const METRIC_NAMES: [&str; 24] = [
     "mapsync_sync_runs_total{",

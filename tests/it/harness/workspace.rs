@@ -289,6 +289,20 @@ fn micros(v: &Value) -> Option<i64> {
         .ok()
 }
 
+/// The ten fields of an exported mapping, in order (SPEC §1).
+pub const MAPPING_FIELDS: [&str; 10] = [
+    "id",
+    "scope_type",
+    "scope_key",
+    "name",
+    "default_model",
+    "candidates",
+    "is_active",
+    "updated_at",
+    "source",
+    "metadata",
+];
+
 /// Asserts that Postgres holds exactly the source's mappings, all ten fields of every row,
 /// but for `not_mirrored` ids (which it must not hold).
 #[track_caller]
@@ -307,17 +321,12 @@ pub fn assert_mirror_equals_source(ws: &Workspace, db: &TestDb, not_mirrored: &[
     assert_eq!(got, expected, "the mirror's ids are the source's");
     for (id, m) in &source {
         let Some(r) = remote.get(id) else { continue };
-        for field in [
-            "scope_type",
-            "scope_key",
-            "name",
-            "default_model",
-            "candidates",
-            "is_active",
-            "source",
-            "metadata",
-        ] {
-            assert_eq!(r[field], m[field], "{id}: {field}");
+        // The id is the key; updated_at is compared as an instant below.
+        for field in MAPPING_FIELDS
+            .iter()
+            .filter(|f| !["id", "updated_at"].contains(*f))
+        {
+            assert_eq!(r[*field], m[*field], "{id}: {field}");
         }
         assert_eq!(
             micros(&r["updated_at"]),
