@@ -2,11 +2,14 @@
 //! image (for the snapshot writer and the admin port), work out what the mirror lacks, and
 //! push it through [`sync::run`] — the same call `mapsync sync` makes.
 //!
-//! Full runs read every row afresh and let [`sync::run`] compare the whole mirror; watch runs
-//! read incrementally (unchanged rows reuse their mappings) and push only the [`Diff`] from
-//! what the last successful run left in the mirror ([`Mirrored`]), computed from the read's
-//! delta alone when the mirror held the previous read. A run that may not push (read ahead
-//! during the debounce, or while backing off) keeps its read for the next one.
+//! Full runs walk every row and let [`sync::run`] compare the whole mirror; watch runs read
+//! the rows stamped since the last read (a watermark read, see [`crate::appdb::read`]), and
+//! the walk that checks them reads every row; unchanged rows keep their mappings, and these
+//! runs push only the [`Diff`] from what the last successful run left in the mirror
+//! ([`Mirrored`]), computed from the read's delta alone when the mirror held the previous
+//! read. A read that changed nothing ends the run there, unless it pushes an earlier read. A
+//! run that may not push (read ahead during the debounce, or while backing off) keeps its read
+//! for the next one.
 //!
 //! The run owns its [`RunState`] while it runs and hands it back, so no lock guards it. It
 //! records nothing itself: the event loop reports how it ended ([`Outcome`]) through one
@@ -166,7 +169,7 @@ pub(super) async fn run(
 
 async fn run_inner(state: &mut RunState, plan: Plan, shared: &Arc<Shared>) -> Outcome {
     let (image, diff) = match read(state, &plan, shared).await {
-        Ok(Some(image)) => {
+        Ok(Read::Image(image)) => {
             state.unpushed = None;
             shared.publish(image.clone(), state.source.skipped_total());
             let diff = state
@@ -181,12 +184,15 @@ async fn run_inner(state: &mut RunState, plan: Plan, shared: &Arc<Shared>) -> Ou
             state.in_step = false;
             (image, diff)
         }
-        // Nothing committed since the last read: push what that read found, if it was read
-        // ahead of this run and not pushed yet.
-        Ok(None) => match state.unpushed.take() {
+        // Nothing committed since the last read, or nothing that the mirror lacks: push what
+        // that read found, if it was read ahead of this run and not pushed yet.
+        Ok(read) => match state.unpushed.take() {
             Some(u) if plan.push => (u.image, u.diff),
             kept => {
                 state.unpushed = kept;
+                if matches!(read, Read::Same) {
+                    shared.source_unchanged();
+                }
                 return Outcome::Unchanged;
             }
         },
@@ -257,26 +263,44 @@ fn remember(state: &mut RunState, plan: &Plan, image: &SourceImage, diff: Option
     }
 }
 
-/// Reads the source on the blocking pool; `Ok(None)` when the gate saw no commit.
-async fn read(
-    state: &mut RunState,
-    plan: &Plan,
-    shared: &Shared,
-) -> Result<Option<Arc<SourceImage>>, RunError> {
-    let mode = if plan.full {
+/// What [`read`] found.
+enum Read {
+    /// The gate saw no commit: nothing was read.
+    Gated,
+    /// Read, and every mapping is as the previous read left it, which the mirror holds (the
+    /// image is not made again).
+    Same,
+    Image(Arc<SourceImage>),
+}
+
+/// Reads the source on the blocking pool.
+async fn read(state: &mut RunState, plan: &Plan, shared: &Shared) -> Result<Read, RunError> {
+    let mode = if plan.walk {
         ReadMode::Full
     } else {
         ReadMode::Incremental
     };
-    let gate = plan.gate;
+    let (gate, full) = (plan.gate, plan.full);
+    // A full run compares the whole image with the mirror, changed or not; and a mirror
+    // behind the previous read needs the image too.
+    let image_always = full || !state.in_step;
     let source = std::mem::replace(&mut state.source, shared.new_source());
     let joined = tokio::task::spawn_blocking(move || {
         let mut source = source;
         let result = (|| {
             if gate && !source.changed()? {
-                return Ok(None);
+                return Ok(Read::Gated);
             }
-            source.read(mode).map(Some)
+            let rows = source.read_rows(mode)?;
+            tracing::debug!(
+                read = if rows.watermark { "watermark" } else { "walk" },
+                unchanged = rows.unchanged(),
+                "source read"
+            );
+            if !image_always && rows.unchanged() {
+                return Ok(Read::Same);
+            }
+            Ok(Read::Image(Arc::new(source.image_of(rows))))
         })();
         if result.is_err() {
             // The next gated run must read, even if the files look the same again.
@@ -288,9 +312,7 @@ async fn read(
     match joined {
         Ok((source, result)) => {
             state.source = source;
-            result
-                .map(|image| image.map(Arc::new))
-                .map_err(RunError::source)
+            result.map_err(RunError::source)
         }
         // The read panicked; the fresh source put in its place starts over.
         Err(e) => Err(RunError::other(format!(

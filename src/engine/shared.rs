@@ -99,6 +99,15 @@ impl Shared {
         }
     }
 
+    /// The file was read and held nothing new: the status says when it was read, the image
+    /// stays.
+    pub fn source_unchanged(&self) {
+        if let Some(image) = self.image.borrow().as_ref() {
+            self.board
+                .source_read(image.mappings.len() as u64, image.skipped as u64);
+        }
+    }
+
     pub fn record_pending(&self, pending: u64) {
         self.board.pending(pending);
         self.metrics.pending_changes.set(pending as i64);

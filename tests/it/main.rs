@@ -18,6 +18,7 @@ mod demo;
 mod faults;
 mod hardening;
 mod http;
+mod incremental;
 mod ops;
 mod page;
 mod prometheus;
