@@ -260,6 +260,9 @@ impl SqliteSource {
             OpenFlags::SQLITE_OPEN_READ_ONLY,
             self.busy_timeout,
         )?;
+        // Every page is read once, in order: a small page cache does as well as SQLite's 2 MB
+        // default, and leaves fewer holes among the mappings when it is freed.
+        conn.pragma_update(None, "cache_size", PAGE_CACHE_KIB)?;
         let tx = conn.unchecked_transaction()?;
         if !table_exists(&tx, "llm_model_mappings")? {
             return Err(Failed::NotAppDatabase);
@@ -352,6 +355,9 @@ impl SqliteSource {
         self.read_fingerprint = None;
     }
 }
+
+/// The page cache of a read, in KiB (SQLite's `cache_size` takes it negative).
+const PAGE_CACHE_KIB: i64 = -256;
 
 /// Why a read transaction failed, before the path is attached ([`SourceError`]).
 enum Failed {
@@ -446,6 +452,11 @@ fn walk(
     }
     removed.extend(i..known);
     settle(marks, removed, between, changes);
+    // A first walk grows the marks by doubling: give back what a table of this size does not
+    // need (a realloc of a mapped block, no copy).
+    if marks.capacity() > marks.len() + marks.len() / 8 + 64 {
+        marks.shrink_to_fit();
+    }
     Ok(())
 }
 

@@ -122,7 +122,7 @@ impl Loop {
 
     /// Whether a run has succeeded, so the mirror's content is known.
     fn steady(&self) -> bool {
-        self.state.as_ref().is_some_and(|s| s.mirrored.is_some())
+        self.state.as_ref().is_some_and(|s| s.pushed.is_some())
     }
 
     /// Starts a run if nothing runs and something is pending.

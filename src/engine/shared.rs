@@ -153,7 +153,7 @@ impl Shared {
 
 /// Hands memory freed by the allocator back to the system, so the RSS an operator sees
 /// follows what the daemon holds (glibc keeps freed memory otherwise).
-fn release_free_memory() {
+pub(super) fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {

@@ -62,19 +62,21 @@ impl Origin {
 /// with its whole metadata (see [`Mapping::view`] for the redacted form).
 ///
 /// The daemon holds every mapping in memory (100,000 of them in the benchmark, a million in
-/// the scaling runs), so a mapping is kept compact: 48 bytes behind its `Arc` (one 80-byte
+/// the scaling runs), so a mapping is kept compact: 56 bytes behind its `Arc` (one 80-byte
 /// heap chunk with the reference counts) and one allocation of text.
-/// - `text` holds the id, the name and the default model back to back, after three lengths
-///   written as ASCII varints ([`Lengths`]); no offsets are stored beside it.
-/// - The candidates' and the metadata's canonical JSON are [`Shared`]: mappings built by one
-///   reader through an [`Interner`] share one copy of each distinct text (model lists and
-///   metadata objects repeat across mappings), and a mapping built alone owns its own.
+/// - `text` holds the id and the name back to back, after two lengths written as ASCII
+///   varints ([`Lengths`]); no offsets are stored beside it.
+/// - The default model, and the candidates' and the metadata's canonical JSON, are
+///   [`Shared`]: mappings built by one reader through an [`Interner`] share one copy of each
+///   distinct text (models, model lists and metadata objects repeat across mappings), and a
+///   mapping built alone owns its own.
 ///
 /// Build one with [`Mapping::new`]; read it through the accessors.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Mapping {
-    /// Lengths, then id, name, default_model.
+    /// Lengths, then id and name.
     text: Box<str>,
+    default_model: Option<Arc<Shared>>,
     /// The candidates as canonical JSON (`["a", "b"]`).
     candidates: Arc<Shared>,
     /// The metadata as canonical JSON, whole and (when it differs) as the mirror holds it.
@@ -83,12 +85,9 @@ pub struct Mapping {
     pub updated_at: Option<DateTime<Utc>>,
     pub is_active: bool,
     pub source: Origin,
-    /// [`HAS_NAME`] | [`HAS_DEFAULT_MODEL`].
-    flags: u8,
+    /// Whether the name is set (an empty name is not a missing one).
+    has_name: bool,
 }
-
-const HAS_NAME: u8 = 1;
-const HAS_DEFAULT_MODEL: u8 = 2;
 
 /// A JSON text that mappings may share (see [`Interner`]).
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -131,23 +130,19 @@ impl Mapping {
             String::with_capacity(2 + f.candidates.iter().map(|c| c.len() + 4).sum::<usize>());
         write_candidates(&mut candidates, f.candidates.iter().map(|c| c.as_ref()));
         let name = f.name.unwrap_or("");
-        let default_model = f.default_model.unwrap_or("");
         let lengths = Lengths {
             scope_type: f.scope_type.len(),
             id: f.scope_type.len() + 1 + f.scope_key.len(),
-            name: name.len(),
         };
-        let mut text = String::with_capacity(
-            Lengths::MAX_LEN + lengths.id + lengths.name + default_model.len(),
-        );
+        let mut text = String::with_capacity(Lengths::MAX_LEN + lengths.id + name.len());
         lengths.write(&mut text);
         text.push_str(f.scope_type);
         text.push(':');
         text.push_str(f.scope_key);
         text.push_str(name);
-        text.push_str(default_model);
         Mapping {
             text: text.into_boxed_str(),
+            default_model: f.default_model.map(|m| Arc::new(Shared(m.into()))),
             candidates: Arc::new(Shared(candidates.into_boxed_str())),
             metadata: Arc::new(SharedMetadata {
                 whole: f.metadata.into(),
@@ -156,12 +151,7 @@ impl Mapping {
             updated_at: f.updated_at,
             is_active: f.is_active,
             source: f.source,
-            flags: if f.name.is_some() { HAS_NAME } else { 0 }
-                | if f.default_model.is_some() {
-                    HAS_DEFAULT_MODEL
-                } else {
-                    0
-                },
+            has_name: f.name.is_some(),
         }
     }
 
@@ -196,13 +186,11 @@ impl Mapping {
 
     pub fn name(&self) -> Option<&str> {
         let (l, at) = self.layout();
-        let start = at + l.id;
-        (self.flags & HAS_NAME != 0).then(|| &self.text[start..start + l.name])
+        self.has_name.then(|| &self.text[at + l.id..])
     }
 
     pub fn default_model(&self) -> Option<&str> {
-        let (l, at) = self.layout();
-        (self.flags & HAS_DEFAULT_MODEL != 0).then(|| &self.text[at + l.id + l.name..])
+        self.default_model.as_deref().map(|m| &*m.0)
     }
 
     /// The candidates as canonical JSON text (`["a", "b"]`), the way the mirror's `jsonb`
@@ -262,23 +250,22 @@ impl Mapping {
     }
 }
 
-/// The three lengths at the head of a mapping's `text` (scope type, id, name; the default
-/// model is the rest), each an ASCII varint: six bits per byte, low bits first, `0x40` set on
-/// every byte but the last. Typical ids and names take one byte each, and the text stays
+/// The two lengths at the head of a mapping's `text` (scope type and id; the name is the
+/// rest), each an ASCII varint: six bits per byte, low bits first, `0x40` set on
+/// every byte but the last. Typical lengths take one byte each, and the text stays
 /// valid UTF-8, so no `unsafe` is needed to read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Lengths {
     scope_type: usize,
     id: usize,
-    name: usize,
 }
 
 impl Lengths {
     /// At most 6 bytes per length (36 bits: a mapping's text is far below 4 GiB).
-    const MAX_LEN: usize = 18;
+    const MAX_LEN: usize = 12;
 
     fn write(&self, out: &mut String) {
-        for mut n in [self.scope_type, self.id, self.name] {
+        for mut n in [self.scope_type, self.id] {
             loop {
                 let low = (n & 0x3f) as u8;
                 n >>= 6;
@@ -307,15 +294,8 @@ impl Lengths {
             }
             n
         };
-        let (scope_type, id, name) = (next(), next(), next());
-        (
-            Lengths {
-                scope_type,
-                id,
-                name,
-            },
-            at,
-        )
+        let (scope_type, id) = (next(), next());
+        (Lengths { scope_type, id }, at)
     }
 }
 
@@ -325,7 +305,8 @@ impl Lengths {
 /// thousand lists. [`Interner::sweep`] forgets the texts no mapping uses any more.
 #[derive(Debug, Default)]
 pub struct Interner {
-    candidates: FxHashSet<Arc<Shared>>,
+    /// Default models and candidate lists.
+    texts: FxHashSet<Arc<Shared>>,
     metadata: FxHashSet<Arc<SharedMetadata>>,
     /// Entries after the last sweep: a sweep is due when they have doubled.
     swept_at: usize,
@@ -334,12 +315,10 @@ pub struct Interner {
 impl Interner {
     /// `m` with its texts shared with the mappings interned before it.
     pub fn intern(&mut self, mut m: Mapping) -> Mapping {
-        match self.candidates.get(&m.candidates) {
-            Some(held) => m.candidates = held.clone(),
-            None => {
-                self.candidates.insert(m.candidates.clone());
-            }
+        if let Some(model) = &mut m.default_model {
+            Self::share(&mut self.texts, model);
         }
+        Self::share(&mut self.texts, &mut m.candidates);
         match self.metadata.get(&m.metadata) {
             Some(held) => m.metadata = held.clone(),
             None => {
@@ -352,20 +331,30 @@ impl Interner {
     /// Forgets the texts only the interner still holds, when the table has doubled since the
     /// last sweep (or `always`). Costs one pass over the distinct texts.
     pub fn sweep(&mut self, always: bool) {
-        let len = self.candidates.len() + self.metadata.len();
+        let len = self.len();
         if !always && len < 2 * self.swept_at.max(1024) {
             return;
         }
-        self.candidates.retain(|t| Arc::strong_count(t) > 1);
+        self.texts.retain(|t| Arc::strong_count(t) > 1);
         self.metadata.retain(|t| Arc::strong_count(t) > 1);
-        self.candidates.shrink_to_fit();
+        self.texts.shrink_to_fit();
         self.metadata.shrink_to_fit();
-        self.swept_at = self.candidates.len() + self.metadata.len();
+        self.swept_at = self.len();
     }
 
     /// Distinct texts held.
     pub fn len(&self) -> usize {
-        self.candidates.len() + self.metadata.len()
+        self.texts.len() + self.metadata.len()
+    }
+
+    /// Points `text` at the interned copy of its value, interning it when new.
+    fn share(set: &mut FxHashSet<Arc<Shared>>, text: &mut Arc<Shared>) {
+        match set.get(text) {
+            Some(held) => *text = held.clone(),
+            None => {
+                set.insert(text.clone());
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -521,10 +510,11 @@ pub(super) mod tests {
         }
     }
 
-    /// What the daemon holds per mapping (issue 13): 48 bytes behind the `Arc`, text aside.
+    /// What the daemon holds per mapping (issue 13): 56 bytes behind the `Arc` (72 with the
+    /// counts: an 80-byte heap chunk), text aside.
     #[test]
     fn a_mapping_is_small() {
-        assert!(std::mem::size_of::<Mapping>() <= 48);
+        assert!(std::mem::size_of::<Mapping>() <= 56);
     }
 
     #[test]
@@ -552,6 +542,24 @@ pub(super) mod tests {
         drop((a, b));
         interner.sweep(true);
         assert_eq!(interner.len(), 2, "gpt-4o's list is no longer used");
+        let with_model = |model| {
+            Mapping::new(Fields {
+                scope_type: "mapping",
+                scope_key: "m",
+                default_model: Some(model),
+                metadata: "{}",
+                ..Default::default()
+            })
+        };
+        let (x, y) = (
+            interner.intern(with_model("qwen-max")),
+            interner.intern(with_model("qwen-max")),
+        );
+        assert!(Arc::ptr_eq(
+            x.default_model.as_ref().unwrap(),
+            y.default_model.as_ref().unwrap()
+        ));
+        assert_eq!(x.default_model(), Some("qwen-max"));
     }
 
     #[test]

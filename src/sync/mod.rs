@@ -21,7 +21,7 @@ mod report;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use diff::{Diff, Mirrored};
+pub use diff::{Diff, compose};
 pub use report::{SyncOptions, SyncReport, SyncStatus, Trigger};
 
 use crate::config::TargetSettings;
