@@ -349,6 +349,64 @@ impl SqliteSource {
         (mappings, contested)
     }
 
+    /// The files' fingerprint now (what a read records before it reads).
+    pub fn fingerprint(&self) -> Result<Fingerprint, SourceError> {
+        Fingerprint::take(&self.path)
+    }
+
+    /// Whether the last image had ids shared by two rows.
+    pub fn contested(&self) -> bool {
+        self.contested
+    }
+
+    /// The rows as the last read left them, for `mapsync sync`'s state: rowid, hash, id.
+    pub fn marks(&self) -> Vec<RowMark> {
+        self.memo
+            .marks
+            .iter()
+            .map(|m| RowMark {
+                rowid: m.rowid,
+                hash: m.hash,
+                id: m.mapping.as_ref().map(|m| m.id().into()),
+            })
+            .collect()
+    }
+
+    /// A walk of every row beside `previous` (the rows a former `mapsync sync` left, in rowid
+    /// order): only new and changed rows are normalised. Prompts are read whole. One read
+    /// transaction, as [`read`](Self::read).
+    pub fn read_marked(&mut self, previous: Vec<RowMark>) -> Result<MarkedRead, SourceError> {
+        let fingerprint = Fingerprint::take(&self.path)?;
+        let fail = |e| source_error(&self.path, e);
+        let conn = open(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY,
+            self.busy_timeout,
+        )
+        .map_err(fail)?;
+        conn.pragma_update(None, "cache_size", PAGE_CACHE_KIB)
+            .map_err(fail)?;
+        let tx = conn.unchecked_transaction().map_err(fail)?;
+        if !table_exists(&tx, "llm_model_mappings").map_err(fail)? {
+            return Err(SourceError::NotAppDatabase(self.path.clone()));
+        }
+        let mut read = MarkedRead {
+            fingerprint,
+            marks: Vec::with_capacity(previous.len()),
+            fresh: Vec::new(),
+            gone: Vec::new(),
+            prompts: Vec::new(),
+            aliased: false,
+        };
+        walk_marked(&tx, previous, &mut self.rules, &mut read).map_err(fail)?;
+        if self.include_prompts {
+            read.prompts = read_prompt_rows(&tx, &mut self.rules).map_err(fail)?;
+        }
+        tx.commit().map_err(fail)?;
+        conn.close().map_err(|(_, e)| fail(e))?;
+        Ok(read)
+    }
+
     /// Forgets the last read's fingerprint, so that the next gate reads (the daemon does this
     /// when a read failed).
     pub fn forget(&mut self) {
@@ -370,6 +428,67 @@ impl From<rusqlite::Error> for Failed {
     fn from(e: rusqlite::Error) -> Self {
         Failed::Sqlite(e)
     }
+}
+
+/// A row as a `mapsync sync` left it: its rowid, the hash of its stored bytes, and the id
+/// of its mapping (`None` for a skipped row).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RowMark {
+    pub rowid: i64,
+    pub hash: u64,
+    pub id: Option<Box<str>>,
+}
+
+/// What [`SqliteSource::read_marked`] found.
+pub struct MarkedRead {
+    /// The files' fingerprint, taken before the read.
+    pub fingerprint: Fingerprint,
+    /// Every row now, in rowid order.
+    pub marks: Vec<RowMark>,
+    /// The mappings of new and changed rows.
+    pub fresh: Vec<Arc<Mapping>>,
+    /// The ids of rows that changed or went (a changed row's id may be among `fresh` again).
+    pub gone: Vec<Box<str>>,
+    /// Every prompt mapping.
+    pub prompts: Vec<Arc<Mapping>>,
+    /// Whether a new or changed row is stored under another id than its mapping's (it may
+    /// share its id with another row: only a whole read can tell which one wins).
+    pub aliased: bool,
+}
+
+/// [`SqliteSource::read_marked`]'s walk: a merge of the rows with `previous`.
+fn walk_marked(
+    conn: &Connection,
+    previous: Vec<RowMark>,
+    rules: &mut Normalizer,
+    out: &mut MarkedRead,
+) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare(&select_rows("ORDER BY rowid"))?;
+    let mut rows = stmt.query([])?;
+    let mut before = previous.into_iter().peekable();
+    while let Some(r) = rows.next()? {
+        let (rowid, hash): (i64, u64) = (r.get(0)?, row_hash(r)?);
+        while let Some(old) = before.next_if(|m| m.rowid < rowid) {
+            out.gone.extend(old.id);
+        }
+        let old = before.next_if(|m| m.rowid == rowid);
+        if let Some(old) = old.as_ref().filter(|m| m.hash == hash) {
+            out.marks.push(old.clone());
+            continue;
+        }
+        out.gone.extend(old.and_then(|m| m.id));
+        let candidate = rules.mapping_row(&MappingRow::read(r, 1)?);
+        let id = candidate.as_ref().map(|c| c.mapping.id().into());
+        if let Some(c) = candidate {
+            out.aliased |= c.stored_id.is_some();
+            out.fresh.push(c.mapping);
+        }
+        out.marks.push(RowMark { rowid, hash, id });
+    }
+    for old in before {
+        out.gone.extend(old.id);
+    }
+    Ok(())
 }
 
 /// Where a read reports what it builds and what it drops.
@@ -633,8 +752,8 @@ fn is_noop(delta: &Delta) -> bool {
 
 /// What the database file and its `-wal` look like from outside: enough to tell that nothing
 /// can have committed since, without opening a connection (see the module doc).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint {
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fingerprint {
     db: FileState,
     wal: Option<FileState>,
     /// The wal-index header in `-shm` (both copies, 96 bytes): a commit's frames reach the
@@ -647,7 +766,7 @@ struct Fingerprint {
 /// (device, inode, size, mtime and, for the database, ctime in ns) and the first bytes of a file: the database header's
 /// first 100 bytes (change counter, page count) or the WAL header's 32 (salts, checkpoint
 /// sequence).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct FileState {
     id: (u64, u64),
     size: u64,

@@ -24,4 +24,5 @@ mod page;
 mod prometheus;
 mod restore;
 mod selftest;
+mod state;
 mod sync;
