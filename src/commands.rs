@@ -17,6 +17,7 @@ use crate::config::Settings;
 use crate::mapping::{self, Redactor};
 use crate::postgres::{ConnectSpec, SslMode, Target};
 use crate::snapshot;
+use crate::sync::state::{CheckedError, StateKey, SyncState};
 use crate::sync::{self, SyncOptions, SyncReport, Trigger};
 
 /// Reads the source once, on the blocking pool.
@@ -31,19 +32,61 @@ async fn read_source(settings: &Settings) -> Result<SourceImage, Error> {
         .map_err(Error::from)
 }
 
-/// `mapsync sync`: one full run, trigger `manual`.
-pub async fn sync(settings: &Settings, opts: SyncOptions) -> Result<SyncReport, Error> {
-    let image = read_source(settings).await?;
+/// `mapsync sync`: one run, trigger `manual`. With a target, it uses the state the last run
+/// left beside the snapshots ([`sync::state`]) unless `full`, and leaves a new one: a run
+/// whose mirror and SQLite file are as the state says scans and reads nothing. A dry run
+/// reads and scans everything and leaves no state.
+pub async fn sync(settings: &Settings, opts: SyncOptions, full: bool) -> Result<SyncReport, Error> {
     let target = Target::from_settings(&settings.target)?;
-    let run = sync::Run {
-        mappings: &image.mappings,
-        mode: sync::Mode::Full,
-        opts,
-        trigger: Trigger::Manual,
-        remote_known: 0,
+    let (Some(target), false) = (target.as_ref(), opts.dry_run) else {
+        let image = read_source(settings).await?;
+        let run = sync::Run {
+            mappings: &image.mappings,
+            mode: sync::Mode::Full,
+            opts,
+            trigger: Trigger::Manual,
+            remote_known: 0,
+        };
+        let ran = sync::run(target.as_ref(), sync::Limits::of(&settings.target), run).await?;
+        return Ok(ran.report);
     };
-    let ran = sync::run(target.as_ref(), sync::Limits::of(&settings.target), run).await?;
-    Ok(ran.report)
+    let path = SyncState::path(settings);
+    let key = StateKey::of(settings, target);
+    let state = if full {
+        None
+    } else {
+        SyncState::load(&path, &key)
+            .inspect_err(|why| tracing::debug!(file = %path.display(), "a full run: {why}"))
+            .ok()
+    };
+    let source = SqliteSource::new(
+        &settings.source,
+        Redactor::new(&settings.snapshot.redact_keys),
+    )
+    .memoizing();
+    let checked = sync::state::run_checked(
+        target,
+        sync::Limits::of(&settings.target),
+        opts,
+        key,
+        state,
+        source,
+    )
+    .await
+    .map_err(|e| match e {
+        CheckedError::Source(e) => Error::Source(e),
+        CheckedError::Target(e) => Error::Target(e),
+        CheckedError::Stopped(why) => {
+            Error::Other(format!("reading the SQLite file stopped: {why}"))
+        }
+    })?;
+    // A refused run leaves none: it changed nothing the old state describes wrongly.
+    if let Some(state) = checked.state {
+        if let Err(e) = state.save(&path) {
+            tracing::warn!("the next run will be a full one: {e}");
+        }
+    }
+    Ok(checked.ran.report)
 }
 
 /// `mapsync export`: the snapshot document, to `output` (atomically) or to `stdout`.

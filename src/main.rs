@@ -58,6 +58,10 @@ enum Command {
         /// Compute what would change, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Read every row and compare every remote row, whatever the last run's state says
+        /// (the state beside the snapshots lets a run skip both when nothing changed).
+        #[arg(long)]
+        full: bool,
     },
     /// Write the current mappings in the snapshot format.
     Export {
@@ -199,13 +203,14 @@ async fn dispatch(command: Command, settings: Settings) -> Result<ExitCode, Erro
             delete_missing,
             force,
             dry_run,
+            full,
         } => {
             let opts = SyncOptions {
                 delete_missing: delete_missing || settings.target.delete_missing,
                 force,
                 dry_run,
             };
-            let report = commands::sync(&settings, opts).await?;
+            let report = commands::sync(&settings, opts, full).await?;
             print_json(&report);
             if report.status.is_refused() {
                 eprintln!(

@@ -18,7 +18,7 @@ pub mod watch;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use read::{ReadMode, SqliteSource};
+pub use read::{Fingerprint, MarkedRead, ReadMode, RowMark, SqliteSource};
 
 use crate::mapping::Mapping;
 

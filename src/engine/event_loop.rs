@@ -81,7 +81,7 @@ impl Loop {
                 Some(change) = inputs.changes.recv() => {
                     tracing::debug!(?change, "file change");
                     self.shared.metrics.set_fs_events(inputs.fs_events.load(Ordering::Relaxed));
-                    self.policy.watch(change);
+                    self.policy.watch(change, Instant::now());
                 }
                 Some(tick) = inputs.ticks.recv() => match tick {
                     Tick::Reconcile => self.policy.schedule(),
@@ -96,6 +96,9 @@ impl Loop {
                 }
                 _ = sleep_until_some(self.policy.retry_at()), if self.running.is_none() => {
                     self.policy.retry_due();
+                }
+                _ = sleep_until_some(self.policy.walk_at()), if self.running.is_none() => {
+                    self.policy.walk_due();
                 }
                 _ = sleep_until_some(self.policy.probe_at()), if self.running.is_none() && self.probe.is_none() => {
                     self.start_probe();
@@ -119,7 +122,7 @@ impl Loop {
 
     /// Whether a run has succeeded, so the mirror's content is known.
     fn steady(&self) -> bool {
-        self.state.as_ref().is_some_and(|s| s.mirrored.is_some())
+        self.state.as_ref().is_some_and(|s| s.pushed.is_some())
     }
 
     /// Starts a run if nothing runs and something is pending.
@@ -177,6 +180,8 @@ impl Loop {
         self.shared.board.set_running(false);
         let finished = match joined {
             Ok((state, finished)) => {
+                self.policy
+                    .source_read(state.source.needs_walk(), Instant::now());
                 self.state = Some(state);
                 finished
             }

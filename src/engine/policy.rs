@@ -9,6 +9,10 @@
 //! - order of urgency: requests, start-up, retry, schedule, file changes;
 //! - file changes give incremental runs, gated on "did anything commit?", once a run has
 //!   succeeded; a watcher rescan, or no success yet, gives a full run;
+//! - an incremental run reads only the rows stamped since the last read (a watermark read);
+//!   after one, a walk of every row (which catches a row changed without a new `updated_at`)
+//!   follows once the file has been quiet for [`WALK_AFTER_QUIET`], and within
+//!   [`WALK_WITHIN`] however busy it is; a full run walks too;
 //! - after a failed push, runs that would reach Postgres wait for a capped exponential
 //!   backoff with jitter (reading and snapshotting go on); an unreachable Postgres is also
 //!   probed every [`PROBE_EVERY`], and its first answer ends the wait at once;
@@ -27,6 +31,10 @@ use crate::sync::{SyncOptions, Trigger};
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// How often an unreachable Postgres is probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long the file must have been quiet before the walk that checks a watermark read.
+pub const WALK_AFTER_QUIET: Duration = Duration::from_secs(1);
+/// The longest a watermark read goes unchecked by a walk, however busy the file.
+pub const WALK_WITHIN: Duration = Duration::from_secs(30);
 
 /// What a run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +44,9 @@ pub struct Plan {
     pub full: bool,
     /// Skip everything unless the files say something committed.
     pub gate: bool,
+    /// Walk every row of the source (a full run always does), not only those stamped since
+    /// the last read.
+    pub walk: bool,
     /// Push to the target (false while backing off: read and snapshot only).
     pub push: bool,
     pub opts: SyncOptions,
@@ -65,6 +76,11 @@ pub struct Policy<W> {
     retry_at: Option<Instant>,
     retry_trigger: Trigger,
     probe_at: Option<Instant>,
+    /// A walk is due (its timer fired).
+    walk: bool,
+    /// When the walk that checks the last watermark read is due, and the latest it may come.
+    walk_at: Option<Instant>,
+    walk_by: Option<Instant>,
 }
 
 impl<W> Policy<W> {
@@ -83,12 +99,42 @@ impl<W> Policy<W> {
             retry_at: None,
             retry_trigger: Trigger::Startup,
             probe_at: None,
+            walk: false,
+            walk_at: None,
+            walk_by: None,
         }
     }
 
-    /// A burst of file events ended.
-    pub fn watch(&mut self, change: Change) {
+    /// A burst of file events ended at `now`: a pending walk waits for quiet again.
+    pub fn watch(&mut self, change: Change, now: Instant) {
         crate::appdb::watch::merge_into(&mut self.watch, change);
+        if let (Some(at), Some(by)) = (self.walk_at.as_mut(), self.walk_by) {
+            *at = (now + WALK_AFTER_QUIET).min(by);
+        }
+    }
+
+    /// After a run: whether the source needs a walk (its last read was a watermark read, and
+    /// no walk came since). Sets the walk's timer, or clears it.
+    pub fn source_read(&mut self, needs_walk: bool, now: Instant) {
+        if !needs_walk {
+            self.walk = false;
+            self.walk_at = None;
+            self.walk_by = None;
+        } else if self.walk_at.is_none() && !self.walk {
+            let by = *self.walk_by.get_or_insert(now + WALK_WITHIN);
+            self.walk_at = Some((now + WALK_AFTER_QUIET).min(by));
+        }
+    }
+
+    /// When the walk that checks the last watermark read is due, if one is.
+    pub fn walk_at(&self) -> Option<Instant> {
+        self.walk_at
+    }
+
+    /// The walk's timer fired.
+    pub fn walk_due(&mut self) {
+        self.walk_at = None;
+        self.walk = true;
     }
 
     /// The reconcile schedule fired.
@@ -154,20 +200,25 @@ impl<W> Policy<W> {
                 trigger: Trigger::Manual,
                 full: true,
                 gate: false,
+                walk: true,
                 push: true,
                 opts,
             };
             return Some((plan, served.into_iter().map(|(_, w)| w).collect()));
         }
-        let (trigger, full, gate) = if self.startup {
-            (Trigger::Startup, true, false)
+        // (trigger, full, gate, walk)
+        let (trigger, full, gate, walk) = if self.startup {
+            (Trigger::Startup, true, false, true)
         } else if self.retry {
-            (self.retry_trigger, !steady, false)
+            (self.retry_trigger, !steady, false, !steady)
         } else if self.schedule {
-            (Trigger::Schedule, true, false)
+            (Trigger::Schedule, true, false, true)
         } else if let Some(change) = self.watch {
             let full = change == Change::Rescan || !steady;
-            (Trigger::Watch, full, change == Change::Commit)
+            (Trigger::Watch, full, change == Change::Commit, full)
+        } else if self.walk {
+            // The check after watermark reads: every row, read even if nothing committed.
+            (Trigger::Watch, !steady, false, true)
         } else {
             return None;
         };
@@ -178,10 +229,14 @@ impl<W> Policy<W> {
         if full {
             self.schedule = false;
         }
+        if walk {
+            self.walk = false;
+        }
         let plan = Plan {
             trigger,
             full,
             gate,
+            walk,
             push,
             opts: self.default_opts,
         };
@@ -195,6 +250,7 @@ impl<W> Policy<W> {
             trigger: Trigger::Watch,
             full: false,
             gate: true,
+            walk: false,
             push: false,
             opts: self.default_opts,
         })
@@ -299,7 +355,7 @@ mod tests {
             (Rescan, true, (Trigger::Watch, true, false, true)),
         ] {
             let mut p = started();
-            p.watch(change);
+            p.watch(change, Instant::now());
             assert_eq!(
                 next(&mut p, steady),
                 Some(want),
@@ -312,7 +368,7 @@ mod tests {
     #[test]
     fn a_request_is_served_first_by_a_full_run_that_serves_every_trigger() {
         let mut p = started();
-        p.watch(Change::Commit);
+        p.watch(Change::Commit, Instant::now());
         p.schedule();
         p.request(OPTS, 1);
         let deleting = SyncOptions {
@@ -352,7 +408,7 @@ mod tests {
             None,
             "a refused login is not probed every second"
         );
-        p.watch(Change::Commit);
+        p.watch(Change::Commit, Instant::now());
         assert_eq!(
             next(&mut p, true),
             Some((Trigger::Watch, false, true, false))
@@ -397,7 +453,7 @@ mod tests {
         p.failed(Trigger::Watch, Failure::Source, t0, 1.0);
         assert!(p.retry_at().is_some(), "the read is retried on a timer too");
         assert_eq!(p.probe_at(), None);
-        p.watch(Change::Commit);
+        p.watch(Change::Commit, Instant::now());
         assert_eq!(
             next(&mut p, true),
             Some((Trigger::Watch, false, true, true)),
@@ -422,6 +478,71 @@ mod tests {
         p.next(true);
         p.failed(Trigger::Watch, Failure::Source, t0, 1.0);
         assert_eq!(p.read_ahead(true), None, "retrying");
+    }
+
+    /// (trigger, full, gate, walk) of the next plan.
+    fn next_walk(p: &mut Policy<u32>) -> Option<(Trigger, bool, bool, bool)> {
+        p.next(true)
+            .map(|(plan, _)| (plan.trigger, plan.full, plan.gate, plan.walk))
+    }
+
+    #[test]
+    fn a_watermark_read_is_checked_by_a_walk_once_the_file_is_quiet() {
+        let t0 = Instant::now();
+        let mut p = started();
+        p.watch(Change::Commit, t0);
+        assert_eq!(
+            next_walk(&mut p),
+            Some((Trigger::Watch, false, true, false)),
+            "a watch run reads the rows stamped since the last read"
+        );
+        p.source_read(true, t0);
+        assert_eq!(p.walk_at(), Some(t0 + WALK_AFTER_QUIET));
+        // Another burst ends: the walk waits for quiet again.
+        p.watch(Change::Commit, t0 + s(1) / 2);
+        assert_eq!(p.walk_at(), Some(t0 + s(1) / 2 + WALK_AFTER_QUIET));
+        assert_eq!(
+            next_walk(&mut p),
+            Some((Trigger::Watch, false, true, false))
+        );
+        p.source_read(true, t0 + s(1));
+        assert_eq!(
+            p.walk_at(),
+            Some(t0 + s(1) / 2 + WALK_AFTER_QUIET),
+            "unchanged"
+        );
+        assert_eq!(next_walk(&mut p), None, "nothing until the timer fires");
+        p.walk_due();
+        assert_eq!(
+            next_walk(&mut p),
+            Some((Trigger::Watch, false, false, true)),
+            "a walk of every row, whether or not anything committed"
+        );
+        p.source_read(false, t0 + s(2));
+        assert_eq!((p.walk_at(), next_walk(&mut p)), (None, None));
+    }
+
+    #[test]
+    fn a_busy_file_still_gets_its_walk_within_the_limit() {
+        let t0 = Instant::now();
+        let mut p = started();
+        p.source_read(true, t0);
+        let mut now = t0;
+        while now < t0 + WALK_WITHIN * 2 {
+            now += s(1) / 2;
+            p.watch(Change::Commit, now);
+            p.next(true);
+            p.source_read(true, now);
+            assert!(p.walk_at().unwrap() <= t0 + WALK_WITHIN);
+        }
+        // A full run walks: nothing left to check.
+        p.schedule();
+        assert_eq!(
+            next_walk(&mut p),
+            Some((Trigger::Schedule, true, false, true))
+        );
+        p.source_read(false, now);
+        assert_eq!(p.walk_at(), None);
     }
 
     #[test]

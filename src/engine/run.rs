@@ -2,11 +2,15 @@
 //! image (for the snapshot writer and the admin port), work out what the mirror lacks, and
 //! push it through [`sync::run`] — the same call `mapsync sync` makes.
 //!
-//! Full runs read every row afresh and let [`sync::run`] compare the whole mirror; watch runs
-//! read incrementally (unchanged rows reuse their mappings) and push only the [`Diff`] from
-//! what the last successful run left in the mirror ([`Mirrored`]), computed from the read's
-//! delta alone when the mirror held the previous read. A run that may not push (read ahead
-//! during the debounce, or while backing off) keeps its read for the next one.
+//! Full runs walk every row and let [`sync::run`] compare the whole mirror; watch runs read
+//! the rows stamped since the last read (a watermark read, see [`crate::appdb::read`]), and
+//! the walk that checks them reads every row; unchanged rows keep their mappings, and these
+//! runs push only the [`Diff`] from the image the last successful run pushed, computed from
+//! the deltas of the reads since ([`sync::compose`]), or from the whole images when a read
+//! could not tell its delta. A read that changed nothing ends the run there, unless it pushes
+//! an earlier read. A
+//! run that may not push (read ahead during the debounce, or while backing off) keeps its read
+//! for the next one.
 //!
 //! The run owns its [`RunState`] while it runs and hands it back, so no lock guards it. It
 //! records nothing itself: the event loop reports how it ended ([`Outcome`]) through one
@@ -19,21 +23,22 @@ use chrono::{DateTime, Utc};
 
 use super::policy::Plan;
 use super::shared::Shared;
-use crate::appdb::{ReadMode, SourceError, SourceImage, SqliteSource};
+use crate::appdb::{Delta, ReadMode, SourceError, SourceImage, SqliteSource};
 use crate::metrics::FailureReason;
 use crate::postgres::TargetError;
-use crate::sync::{self, Diff, Mirrored, Ran};
+use crate::sync::{self, Diff, Ran};
 
 /// What runs carry from one to the next.
 pub(super) struct RunState {
     pub source: SqliteSource,
-    /// What the mirror holds as of the last successful run; `None` until one succeeded.
-    pub mirrored: Option<Mirrored>,
+    /// The image the mirror holds as of the last successful run (the published one, shared);
+    /// `None` until a run succeeded.
+    pub pushed: Option<Arc<SourceImage>>,
+    /// How the source changed since `pushed`: the deltas of the reads since, composed; `None`
+    /// when a read could not tell (then the next diff compares the whole images).
+    pub behind: Option<Delta>,
     /// Rows in the mirror, as last counted (and kept up to date by incremental runs).
     pub remote_rows: u64,
-    /// Whether `mirrored` holds what the last read read: then the next incremental read's
-    /// delta is the difference to the mirror, and the whole image need not be compared.
-    pub in_step: bool,
     /// A read that was not pushed (read ahead during the debounce, or while backing off),
     /// with its diff: the next run pushes it if nothing committed since.
     pub unpushed: Option<Unpushed>,
@@ -44,9 +49,9 @@ impl RunState {
     pub(super) fn new(source: SqliteSource) -> RunState {
         RunState {
             source,
-            mirrored: None,
+            pushed: None,
+            behind: None,
             remote_rows: 0,
-            in_step: false,
             unpushed: None,
         }
     }
@@ -166,34 +171,38 @@ pub(super) async fn run(
 
 async fn run_inner(state: &mut RunState, plan: Plan, shared: &Arc<Shared>) -> Outcome {
     let (image, diff) = match read(state, &plan, shared).await {
-        Ok(Some(image)) => {
+        Ok(Read::Image(image)) => {
             state.unpushed = None;
             shared.publish(image.clone(), state.source.skipped_total());
-            let diff = state
-                .mirrored
-                .as_ref()
-                .map(|m| match (&image.delta, state.in_step) {
-                    (Some(delta), true) => m.diff_delta(delta),
-                    // Comparing the whole image is CPU work the admin port must not wait behind.
-                    _ => tokio::task::block_in_place(|| m.diff(&image.mappings)),
-                });
-            // Until this run succeeds, the mirror is behind what was just read.
-            state.in_step = false;
+            state.behind = match (state.behind.take(), &image.delta) {
+                (Some(behind), Some(delta)) => Some(sync::compose(behind, delta.clone())),
+                _ => None,
+            };
+            let diff = state.pushed.as_ref().map(|pushed| match &state.behind {
+                Some(behind) => Diff::of_delta(behind),
+                // Comparing the whole image is CPU work the admin port must not wait behind.
+                None => {
+                    tokio::task::block_in_place(|| Diff::between(&pushed.mappings, &image.mappings))
+                }
+            });
             (image, diff)
         }
-        // Nothing committed since the last read: push what that read found, if it was read
-        // ahead of this run and not pushed yet.
-        Ok(None) => match state.unpushed.take() {
+        // Nothing committed since the last read, or nothing that the mirror lacks: push what
+        // that read found, if it was read ahead of this run and not pushed yet.
+        Ok(read) => match state.unpushed.take() {
             Some(u) if plan.push => (u.image, u.diff),
             kept => {
                 state.unpushed = kept;
+                if matches!(read, Read::Same) {
+                    shared.source_unchanged();
+                }
                 return Outcome::Unchanged;
             }
         },
         Err(e) => {
-            // The source's memo is gone with the failed read: its next delta would miss rows
-            // deleted meanwhile, so the next run compares the whole image.
-            state.in_step = false;
+            // The source's memo is gone with the failed read: its next read tells no delta,
+            // so the next run compares the whole image.
+            state.behind = None;
             state.unpushed = None;
             return Outcome::Failed(e);
         }
@@ -234,49 +243,68 @@ async fn run_inner(state: &mut RunState, plan: Plan, shared: &Arc<Shared>) -> Ou
         Err(e) => return Outcome::Failed(RunError::target(e)),
     };
     if ran.counts.refused.is_none() && shared.target.is_some() {
-        remember(state, &plan, &image, diff, &ran);
+        remember(state, image, &ran);
     }
     Outcome::Ran(ran)
 }
 
-/// After a run that wrote: what the mirror now holds.
-fn remember(state: &mut RunState, plan: &Plan, image: &SourceImage, diff: Option<Diff>, ran: &Ran) {
-    state.in_step = true;
+/// After a run that wrote: the mirror holds `image` (rows removed from the source stay in
+/// the mirror without delete propagation; only a full run sees them again).
+fn remember(state: &mut RunState, image: Arc<SourceImage>, ran: &Ran) {
     state.remote_rows = ran.report.remote_after;
-    match (&mut state.mirrored, diff, plan.full) {
-        (Some(mirrored), Some(diff), false) => mirrored.apply(diff, plan.opts.delete_missing),
-        _ => {
-            // Indexing 100,000 mappings, and freeing the old index (which may hold the last
-            // references to the previous read's mappings), takes tens of milliseconds: not on
-            // a runtime thread that the admin port shares.
-            let fresh = tokio::task::block_in_place(|| Mirrored::of(&image.mappings));
-            if let Some(old) = state.mirrored.replace(fresh) {
-                tokio::task::spawn_blocking(move || drop(old));
-            }
-        }
-    }
+    state.behind = Some(Delta::default());
+    let old = state.pushed.replace(image);
+    // The previous image may hold the last references to mappings that changed, and a full
+    // run's transient memory (the mirror's digests) is free by now: both go back on the
+    // blocking pool.
+    tokio::task::spawn_blocking(move || {
+        drop(old);
+        super::shared::release_free_memory();
+    });
 }
 
-/// Reads the source on the blocking pool; `Ok(None)` when the gate saw no commit.
-async fn read(
-    state: &mut RunState,
-    plan: &Plan,
-    shared: &Shared,
-) -> Result<Option<Arc<SourceImage>>, RunError> {
-    let mode = if plan.full {
+/// What [`read`] found.
+enum Read {
+    /// The gate saw no commit: nothing was read.
+    Gated,
+    /// Read, and every mapping is as the previous read left it, which the mirror holds (the
+    /// image is not made again).
+    Same,
+    Image(Arc<SourceImage>),
+}
+
+/// Reads the source on the blocking pool.
+async fn read(state: &mut RunState, plan: &Plan, shared: &Shared) -> Result<Read, RunError> {
+    let mode = if plan.walk {
         ReadMode::Full
     } else {
         ReadMode::Incremental
     };
-    let gate = plan.gate;
+    let (gate, full) = (plan.gate, plan.full);
+    // A full run compares the whole image with the mirror, changed or not; and a mirror
+    // behind the previous read needs the image too.
+    let in_step = state
+        .behind
+        .as_ref()
+        .is_some_and(|b| b.fresh.is_empty() && b.gone.is_empty());
+    let image_always = full || !in_step;
     let source = std::mem::replace(&mut state.source, shared.new_source());
     let joined = tokio::task::spawn_blocking(move || {
         let mut source = source;
         let result = (|| {
             if gate && !source.changed()? {
-                return Ok(None);
+                return Ok(Read::Gated);
             }
-            source.read(mode).map(Some)
+            let rows = source.read_rows(mode)?;
+            tracing::debug!(
+                read = if rows.watermark { "watermark" } else { "walk" },
+                unchanged = rows.unchanged(),
+                "source read"
+            );
+            if !image_always && rows.unchanged() {
+                return Ok(Read::Same);
+            }
+            Ok(Read::Image(Arc::new(source.image_of(rows))))
         })();
         if result.is_err() {
             // The next gated run must read, even if the files look the same again.
@@ -288,9 +316,7 @@ async fn read(
     match joined {
         Ok((source, result)) => {
             state.source = source;
-            result
-                .map(|image| image.map(Arc::new))
-                .map_err(RunError::source)
+            result.map_err(RunError::source)
         }
         // The read panicked; the fresh source put in its place starts over.
         Err(e) => Err(RunError::other(format!(

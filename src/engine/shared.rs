@@ -99,6 +99,15 @@ impl Shared {
         }
     }
 
+    /// The file was read and held nothing new: the status says when it was read, the image
+    /// stays.
+    pub fn source_unchanged(&self) {
+        if let Some(image) = self.image.borrow().as_ref() {
+            self.board
+                .source_read(image.mappings.len() as u64, image.skipped as u64);
+        }
+    }
+
     pub fn record_pending(&self, pending: u64) {
         self.board.pending(pending);
         self.metrics.pending_changes.set(pending as i64);
@@ -144,7 +153,7 @@ impl Shared {
 
 /// Hands memory freed by the allocator back to the system, so the RSS an operator sees
 /// follows what the daemon holds (glibc keeps freed memory otherwise).
-fn release_free_memory() {
+pub(super) fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {

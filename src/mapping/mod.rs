@@ -30,8 +30,11 @@ pub use normalize::{
 pub use redact::{DEFAULT_REDACT_KEYS, Redactor};
 pub use set::{Candidate, digest, finalize, sort_for_export};
 
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use foldhash::HashSet as FxHashSet;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -58,27 +61,49 @@ impl Origin {
 /// One model mapping, normalised. Serialises to the ten-field exported form, in SPEC order,
 /// with its whole metadata (see [`Mapping::view`] for the redacted form).
 ///
-/// The daemon holds every mapping in memory (100,000 of them in the benchmark), so a mapping
-/// keeps all its text in one allocation: `id`, `name`, `default_model`, the candidates as
-/// canonical JSON, the metadata as canonical JSON and, only when it differs, the metadata as
-/// the mirror holds it, back to back, with their end offsets. That is about 200 bytes a
-/// mapping instead of 600 for one `String` per field. Build one with [`Mapping::new`]; read it
-/// through the accessors.
+/// The daemon holds every mapping in memory (100,000 of them in the benchmark, a million in
+/// the scaling runs), so a mapping is kept compact: 56 bytes behind its `Arc` (one 80-byte
+/// heap chunk with the reference counts) and one allocation of text.
+/// - `text` holds the id and the name back to back, after two lengths written as ASCII
+///   varints ([`Lengths`]); no offsets are stored beside it.
+/// - The default model, and the candidates' and the metadata's canonical JSON, are
+///   [`Shared`]: mappings built by one reader through an [`Interner`] share one copy of each
+///   distinct text (models, model lists and metadata objects repeat across mappings), and a
+///   mapping built alone owns its own.
+///
+/// Build one with [`Mapping::new`]; read it through the accessors.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Mapping {
+    /// Lengths, then id and name.
     text: Box<str>,
-    /// End offsets in `text` of: id, name, default_model, candidates, metadata, mirror
-    /// metadata (empty when the same as the metadata).
-    ends: [u32; 6],
-    /// Offset of the `:` between scope type and scope key in the id.
-    colon: u32,
-    has_name: bool,
-    has_default_model: bool,
-    has_mirror_metadata: bool,
-    pub is_active: bool,
-    pub source: Origin,
+    default_model: Option<Arc<Shared>>,
+    /// The candidates as canonical JSON (`["a", "b"]`).
+    candidates: Arc<Shared>,
+    /// The metadata as canonical JSON, whole and (when it differs) as the mirror holds it.
+    metadata: Arc<SharedMetadata>,
     /// Microsecond precision, as Postgres stores it.
     pub updated_at: Option<DateTime<Utc>>,
+    pub is_active: bool,
+    pub source: Origin,
+    /// Whether the name is set (an empty name is not a missing one).
+    has_name: bool,
+}
+
+/// A JSON text that mappings may share (see [`Interner`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Shared(Box<str>);
+
+impl Borrow<str> for Shared {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A metadata object's canonical JSON, whole, and as the mirror holds it when that differs.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct SharedMetadata {
+    whole: Box<str>,
+    mirror: Option<Box<str>>,
 }
 
 /// The parts of a [`Mapping`], already normalised by the caller (see the functions below).
@@ -101,44 +126,32 @@ pub struct Fields<'a> {
 
 impl Mapping {
     pub fn new(f: Fields<'_>) -> Mapping {
-        let mut text = String::with_capacity(
-            f.scope_type.len()
-                + f.scope_key.len()
-                + 1
-                + f.name.map_or(0, str::len)
-                + f.default_model.map_or(0, str::len)
-                + f.candidates.iter().map(|c| c.len() + 4).sum::<usize>()
-                + 2
-                + f.metadata.len()
-                + f.mirror_metadata.map_or(0, str::len),
-        );
-        let mut ends = [0u32; 6];
-        let mut mark = |text: &String, i: usize| ends[i] = offset(text.len());
+        let mut candidates =
+            String::with_capacity(2 + f.candidates.iter().map(|c| c.len() + 4).sum::<usize>());
+        write_candidates(&mut candidates, f.candidates.iter().map(|c| c.as_ref()));
+        let name = f.name.unwrap_or("");
+        let lengths = Lengths {
+            scope_type: f.scope_type.len(),
+            id: f.scope_type.len() + 1 + f.scope_key.len(),
+        };
+        let mut text = String::with_capacity(Lengths::MAX_LEN + lengths.id + name.len());
+        lengths.write(&mut text);
         text.push_str(f.scope_type);
-        let colon = offset(text.len());
         text.push(':');
         text.push_str(f.scope_key);
-        mark(&text, 0);
-        text.push_str(f.name.unwrap_or(""));
-        mark(&text, 1);
-        text.push_str(f.default_model.unwrap_or(""));
-        mark(&text, 2);
-        write_candidates(&mut text, f.candidates.iter().map(|c| c.as_ref()));
-        mark(&text, 3);
-        text.push_str(f.metadata);
-        mark(&text, 4);
-        text.push_str(f.mirror_metadata.unwrap_or(""));
-        mark(&text, 5);
+        text.push_str(name);
         Mapping {
             text: text.into_boxed_str(),
-            ends,
-            colon,
-            has_name: f.name.is_some(),
-            has_default_model: f.default_model.is_some(),
-            has_mirror_metadata: f.mirror_metadata.is_some(),
+            default_model: f.default_model.map(|m| Arc::new(Shared(m.into()))),
+            candidates: Arc::new(Shared(candidates.into_boxed_str())),
+            metadata: Arc::new(SharedMetadata {
+                whole: f.metadata.into(),
+                mirror: f.mirror_metadata.map(Into::into),
+            }),
+            updated_at: f.updated_at,
             is_active: f.is_active,
             source: f.source,
-            updated_at: f.updated_at,
+            has_name: f.name.is_some(),
         }
     }
 
@@ -150,36 +163,40 @@ impl Mapping {
         hasher.finish()
     }
 
-    fn part(&self, i: usize) -> &str {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.text[start..self.ends[i] as usize]
+    /// The lengths at the head of `text`, and where the id starts.
+    fn layout(&self) -> (Lengths, usize) {
+        Lengths::read(&self.text)
     }
 
     /// `"<scope_type>:<scope_key>"`.
     pub fn id(&self) -> &str {
-        self.part(0)
+        let (l, at) = self.layout();
+        &self.text[at..at + l.id]
     }
 
     pub fn scope_type(&self) -> &str {
-        &self.text[..self.colon as usize]
+        let (l, at) = self.layout();
+        &self.text[at..at + l.scope_type]
     }
 
     pub fn scope_key(&self) -> &str {
-        &self.text[self.colon as usize + 1..self.ends[0] as usize]
+        let (l, at) = self.layout();
+        &self.text[at + l.scope_type + 1..at + l.id]
     }
 
     pub fn name(&self) -> Option<&str> {
-        self.has_name.then(|| self.part(1))
+        let (l, at) = self.layout();
+        self.has_name.then(|| &self.text[at + l.id..])
     }
 
     pub fn default_model(&self) -> Option<&str> {
-        self.has_default_model.then(|| self.part(2))
+        self.default_model.as_deref().map(|m| &*m.0)
     }
 
     /// The candidates as canonical JSON text (`["a", "b"]`), the way the mirror's `jsonb`
     /// column prints them.
     pub fn candidates_json(&self) -> &str {
-        self.part(3)
+        &self.candidates.0
     }
 
     /// The candidate model names.
@@ -189,17 +206,16 @@ impl Mapping {
 
     /// Canonical JSON text of the whole metadata object (what snapshots and exports keep).
     pub fn metadata_json(&self) -> &str {
-        self.part(4)
+        &self.metadata.whole
     }
 
     /// Canonical JSON text of the metadata as the Postgres mirror holds it: sensitive keys
     /// removed, numbers Postgres cannot hold written as strings (SPEC §1).
     pub fn mirror_metadata_json(&self) -> &str {
-        if self.has_mirror_metadata {
-            self.part(5)
-        } else {
-            self.part(4)
-        }
+        self.metadata
+            .mirror
+            .as_deref()
+            .unwrap_or(&self.metadata.whole)
     }
 
     /// The whole metadata as a JSON value.
@@ -224,19 +240,125 @@ impl Mapping {
     /// This mapping with `metadata` (an object) in place of its own.
     pub fn with_metadata(&self, metadata: &Value, redactor: &Redactor) -> Mapping {
         let meta = Metadata::of(metadata.clone(), redactor);
-        let candidates: Vec<Cow<'_, str>> = self.candidates().into_iter().map(Cow::Owned).collect();
-        Mapping::new(Fields {
-            scope_type: self.scope_type(),
-            scope_key: self.scope_key(),
-            name: self.name(),
-            default_model: self.default_model(),
-            candidates: &candidates,
-            is_active: self.is_active,
-            updated_at: self.updated_at,
-            source: self.source,
-            metadata: &meta.whole,
-            mirror_metadata: meta.mirror.as_deref(),
-        })
+        Mapping {
+            metadata: Arc::new(SharedMetadata {
+                whole: meta.whole.into(),
+                mirror: meta.mirror.map(Into::into),
+            }),
+            ..self.clone()
+        }
+    }
+}
+
+/// The two lengths at the head of a mapping's `text` (scope type and id; the name is the
+/// rest), each an ASCII varint: six bits per byte, low bits first, `0x40` set on
+/// every byte but the last. Typical lengths take one byte each, and the text stays
+/// valid UTF-8, so no `unsafe` is needed to read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lengths {
+    scope_type: usize,
+    id: usize,
+}
+
+impl Lengths {
+    /// At most 6 bytes per length (36 bits: a mapping's text is far below 4 GiB).
+    const MAX_LEN: usize = 12;
+
+    fn write(&self, out: &mut String) {
+        for mut n in [self.scope_type, self.id] {
+            loop {
+                let low = (n & 0x3f) as u8;
+                n >>= 6;
+                if n == 0 {
+                    out.push(char::from(low));
+                    break;
+                }
+                out.push(char::from(low | 0x40));
+            }
+        }
+    }
+
+    /// The lengths and the offset of the first byte after them.
+    fn read(text: &str) -> (Lengths, usize) {
+        let bytes = text.as_bytes();
+        let mut at = 0;
+        let mut next = || {
+            let (mut n, mut shift) = (0usize, 0);
+            while let Some(&b) = bytes.get(at) {
+                at += 1;
+                n |= usize::from(b & 0x3f) << shift;
+                if b & 0x40 == 0 {
+                    break;
+                }
+                shift += 6;
+            }
+            n
+        };
+        let (scope_type, id) = (next(), next());
+        (Lengths { scope_type, id }, at)
+    }
+}
+
+/// Makes the mappings one reader builds share their candidates' and metadata's text: a
+/// mapping passed through [`Interner::intern`] points at the copy the interner already holds
+/// for an equal text, so 100,000 mappings drawing on a few thousand model lists hold a few
+/// thousand lists. [`Interner::sweep`] forgets the texts no mapping uses any more.
+#[derive(Debug, Default)]
+pub struct Interner {
+    /// Default models and candidate lists.
+    texts: FxHashSet<Arc<Shared>>,
+    metadata: FxHashSet<Arc<SharedMetadata>>,
+    /// Entries after the last sweep: a sweep is due when they have doubled.
+    swept_at: usize,
+}
+
+impl Interner {
+    /// `m` with its texts shared with the mappings interned before it.
+    pub fn intern(&mut self, mut m: Mapping) -> Mapping {
+        if let Some(model) = &mut m.default_model {
+            Self::share(&mut self.texts, model);
+        }
+        Self::share(&mut self.texts, &mut m.candidates);
+        match self.metadata.get(&m.metadata) {
+            Some(held) => m.metadata = held.clone(),
+            None => {
+                self.metadata.insert(m.metadata.clone());
+            }
+        }
+        m
+    }
+
+    /// Forgets the texts only the interner still holds, when the table has doubled since the
+    /// last sweep (or `always`). Costs one pass over the distinct texts.
+    pub fn sweep(&mut self, always: bool) {
+        let len = self.len();
+        if !always && len < 2 * self.swept_at.max(1024) {
+            return;
+        }
+        self.texts.retain(|t| Arc::strong_count(t) > 1);
+        self.metadata.retain(|t| Arc::strong_count(t) > 1);
+        self.texts.shrink_to_fit();
+        self.metadata.shrink_to_fit();
+        self.swept_at = self.len();
+    }
+
+    /// Distinct texts held.
+    pub fn len(&self) -> usize {
+        self.texts.len() + self.metadata.len()
+    }
+
+    /// Points `text` at the interned copy of its value, interning it when new.
+    fn share(set: &mut FxHashSet<Arc<Shared>>, text: &mut Arc<Shared>) {
+        match set.get(text) {
+            Some(held) => *text = held.clone(),
+            None => {
+                set.insert(text.clone());
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -252,11 +374,6 @@ fn json_object(text: &str) -> Value {
 pub struct View<'a> {
     mapping: &'a Mapping,
     redacted: bool,
-}
-
-/// Offsets fit in u32: one mapping's text is far below 4 GiB (SQLite's own limit is 1 GB).
-fn offset(len: usize) -> u32 {
-    u32::try_from(len).expect("a mapping's text is under 4 GiB")
 }
 
 impl std::fmt::Debug for Mapping {
@@ -371,6 +488,78 @@ pub(super) mod tests {
             serde_json::to_string(&m).unwrap(),
             r#"{"id":"mapping:x","scope_type":"mapping","scope_key":"x","name":"X","default_model":null,"candidates":["a"],"is_active":true,"updated_at":"2026-01-16T10:17:10+00:00","source":"sqlite","metadata":{"max_tokens":5}}"#
         );
+    }
+
+    #[test]
+    fn long_parts_are_read_back_whole() {
+        for n in [0, 1, 63, 64, 4095, 4096, 300_000] {
+            let key = "k".repeat(n.max(1));
+            let name = "é".repeat(n);
+            let m = Mapping::new(Fields {
+                scope_type: "mapping",
+                scope_key: &key,
+                name: Some(&name),
+                default_model: Some("gpt-4o"),
+                metadata: "{}",
+                ..Default::default()
+            });
+            assert_eq!(m.id(), format!("mapping:{key}"), "{n}");
+            assert_eq!((m.scope_type(), m.scope_key()), ("mapping", key.as_str()));
+            assert_eq!(m.name(), Some(name.as_str()), "{n}");
+            assert_eq!(m.default_model(), Some("gpt-4o"), "{n}");
+        }
+    }
+
+    /// What the daemon holds per mapping (issue 13): 56 bytes behind the `Arc` (72 with the
+    /// counts: an 80-byte heap chunk), text aside.
+    #[test]
+    fn a_mapping_is_small() {
+        assert!(std::mem::size_of::<Mapping>() <= 56);
+    }
+
+    #[test]
+    fn interned_mappings_share_their_texts_and_stay_equal() {
+        let build = |key: &str, model: &str| {
+            let candidates = [Cow::Borrowed(model), Cow::Borrowed("o4-mini")];
+            Mapping::new(Fields {
+                scope_type: "mapping",
+                scope_key: key,
+                candidates: &candidates,
+                metadata: r#"{"tier": "pro"}"#,
+                ..Default::default()
+            })
+        };
+        let mut interner = Interner::default();
+        let a = interner.intern(build("a", "gpt-4o"));
+        let b = interner.intern(build("b", "gpt-4o"));
+        let c = interner.intern(build("c", "kimi-k2"));
+        assert!(Arc::ptr_eq(&a.candidates, &b.candidates));
+        assert!(Arc::ptr_eq(&a.metadata, &c.metadata));
+        assert!(!Arc::ptr_eq(&a.candidates, &c.candidates));
+        assert_eq!(a, build("a", "gpt-4o"), "interning changes no value");
+        assert_eq!(a.digest(), build("a", "gpt-4o").digest());
+        assert_eq!(interner.len(), 3);
+        drop((a, b));
+        interner.sweep(true);
+        assert_eq!(interner.len(), 2, "gpt-4o's list is no longer used");
+        let with_model = |model| {
+            Mapping::new(Fields {
+                scope_type: "mapping",
+                scope_key: "m",
+                default_model: Some(model),
+                metadata: "{}",
+                ..Default::default()
+            })
+        };
+        let (x, y) = (
+            interner.intern(with_model("qwen-max")),
+            interner.intern(with_model("qwen-max")),
+        );
+        assert!(Arc::ptr_eq(
+            x.default_model.as_ref().unwrap(),
+            y.default_model.as_ref().unwrap()
+        ));
+        assert_eq!(x.default_model(), Some("qwen-max"));
     }
 
     #[test]

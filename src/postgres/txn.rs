@@ -69,6 +69,18 @@ pub struct Txn<'s> {
 #[derive(Debug, Default)]
 pub struct RemoteRows(FxHashMap<String, u64>);
 
+/// What every write to the mirror's table changes: its row count and the sum of a hash of
+/// each row version's `xmin` (the transaction that wrote it). Any insert, update or delete
+/// committed by anyone changes it: an insert or update adds row versions whose `xmin` is the
+/// writer's new transaction id, a delete lowers the count (a collision of the 64-bit hash
+/// sums aside). Triggers, `synced_at` and session settings play no part.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemoteFingerprint {
+    pub rows: i64,
+    /// The exact (numeric) sum, as Postgres prints it.
+    pub xmins: String,
+}
+
 impl RemoteRows {
     pub fn len(&self) -> usize {
         self.0.len()
@@ -78,15 +90,15 @@ impl RemoteRows {
         self.0.is_empty()
     }
 
-    /// Takes `m`'s id out: `None` when the mirror lacks it, `Some(true)` when its row equals
-    /// `m` field by field, `Some(false)` when it differs.
-    pub fn take(&mut self, m: &Mapping) -> Option<bool> {
-        self.0.remove(m.id()).map(|d| d == row_digest(&Row::of(m)))
+    /// Takes `m`'s id out: `None` when the mirror lacks it, else the remote row's digest
+    /// (equal to [`digest`] of `m` when the row equals `m` field by field).
+    pub fn take(&mut self, m: &Mapping) -> Option<u64> {
+        self.0.remove(m.id())
     }
 
-    /// The ids not taken: rows the source does not have.
-    pub fn into_ids(self) -> Vec<String> {
-        self.0.into_keys().collect()
+    /// The rows not taken: rows the source does not have, with their digests.
+    pub fn into_entries(self) -> Vec<(String, u64)> {
+        self.0.into_iter().collect()
     }
 }
 
@@ -119,7 +131,78 @@ impl Target {
     }
 }
 
+/// `SET LOCAL` of the run's statement and lock timeouts.
+fn timeouts(target: &Target) -> String {
+    format!(
+        "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+        target.statement_timeout.as_millis(),
+        super::LOCK_TIMEOUT
+            .min(target.statement_timeout)
+            .as_millis(),
+    )
+}
+
+/// The advisory lock's key text for the mirrored table (hashed by Postgres).
+fn lock_key(target: &Target) -> String {
+    format!("mapsync:{}", target.table)
+}
+
+/// The digest of `m` as the mirror would hold it (what [`RemoteRows::take`] compares with).
+pub fn digest(m: &Mapping) -> u64 {
+    row_digest(&Row::of(m))
+}
+
 impl Session<'_> {
+    /// Opens the run's transaction in `REPEATABLE READ` and tries the advisory lock in it:
+    /// every statement of the run sees one snapshot, so the mirror's [`RemoteFingerprint`]
+    /// taken at its end is that of the rows the run read plus its own writes, and a row that
+    /// another writer changes meanwhile fails the run instead of being overwritten unseen.
+    /// The lock is tried, not waited for (a wait inside the transaction would leave its
+    /// snapshot from before the holder's commit): `None` when another run holds it; then
+    /// [`Session::wait_for_lock`] and try again.
+    pub async fn try_begin_checked(&mut self) -> Result<Option<Txn<'_>>, TargetError> {
+        let target = self.target;
+        let err = |e: tokio_postgres::Error| target.error_of(&e);
+        let tx = self
+            .client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await
+            .map_err(err)?;
+        tx.batch_execute(&timeouts(target)).await.map_err(err)?;
+        let locked: bool = tx
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+                &[&lock_key(target)],
+            )
+            .await
+            .map_err(err)?
+            .get(0);
+        if !locked {
+            tx.rollback().await.map_err(err)?;
+            return Ok(None);
+        }
+        super::schema::check_columns(&tx, target).await?;
+        Ok(Some(Txn { target, tx }))
+    }
+
+    /// Waits (up to the lock timeout) until the run holding the advisory lock ends, in a
+    /// transaction of its own that ends at once.
+    pub async fn wait_for_lock(&mut self) -> Result<(), TargetError> {
+        let target = self.target;
+        let err = |e: tokio_postgres::Error| target.error_of(&e);
+        let wait = self.client.transaction().await.map_err(err)?;
+        wait.batch_execute(&timeouts(target)).await.map_err(err)?;
+        wait.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&lock_key(target)],
+        )
+        .await
+        .map_err(err)?;
+        wait.rollback().await.map_err(err)
+    }
+
     /// Opens the run's transaction: timeouts, the advisory lock, the column check.
     pub async fn begin(&mut self) -> Result<Txn<'_>, TargetError> {
         let target = self.target;
@@ -165,6 +248,25 @@ impl Txn<'_> {
             yield_every(digests.len()).await;
         }
         Ok(digests)
+    }
+
+    /// The mirror's [`RemoteFingerprint`], as this transaction sees it.
+    pub async fn fingerprint(&self) -> Result<RemoteFingerprint, TargetError> {
+        let row = self
+            .tx
+            .query_one(
+                &format!(
+                    "SELECT count(*), coalesce(sum(hashint8extended(xmin::text::bigint, 0)), 0)::text FROM {}",
+                    self.target.table.quoted()
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(RemoteFingerprint {
+            rows: row.get(0),
+            xmins: row.get(1),
+        })
     }
 
     /// The mirror's row count.

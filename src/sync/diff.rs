@@ -1,26 +1,26 @@
-//! What a run changes: the mappings the mirror holds as far as this process knows
-//! ([`Mirrored`]), and the difference between a read of the source and it ([`Diff`]), from
-//! the whole image or, after an incremental read, from its delta alone.
+//! What a run changes: the difference between what the mirror holds as far as this process
+//! knows and a new read of the source ([`Diff`]). The mirror holds the image the last
+//! successful run pushed; since then the source changed by the deltas of the reads in between,
+//! composed into one ([`compose`]). The diff comes from that delta alone ([`Diff::of_delta`]),
+//! or, when a read could not tell its delta (the first read after a failed one, ids shared by
+//! two rows), from the two whole images ([`Diff::between`]).
 //!
-//! Invariant: [`Mirrored::diff_delta`] of a delta gives the same diff as [`Mirrored::diff`] of
-//! the whole image it came from, when the mirror equalled the previous image (a property
-//! tested on random edits).
+//! Invariant: [`Diff::of_delta`] of the composed deltas gives the same diff as
+//! [`Diff::between`] the pushed image and the new one (a property tested on random edits,
+//! through real reads). No index of every mirrored mapping is kept between runs: the pushed
+//! image is the published one (shared), and an index is built only for a whole comparison.
 
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use foldhash::HashSet as FxHashSet;
+use foldhash::{HashMap as FxHashMap, HashSet as FxHashSet};
 
 use crate::appdb::Delta;
 use crate::mapping::Mapping;
 
-/// The mappings the mirror holds, by id (as far as this process knows: rows added by hand
-/// are only seen by full runs).
-pub struct Mirrored(FxHashSet<ById>);
-
 /// What a source image changes relative to the mirror.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Diff {
     /// New or different mappings.
     pub changed: Vec<Arc<Mapping>>,
@@ -28,89 +28,110 @@ pub struct Diff {
     pub removed: Vec<Arc<Mapping>>,
 }
 
-impl Mirrored {
-    pub fn of(mappings: &[Arc<Mapping>]) -> Mirrored {
-        Mirrored(mappings.iter().cloned().map(ById).collect())
-    }
-
-    pub fn diff(&self, local: &[Arc<Mapping>]) -> Diff {
+impl Diff {
+    /// From `pushed` (what the mirror holds) to `local`.
+    pub fn between(pushed: &[Arc<Mapping>], local: &[Arc<Mapping>]) -> Diff {
+        let held: FxHashSet<ById<'_>> = pushed.iter().map(ById).collect();
         let mut changed = Vec::new();
         let mut present = 0;
         for m in local {
-            match self.0.get(m.id()) {
-                Some(ById(held)) => {
+            match held.get(m.id()) {
+                Some(ById(h)) => {
                     present += 1;
-                    // Unchanged rows share the same Arc (the incremental read reuses them).
-                    if !Arc::ptr_eq(held, m) && held != m {
+                    // Unchanged rows share the same Arc (reads reuse them).
+                    if !Arc::ptr_eq(h, m) && *h != m {
                         changed.push(m.clone());
                     }
                 }
                 None => changed.push(m.clone()),
             }
         }
-        // Only when some mirrored id was not met is it worth indexing the source.
-        let removed = if present == self.0.len() {
+        // Only when some pushed id was not met is it worth indexing the source.
+        let removed = if present == held.len() {
             Vec::new()
         } else {
             let ids: FxHashSet<&str> = local.iter().map(|m| m.id()).collect();
-            self.0
+            pushed
                 .iter()
-                .filter(|ById(m)| !ids.contains(m.id()))
-                .map(|ById(m)| m.clone())
+                .filter(|m| !ids.contains(m.id()))
+                .cloned()
                 .collect()
         };
         Diff { changed, removed }
     }
 
-    /// The same as [`Mirrored::diff`] for a source that changed by `delta` since it last
-    /// equalled the mirror: only the changed rows are looked at.
-    pub fn diff_delta(&self, delta: &Delta) -> Diff {
-        let changed: Vec<Arc<Mapping>> = delta
+    /// The same as [`Diff::between`] for a source that changed by `delta` since the image the
+    /// mirror holds: only the changed rows are looked at.
+    pub fn of_delta(delta: &Delta) -> Diff {
+        let gone: FxHashMap<&str, &Arc<Mapping>> = delta.gone.iter().map(|m| (m.id(), m)).collect();
+        let changed = delta
             .fresh
             .iter()
-            .filter(|m| self.0.get(m.id()).is_none_or(|ById(held)| held != *m))
+            .filter(|m| gone.get(m.id()).is_none_or(|g| *g != *m))
             .cloned()
             .collect();
         let fresh: FxHashSet<&str> = delta.fresh.iter().map(|m| m.id()).collect();
         let removed = delta
             .gone
             .iter()
-            .filter(|m| !fresh.contains(m.id()) && self.0.contains(m.id()))
+            .filter(|m| !fresh.contains(m.id()))
             .cloned()
             .collect();
         Diff { changed, removed }
     }
 
-    pub fn apply(&mut self, diff: Diff, deleted: bool) {
-        for m in diff.changed {
-            self.0.replace(ById(m));
-        }
-        if deleted {
-            for m in diff.removed {
-                self.0.remove(m.id());
-            }
-        }
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.removed.is_empty()
     }
 }
 
-/// A mapping hashed and compared by its id alone.
-struct ById(Arc<Mapping>);
+/// `first` (image A to B) then `then` (B to C), as one delta from A to C: for each id, the
+/// value it had in A (if either delta touched it and A had it) and the one it has in C.
+/// Both deltas must come from images without shared ids (reads give no delta otherwise).
+pub fn compose(first: Delta, then: Delta) -> Delta {
+    if first.fresh.is_empty() && first.gone.is_empty() {
+        return then;
+    }
+    let ids =
+        |v: &[Arc<Mapping>]| -> FxHashSet<Box<str>> { v.iter().map(|m| m.id().into()).collect() };
+    let (first_gone, first_fresh) = (ids(&first.gone), ids(&first.fresh));
+    let (then_gone, then_fresh) = (ids(&then.gone), ids(&then.fresh));
+    // A's value: first's gone, or then's gone for an id first did not touch.
+    let mut gone = first.gone;
+    gone.extend(
+        then.gone
+            .into_iter()
+            .filter(|m| !first_gone.contains(m.id()) && !first_fresh.contains(m.id())),
+    );
+    // C's value: then's fresh, or first's fresh for an id then did not touch.
+    let mut fresh = then.fresh;
+    fresh.extend(
+        first
+            .fresh
+            .into_iter()
+            .filter(|m| !then_fresh.contains(m.id()) && !then_gone.contains(m.id())),
+    );
+    Delta { fresh, gone }
+}
 
-impl Hash for ById {
+/// A mapping looked up by its id alone.
+struct ById<'a>(&'a Arc<Mapping>);
+
+impl Hash for ById<'_> {
     fn hash<H: Hasher>(&self, h: &mut H) {
         self.0.id().hash(h);
     }
 }
 
-impl PartialEq for ById {
+impl PartialEq for ById<'_> {
     fn eq(&self, other: &Self) -> bool {
         self.0.id() == other.0.id()
     }
 }
 
-impl Eq for ById {}
+impl Eq for ById<'_> {}
 
-impl Borrow<str> for ById {
+impl Borrow<str> for ById<'_> {
     fn borrow(&self) -> &str {
         self.0.id()
     }
@@ -147,14 +168,14 @@ mod tests {
             m("mapping:b", "x"),
             m("mapping:c", "x"),
         );
-        let mirrored = Mirrored::of(&[a.clone(), b.clone(), c.clone()]);
+        let pushed = [a.clone(), b.clone(), c.clone()];
         // Same Arc, an equal copy, a changed one, a new one; c is gone.
         let local = [a.clone(), m("mapping:b", "x"), m("mapping:d", "y")];
-        let d = mirrored.diff(&local);
+        let d = Diff::between(&pushed, &local);
         assert_eq!(ids(&d.changed), ["mapping:d"]);
         assert_eq!(ids(&d.removed), ["mapping:c"]);
         let changed = [a.clone(), m("mapping:b", "z"), c.clone()];
-        let d = mirrored.diff(&changed);
+        let d = Diff::between(&pushed, &changed);
         assert_eq!(ids(&d.changed), ["mapping:b"]);
         assert!(d.removed.is_empty());
     }
@@ -166,7 +187,7 @@ mod tests {
             m("mapping:b", "x"),
             m("mapping:c", "x"),
         );
-        let mirrored = Mirrored::of(&[a.clone(), b.clone(), c.clone()]);
+        let pushed = [a.clone(), b.clone(), c.clone()];
         // b changed, c removed, d added, a untouched.
         let (b2, d) = (m("mapping:b", "y"), m("mapping:d", "x"));
         let local = [a.clone(), b2.clone(), d.clone()];
@@ -174,7 +195,7 @@ mod tests {
             fresh: vec![b2.clone(), d.clone()],
             gone: vec![b.clone(), c.clone()],
         };
-        let (whole, part) = (mirrored.diff(&local), mirrored.diff_delta(&delta));
+        let (whole, part) = (Diff::between(&pushed, &local), Diff::of_delta(&delta));
         assert_eq!(ids(&part.changed), ids(&whole.changed));
         assert_eq!(ids(&part.removed), ids(&whole.removed));
         assert_eq!(ids(&part.changed), ["mapping:b", "mapping:d"]);
@@ -184,23 +205,37 @@ mod tests {
             fresh: vec![m("mapping:a", "x")],
             gone: vec![a.clone()],
         };
-        let d = mirrored.diff_delta(&same);
-        assert!(d.changed.is_empty() && d.removed.is_empty());
+        assert!(Diff::of_delta(&same).is_empty());
     }
 
     #[test]
-    fn applying_a_diff_tracks_the_mirror() {
-        let (a, b) = (m("mapping:a", "x"), m("mapping:b", "x"));
-        let mut mirrored = Mirrored::of(&[a.clone(), b.clone()]);
-        let local = [m("mapping:a", "new")];
-        let d = mirrored.diff(&local);
-        mirrored.apply(d, false);
-        // Without delete propagation the removed row stays in the mirror.
-        assert!(mirrored.diff(&local).changed.is_empty());
-        assert_eq!(ids(&mirrored.diff(&local).removed), ["mapping:b"]);
-        let d = mirrored.diff(&local);
-        mirrored.apply(d, true);
-        assert!(mirrored.diff(&local).removed.is_empty());
+    fn composed_deltas_span_both_reads() {
+        let (a, b, c) = (
+            m("mapping:a", "x"),
+            m("mapping:b", "x"),
+            m("mapping:c", "x"),
+        );
+        // A → B: b changed, c removed, d added. B → C: d changed, b removed, c back.
+        let (b2, d, d2, c2) = (
+            m("mapping:b", "y"),
+            m("mapping:d", "x"),
+            m("mapping:d", "y"),
+            m("mapping:c", "x"),
+        );
+        let first = Delta {
+            fresh: vec![b2.clone(), d.clone()],
+            gone: vec![b.clone(), c.clone()],
+        };
+        let then = Delta {
+            fresh: vec![d2.clone(), c2.clone()],
+            gone: vec![d.clone(), b2.clone()],
+        };
+        let both = Diff::of_delta(&compose(first, then));
+        let whole = Diff::between(&[a.clone(), b, c], &[a, d2, c2]);
+        assert_eq!(ids(&both.changed), ids(&whole.changed));
+        assert_eq!(ids(&both.removed), ids(&whole.removed));
+        assert_eq!(ids(&both.changed), ["mapping:d"], "c came back unchanged");
+        assert_eq!(ids(&both.removed), ["mapping:b"]);
     }
 
     /// One edit the application makes between two reads.
@@ -273,13 +308,14 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::test_runner::Config { cases: 48, ..Default::default() })]
 
-        /// Through real incremental reads of a real SQLite file: after any edits, the diff
-        /// from the read's delta equals the diff from the whole image, when the mirror held
-        /// the previous read (what the engine's incremental runs rely on).
+        /// Through real reads of a real SQLite file: after any edits, the diff from the reads'
+        /// deltas (composed over the reads since the last push) equals the diff from the
+        /// whole images (what the engine's incremental runs rely on).
         #[test]
         fn the_diff_of_a_delta_equals_the_diff_of_the_whole_image(
             seed in proptest::collection::vec(edit(), 0..30),
             rounds in proptest::collection::vec(proptest::collection::vec(edit(), 0..12), 1..4),
+            pushes in proptest::collection::vec(proptest::bool::ANY, 4),
         ) {
             use crate::appdb::{ReadMode, SqliteSource};
             let dir = tempfile::tempdir().unwrap();
@@ -294,20 +330,24 @@ mod tests {
             settings.source.sqlite_path = db.clone();
             let mut source =
                 SqliteSource::new(&settings.source, crate::mapping::Redactor::default()).memoizing();
-            let first = source.read(ReadMode::Full).unwrap();
-            let mut mirrored = Mirrored::of(&first.mappings);
-            for round in &rounds {
+            let mut pushed = source.read(ReadMode::Full).unwrap().mappings;
+            let mut behind = Delta::default();
+            for (round, push) in rounds.iter().zip(pushes) {
                 for e in round {
                     apply(&conn, e);
                 }
                 let image = source.read(ReadMode::Incremental).unwrap();
-                let whole = mirrored.diff(&image.mappings);
-                let delta = image.delta.as_ref().expect("no contested ids here");
-                let part = mirrored.diff_delta(delta);
+                let delta = image.delta.clone().expect("no contested ids here");
+                behind = compose(behind, delta);
+                let whole = Diff::between(&pushed, &image.mappings);
+                let part = Diff::of_delta(&behind);
                 proptest::prop_assert_eq!(sorted_ids(&part.changed), sorted_ids(&whole.changed));
                 proptest::prop_assert_eq!(sorted_ids(&part.removed), sorted_ids(&whole.removed));
-                mirrored.apply(whole, true);
-                proptest::prop_assert!(mirrored.diff(&image.mappings).changed.is_empty());
+                if push {
+                    pushed = image.mappings.clone();
+                    behind = Delta::default();
+                    proptest::prop_assert!(Diff::between(&pushed, &image.mappings).is_empty());
+                }
             }
         }
     }

@@ -17,11 +17,12 @@
 
 mod diff;
 mod report;
+pub mod state;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use diff::{Diff, Mirrored};
+pub use diff::{Diff, compose};
 pub use report::{SyncOptions, SyncReport, SyncStatus, Trigger};
 
 use crate::config::TargetSettings;
@@ -214,11 +215,16 @@ fn compare(
     for m in mappings.iter().filter(|m| m.mirrorable()) {
         match remote.take(m) {
             None => missing.push(m.as_ref()),
-            Some(false) => differing.push(m.as_ref()),
-            Some(true) => {}
+            Some(d) if d != crate::postgres::digest(m) => differing.push(m.as_ref()),
+            Some(_) => {}
         }
     }
-    (missing, differing, remote.into_ids())
+    let extra = remote
+        .into_entries()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    (missing, differing, extra)
 }
 
 /// Guard, write the changed mappings, delete the removed ones, commit: no scan.

@@ -1,0 +1,581 @@
+//! `mapsync sync` without a scan when nothing needs one (issue 13): the state file that one
+//! run leaves for the next, beside the snapshots, and [`run_checked`], the run that uses it.
+//!
+//! The state holds what the last run left: the SQLite files' fingerprint and every row's
+//! rowid, hash of its stored bytes and mapping id (the source side), and the mirror's rows as
+//! id → digest with the mirror's [`RemoteFingerprint`] taken at the end of that run's
+//! transaction (the remote side). A run:
+//! 1. opens its transaction in `REPEATABLE READ` with the advisory lock
+//!    ([`crate::postgres::Session::try_begin_checked`]) and takes the mirror's fingerprint;
+//! 2. when it equals the state's, the mirror holds exactly the state's rows: no scan. Then,
+//!    when the files' fingerprint equals the state's too, nothing is read either; when it
+//!    moved, a walk beside the state's rows normalises only the rows that changed;
+//! 3. otherwise (no state, `--full`, another writer, a hand edit, a fingerprint that moved)
+//!    it reads every row and scans the mirror, as a full run always did;
+//! 4. writes, deletes, takes the fingerprint again (its own writes included: one snapshot
+//!    for the whole run) and commits; then writes the new state atomically (mode 0600).
+//!
+//! Invariants — a state never makes a run skip a change:
+//! - the remote side is only trusted when the fingerprint matches; any insert, update or
+//!   delete by anyone (triggers off included) changes it, and a row that someone changes
+//!   while the run holds its snapshot fails the run (`REPEATABLE READ`), so a state never
+//!   describes a mirror that moved unseen;
+//! - the source side is only trusted row by row: a row is reused only with the same rowid
+//!   and the same hash of its stored bytes; the files' fingerprint (with the database's ctime:
+//!   a restored copy gets a new one) only skips the read as a whole;
+//! - a missing, unreadable, corrupt (checksum) or foreign state (another format, mapsync
+//!   version, table, target, instance, SQLite file or settings that shape a mapping) is no
+//!   state: the run is a full one. Ids shared by two rows, rows stored under another id, and
+//!   mappings Postgres refused also send the next run down the full path.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use foldhash::HashSet as FxHashSet;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{Counts, Limits, Ran, SYNCED, SyncOptions, SyncReport, Trigger, guard, refuse};
+use crate::appdb::{Fingerprint, MarkedRead, ReadMode, RowMark, SourceError, SqliteSource};
+use crate::config::Settings;
+use crate::mapping::Mapping;
+use crate::postgres::{RemoteFingerprint, Target, TargetError, Txn, digest};
+
+/// The state file's name in `snapshot.dir` (no snapshot name: never listed, served or
+/// deleted by retention).
+pub const STATE_FILE: &str = ".mapsync-sync-state";
+
+/// Bumped when the layout or meaning of the state changes.
+const FORMAT: u32 = 1;
+
+/// What a state must have been written for to be used: anything that changes which rows a
+/// mapping is read from, what it is, or where it is mirrored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateKey {
+    format: u32,
+    version: String,
+    table: String,
+    target: String,
+    instance: String,
+    sqlite_path: PathBuf,
+    include_prompts: bool,
+    redact_keys: Vec<String>,
+    /// Digests of a fixed mapping and row: a build whose hashes differ finds no match.
+    canary: u64,
+}
+
+impl StateKey {
+    pub fn of(settings: &Settings, target: &Target) -> StateKey {
+        let canary = crate::mapping::Mapping::new(crate::mapping::Fields {
+            scope_type: "mapping",
+            scope_key: "canary",
+            metadata: "{}",
+            ..Default::default()
+        });
+        StateKey {
+            format: FORMAT,
+            version: env!("CARGO_PKG_VERSION").into(),
+            table: target.table().to_string(),
+            target: target.display().into(),
+            instance: target.instance_name().into(),
+            sqlite_path: settings.source.sqlite_path.clone(),
+            include_prompts: settings.source.include_prompt_mappings,
+            redact_keys: settings.snapshot.redact_keys.clone(),
+            canary: digest(&canary),
+        }
+    }
+}
+
+/// What the last run left (see the module doc).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncState {
+    key: StateKey,
+    source_fp: Fingerprint,
+    remote_fp: RemoteFingerprint,
+    /// Every row of `llm_model_mappings`, in rowid order.
+    rows: Vec<RowMark>,
+    /// The prompt mappings' ids.
+    prompt_ids: Vec<Box<str>>,
+    /// The mirror's rows: id → digest, sorted by id.
+    remote: Vec<(Box<str>, u64)>,
+    /// Remote ids the source does not have.
+    extras: Vec<Box<str>>,
+    /// Whether the source had ids shared by two rows, or Postgres refused a mapping: then
+    /// only a full run can say what to write.
+    full_next: bool,
+}
+
+/// Why the state was not used (for the log).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("no state file")]
+    Missing,
+    #[error("state file unreadable ({0})")]
+    Io(String),
+    #[error("state file damaged (checksum or format)")]
+    Corrupt,
+    #[error(
+        "state file written for another table, target, instance, SQLite file, settings or mapsync version"
+    )]
+    Foreign,
+}
+
+impl SyncState {
+    pub fn path(settings: &Settings) -> PathBuf {
+        settings.snapshot.dir.join(STATE_FILE)
+    }
+
+    /// The state at `path`, if it was written for `key` and is whole.
+    pub fn load(path: &Path, key: &StateKey) -> Result<SyncState, StateError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StateError::Missing),
+            Err(e) => return Err(StateError::Io(e.to_string())),
+        };
+        let (sum, body) = bytes.split_at_checked(32).ok_or(StateError::Corrupt)?;
+        if Sha256::digest(body).as_slice() != sum {
+            return Err(StateError::Corrupt);
+        }
+        let state: SyncState = postcard::from_bytes(body).map_err(|_| StateError::Corrupt)?;
+        if &state.key != key {
+            return Err(StateError::Foreign);
+        }
+        Ok(state)
+    }
+
+    /// Writes the state atomically (temporary file 0600, fsync, rename), creating the
+    /// snapshot directory (0700) when needed.
+    pub fn save(&self, path: &Path) -> Result<(), crate::snapshot::SnapshotError> {
+        if let Some(dir) = path.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+        }
+        crate::snapshot::write_atomic(path, |f| {
+            use std::io::Write;
+            let body = postcard::to_allocvec(self).map_err(std::io::Error::other)?;
+            f.write_all(&Sha256::digest(&body))?;
+            f.write_all(&body)
+        })
+    }
+
+    fn remote_digest(&self, id: &str) -> Option<u64> {
+        digest_in(&self.remote, id)
+    }
+}
+
+/// Why a checked run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckedError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("reading the SQLite file stopped: {0}")]
+    Stopped(String),
+}
+
+/// A checked run's result: the report, and the state to keep (`None` when the one on disk
+/// stays: a refused run, or one that found nothing to read or write).
+pub struct Checked {
+    pub ran: Ran,
+    pub state: Option<SyncState>,
+}
+
+/// What the source side of a run found, with the state it was read against.
+enum Source {
+    /// The files did not change since the state.
+    Same(SyncState),
+    /// A walk beside the state's rows.
+    Walked(MarkedRead, SyncState),
+    /// Every row read (image, its marks, the fingerprint before the read, contested), and the
+    /// state when its mirror still holds.
+    Whole {
+        mappings: Vec<Arc<Mapping>>,
+        marks: Vec<RowMark>,
+        fingerprint: Fingerprint,
+        contested: bool,
+        known: Option<SyncState>,
+    },
+}
+
+/// One `mapsync sync` with the state (see the module doc). `state` is `None` for `--full` or
+/// when there is none. Never a dry run (those take [`super::run`]).
+pub async fn run_checked(
+    target: &Target,
+    limits: Limits,
+    opts: SyncOptions,
+    key: StateKey,
+    state: Option<SyncState>,
+    source: SqliteSource,
+) -> Result<Checked, CheckedError> {
+    let started = Instant::now();
+    let mut session = target.session().await?;
+    loop {
+        let Some(txn) = session.try_begin_checked().await? else {
+            session.wait_for_lock().await?;
+            continue;
+        };
+        return in_transaction(txn, limits, opts, key, state, source, started).await;
+    }
+}
+
+async fn in_transaction(
+    txn: Txn<'_>,
+    limits: Limits,
+    opts: SyncOptions,
+    key: StateKey,
+    state: Option<SyncState>,
+    source: SqliteSource,
+    started: Instant,
+) -> Result<Checked, CheckedError> {
+    let fingerprint = txn.fingerprint().await?;
+    let known = state.filter(|s| s.remote_fp == fingerprint);
+    let (source, read) = read_source(source, known).await?;
+    let read = match read {
+        Source::Walked(w, k) if collides(&w) => whole(source, Some(k)).await?.1,
+        r => r,
+    };
+    let remote_before = fingerprint.rows as u64;
+
+    let mut plan = match &read {
+        Source::Same(k) => Plan {
+            missing: Vec::new(),
+            differing: Vec::new(),
+            extras: k.extras.clone(),
+            remote: None,
+        },
+        Source::Walked(w, k) => plan_walked(w, k),
+        Source::Whole {
+            mappings,
+            known: Some(k),
+            ..
+        } => plan_whole(mappings, &k.remote),
+        Source::Whole {
+            mappings,
+            known: None,
+            ..
+        } => {
+            let mut remote: Vec<(Box<str>, u64)> = txn
+                .scan()
+                .await?
+                .into_entries()
+                .into_iter()
+                .map(|(id, d)| (id.into(), d))
+                .collect();
+            remote.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let plan = plan_whole(mappings, &remote);
+            Plan {
+                remote: Some(remote),
+                ..plan
+            }
+        }
+    };
+    let synced_count = match &read {
+        Source::Same(k) => {
+            (k.rows.iter().filter(|r| r.id.is_some()).count() + k.prompt_ids.len()) as u64
+        }
+        Source::Walked(w, _) => {
+            (w.marks.iter().filter(|r| r.id.is_some()).count() + w.prompts.len()) as u64
+        }
+        Source::Whole { mappings, .. } => mappings.len() as u64,
+    };
+    let deletes: Vec<&str> = if opts.delete_missing {
+        plan.extras.iter().map(AsRef::as_ref).collect()
+    } else {
+        Vec::new()
+    };
+    let mut counts = Counts {
+        remote_before: Some(remote_before),
+        extra: plan.extras.len() as u64,
+        pending: (plan.missing.len() + plan.differing.len() + deletes.len()) as u64,
+        ..Default::default()
+    };
+    if let Some(refusal) = guard(
+        &txn,
+        limits,
+        deletes.len() as u64,
+        Some(remote_before),
+        opts,
+    )
+    .await?
+    {
+        counts.refused = Some(refusal);
+        refuse(txn, &counts, false).await?;
+        return Ok(Checked {
+            ran: ran(&counts, synced_count, opts, started),
+            state: None,
+        });
+    }
+    let missing: Vec<&Mapping> = plan.missing.iter().map(AsRef::as_ref).collect();
+    let differing: Vec<&Mapping> = plan.differing.iter().map(AsRef::as_ref).collect();
+    counts.record(txn.write(&missing, &differing).await?);
+    counts.deleted = txn.delete(&deletes).await?;
+    txn.record_run(SYNCED, true).await?;
+    let remote_fp = txn.fingerprint().await?;
+    txn.commit().await?;
+    let ran = ran(&counts, synced_count, opts, started);
+
+    // Nothing read, nothing written: the state on disk still says it all.
+    if matches!(read, Source::Same(_)) && remote_fp == fingerprint {
+        return Ok(Checked { ran, state: None });
+    }
+    let (rows, prompt_ids, source_fp, contested, known_remote) = match read {
+        Source::Same(k) => (k.rows, k.prompt_ids, k.source_fp, false, Some(k.remote)),
+        Source::Walked(w, k) => (
+            w.marks,
+            w.prompts.iter().map(|p| p.id().into()).collect(),
+            w.fingerprint,
+            false,
+            Some(k.remote),
+        ),
+        Source::Whole {
+            mappings,
+            marks,
+            fingerprint,
+            contested,
+            known,
+        } => (
+            marks,
+            mappings
+                .iter()
+                .filter(|m| m.source == crate::mapping::Origin::Prompt)
+                .map(|m| m.id().into())
+                .collect(),
+            fingerprint,
+            contested,
+            known.map(|k| k.remote),
+        ),
+    };
+    // The mirror now: what it held, with what was written and deleted.
+    let rejected: FxHashSet<&str> = counts.rejected.iter().map(|r| r.id.as_str()).collect();
+    let written = missing
+        .iter()
+        .chain(&differing)
+        .filter(|m| !rejected.contains(m.id()))
+        .map(|m| (Box::<str>::from(m.id()), digest(m)));
+    let base = plan.remote.take().or(known_remote).unwrap_or_default();
+    let remote = merge_remote(base, written, &deletes);
+    let extras: Vec<Box<str>> = if opts.delete_missing {
+        Vec::new()
+    } else {
+        plan.extras
+    };
+    let state = SyncState {
+        key,
+        source_fp,
+        remote_fp,
+        rows,
+        prompt_ids,
+        remote,
+        extras,
+        full_next: contested || !counts.rejected.is_empty(),
+    };
+    Ok(Checked {
+        ran,
+        state: Some(state),
+    })
+}
+
+fn ran(counts: &Counts, synced_count: u64, opts: SyncOptions, started: Instant) -> Ran {
+    Ran {
+        report: SyncReport::of_counts(
+            counts,
+            synced_count,
+            0,
+            opts,
+            Trigger::Manual,
+            started.elapsed(),
+        ),
+        counts: counts.clone(),
+    }
+}
+
+/// What a run writes.
+struct Plan {
+    missing: Vec<Arc<Mapping>>,
+    differing: Vec<Arc<Mapping>>,
+    /// Remote ids the source lacks.
+    extras: Vec<Box<str>>,
+    /// The mirror's rows before the writes, when scanned by this run (else the state's).
+    remote: Option<Vec<(Box<str>, u64)>>,
+}
+
+/// The digest of `id` in rows sorted by id.
+fn digest_in(rows: &[(Box<str>, u64)], id: &str) -> Option<u64> {
+    rows.binary_search_by(|(r, _)| r.as_ref().cmp(id))
+        .ok()
+        .map(|i| rows[i].1)
+}
+
+/// The source side: the same files (no read), a walk beside the state's rows, or every row.
+async fn read_source(
+    source: SqliteSource,
+    known: Option<SyncState>,
+) -> Result<(SqliteSource, Source), CheckedError> {
+    let k = match known {
+        Some(k) if !k.full_next => k,
+        known => return whole(source, known).await,
+    };
+    blocking(move || {
+        let mut source = source;
+        if source.fingerprint()? == k.source_fp {
+            return Ok((source, Source::Same(k)));
+        }
+        let read = source.read_marked(k.rows.clone())?;
+        if read.aliased {
+            let r = read_whole(&mut source, Some(k))?;
+            return Ok((source, r));
+        }
+        Ok((source, Source::Walked(read, k)))
+    })
+    .await
+}
+
+/// Every row, read afresh.
+async fn whole(
+    source: SqliteSource,
+    known: Option<SyncState>,
+) -> Result<(SqliteSource, Source), CheckedError> {
+    blocking(move || {
+        let mut source = source;
+        let read = read_whole(&mut source, known)?;
+        Ok((source, read))
+    })
+    .await
+}
+
+fn read_whole(source: &mut SqliteSource, known: Option<SyncState>) -> Result<Source, SourceError> {
+    // Taken before the read: a commit during it moves the next run's fingerprint.
+    let fingerprint = source.fingerprint()?;
+    let image = source.read(ReadMode::Full)?;
+    Ok(Source::Whole {
+        mappings: image.mappings,
+        marks: source.marks(),
+        fingerprint,
+        contested: source.contested(),
+        known,
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
+) -> Result<T, CheckedError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| CheckedError::Stopped(e.to_string()))?
+        .map_err(CheckedError::from)
+}
+
+/// Whether a walk's new mappings would share an id with another row or prompt (then only a
+/// whole read can tell which one wins).
+fn collides(w: &MarkedRead) -> bool {
+    if w.fresh.is_empty() && w.prompts.is_empty() {
+        return false;
+    }
+    let mut ids: FxHashSet<&str> = FxHashSet::default();
+    ids.reserve(w.marks.len() + w.prompts.len());
+    let rows = w.marks.iter().filter_map(|m| m.id.as_deref());
+    let prompts = w.prompts.iter().map(|p| p.id());
+    !rows.chain(prompts).all(|id| ids.insert(id))
+}
+
+/// A walk's changes against the state's mirror.
+fn plan_walked(w: &MarkedRead, k: &SyncState) -> Plan {
+    let (mut missing, mut differing) = (Vec::new(), Vec::new());
+    let fresh: Vec<&Arc<Mapping>> = w.fresh.iter().chain(&w.prompts).collect();
+    let fresh_ids: FxHashSet<&str> = fresh.iter().map(|m| m.id()).collect();
+    for m in fresh.into_iter().filter(|m| m.mirrorable()) {
+        match k.remote_digest(m.id()) {
+            None => missing.push(m.clone()),
+            Some(d) if d != digest(m) => differing.push(m.clone()),
+            Some(_) => {}
+        }
+    }
+    // Ids that went from the source: the prompts' and the rows' that are not back.
+    let gone = w
+        .gone
+        .iter()
+        .chain(&k.prompt_ids)
+        .filter(|id| !fresh_ids.contains(id.as_ref()));
+    let mut extras: BTreeSet<Box<str>> = k
+        .extras
+        .iter()
+        .filter(|id| !fresh_ids.contains(id.as_ref()))
+        .cloned()
+        .collect();
+    extras.extend(gone.filter(|id| k.remote_digest(id).is_some()).cloned());
+    Plan {
+        missing,
+        differing,
+        extras: extras.into_iter().collect(),
+        remote: None,
+    }
+}
+
+/// Every mapping against the mirror's rows (sorted by id).
+fn plan_whole(mappings: &[Arc<Mapping>], remote: &[(Box<str>, u64)]) -> Plan {
+    let (mut missing, mut differing) = (Vec::new(), Vec::new());
+    for m in mappings.iter().filter(|m| m.mirrorable()) {
+        match digest_in(remote, m.id()) {
+            None => missing.push(m.clone()),
+            Some(d) if d != digest(m) => differing.push(m.clone()),
+            Some(_) => {}
+        }
+    }
+    let ids: FxHashSet<&str> = mappings.iter().map(|m| m.id()).collect();
+    let extras = remote
+        .iter()
+        .filter(|(id, _)| !ids.contains(id.as_ref()))
+        .map(|(id, _)| id.clone())
+        .collect();
+    Plan {
+        missing,
+        differing,
+        extras,
+        remote: None,
+    }
+}
+
+/// `base` (sorted by id) with `written` put in and `deleted` taken out, sorted by id.
+fn merge_remote(
+    base: Vec<(Box<str>, u64)>,
+    written: impl Iterator<Item = (Box<str>, u64)>,
+    deleted: &[&str],
+) -> Vec<(Box<str>, u64)> {
+    let mut written: Vec<(Box<str>, u64)> = written.collect();
+    written.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let deleted: FxHashSet<&str> = deleted.iter().copied().collect();
+    let mut out = Vec::with_capacity(base.len() + written.len());
+    let mut w = written.into_iter().peekable();
+    for (id, d) in base {
+        while let Some(x) = w.next_if(|(x, _)| *x < id) {
+            out.push(x);
+        }
+        match w.next_if(|(x, _)| *x == id) {
+            Some(x) => out.push(x),
+            None if deleted.contains(id.as_ref()) => {}
+            None => out.push((id, d)),
+        }
+    }
+    out.extend(w);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mirror_after_a_run_is_merged_in_id_order() {
+        let base: Vec<(Box<str>, u64)> = vec![("a".into(), 1), ("c".into(), 3), ("e".into(), 5)];
+        let written = vec![("b".into(), 20), ("c".into(), 30), ("f".into(), 60)];
+        let out = merge_remote(base, written.into_iter(), &["e"]);
+        let ids: Vec<(&str, u64)> = out.iter().map(|(i, d)| (i.as_ref(), *d)).collect();
+        assert_eq!(ids, [("a", 1), ("b", 20), ("c", 30), ("f", 60)]);
+    }
+}
