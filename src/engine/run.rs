@@ -121,7 +121,7 @@ impl RunError {
             TargetError::MissingTable { .. }
             | TargetError::WrongColumns { .. }
             | TargetError::Permission { .. } => Some(FailureReason::TargetSchema),
-            TargetError::Other { .. } => None,
+            TargetError::Other { .. } | TargetError::Migration { .. } => None,
         };
         RunError {
             kind: RunErrorKind::Target,

@@ -217,6 +217,11 @@ pub enum TargetError {
     Locked { at: String, table: String },
     #[error("Postgres at {at} failed: {reason}")]
     Other { at: String, reason: String },
+    #[error("{script} failed: {source}")]
+    Migration {
+        script: &'static str,
+        source: Box<TargetError>,
+    },
 }
 
 /// The mirror: a pool and the table it keeps aligned.
@@ -319,7 +324,7 @@ impl Target {
                 // A cancel request opens a connection of its own, with the same TLS.
                 token.cancel_query(self.spec.tls.clone()).await
             {
-                tracing::warn!(target = %self.spec.display, error = %one_line(&e), "cannot cancel the run's query");
+                tracing::warn!(target = %self.spec.display, error = %error_chain(&e), "cannot cancel the run's query");
             }
         }
         tokens.len()
@@ -392,10 +397,10 @@ impl Target {
     /// Turns a tokio-postgres error into a [`TargetError`] with the right hint.
     fn error_of(&self, e: &tokio_postgres::Error) -> TargetError {
         let at = self.spec.display.clone();
-        let reason = one_line(e);
+        let reason = error_chain(e);
         if let Some(db) = e.as_db_error() {
             let code = db.code();
-            let reason = one_line(db);
+            let reason = error_chain(db);
             return if *code == SqlState::INVALID_PASSWORD
                 || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
             {
@@ -473,7 +478,7 @@ impl Target {
 }
 
 /// An error and its causes on one line (`a: b: c`), without repeats.
-fn one_line(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts: Vec<String> = vec![e.to_string()];
     let mut source = e.source();
     while let Some(s) = source {

@@ -107,13 +107,13 @@ impl Target {
         let client = self.client().await?;
         let mut applied = Vec::new();
         for (name, sql) in MIGRATIONS {
-            client.batch_execute(sql).await.map_err(|e| {
-                let inner = self.error_of(&e);
-                TargetError::Other {
-                    at: self.display().to_string(),
-                    reason: format!("{name} failed: {inner}"),
-                }
-            })?;
+            client
+                .batch_execute(sql)
+                .await
+                .map_err(|e| TargetError::Migration {
+                    script: name,
+                    source: Box::new(self.error_of(&e)),
+                })?;
             applied.push(*name);
         }
         Ok(applied)

@@ -283,7 +283,7 @@ impl Txn<'_> {
     }
 
     /// Writes `missing` (rows the mirror lacks: straight COPY into the table) and `differing`
-    /// (through [`upsert_via_stage`]) under a savepoint. When Postgres refuses a value (a data
+    /// (through a staging table and one guarded upsert) under a savepoint. When Postgres refuses a value (a data
     /// exception, a constraint, an index entry too large: SQLSTATE classes 22, 23, 54), the
     /// savepoint is rolled back and the rows are written again in halves, down to single rows,
     /// so that one row Postgres will not take is left out and every other row is written.
@@ -585,7 +585,7 @@ async fn write_isolating(
                 .await?;
                 match chunk {
                     [one] => {
-                        let reason = super::one_line(&e);
+                        let reason = super::error_chain(&e);
                         tracing::warn!(id = %one.id(), reason = %reason,
                             "Postgres refused this mapping; every other mapping is mirrored (fix the value in the application, or the constraint in Postgres)");
                         w.rejected.push(Rejected {

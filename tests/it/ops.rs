@@ -459,3 +459,25 @@ fn check_warns_when_a_remote_connection_is_not_certificate_verified() {
     local.expect_code(0);
     assert!(!local.stdout.contains("warn"), "{local:#?}");
 }
+
+#[test]
+fn a_failed_migration_names_its_script_and_the_server_once() {
+    // A view where the table should be: 001's CREATE TABLE IF NOT EXISTS passes it by, and
+    // the index on it fails.
+    let db = crate::harness::test_db();
+    db.psql("CREATE VIEW public.model_mappings AS SELECT 'x'::text AS id");
+    let ws = Workspace::new(Some(&db.url), "");
+    let run = ws.mapsync(&["migrate"]);
+    run.expect_code(1);
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("failed"))
+        .unwrap_or_else(|| panic!("no error line: {run:#?}"));
+    assert!(
+        line.contains("sql/001_model_mappings.sql failed: Postgres at "),
+        "{line}"
+    );
+    assert_eq!(line.matches("Postgres at").count(), 1, "{line}");
+    assert_eq!(line.matches("failed").count(), 2, "{line}");
+}
