@@ -265,12 +265,19 @@ impl SnapshotStore {
         Ok(())
     }
 
-    /// Digest of `model-mappings-latest.json`'s mappings, when it exists and parses.
+    /// Digest of `model-mappings-latest.json`'s mappings, when it exists and every entry
+    /// parses. The file is read entry by entry: a restart beside a snapshot of 100,000
+    /// mappings (44 MB) holds one entry at a time, not the document (~10× the file as a
+    /// `serde_json::Value`).
     fn digest_of_latest(&self) -> Option<u64> {
-        let bytes = fs::read(self.dir.join(LATEST)).ok()?;
-        let entries = parse_document(&bytes, &self.redactor).ok()?;
-        let mappings: Vec<Mapping> = entries.into_iter().collect::<Result<_, _>>().ok()?;
-        Some(mapping::digest(&mappings))
+        let file = File::open(self.dir.join(LATEST)).ok()?;
+        let reader = io::BufReader::with_capacity(256 * 1024, file);
+        let mut de = serde_json::Deserializer::from_reader(reader);
+        let digest =
+            serde::de::DeserializeSeed::deserialize(streamed::Document(&self.redactor), &mut de)
+                .ok()?;
+        de.end().ok()?;
+        digest
     }
 
     /// Writes a new snapshot of `mappings` (in any order: the file has them in export order)
@@ -438,6 +445,83 @@ fn read_count(file: &mut File) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// A snapshot document's digest, read one entry at a time ([`SnapshotStore`]'s check of
+/// `-latest` at start-up).
+mod streamed {
+    use std::fmt;
+
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    use crate::mapping::{Mapping, Redactor, SetDigest};
+
+    /// The document: an object whose `mappings` is the list, or the list itself. `None` when
+    /// an entry is not a mapping or there is no list.
+    pub struct Document<'r>(pub &'r Redactor);
+
+    /// The list: the [`SetDigest`] of its entries, `None` when one is not a mapping.
+    struct Entries<'r>(&'r Redactor);
+
+    impl<'de> DeserializeSeed<'de> for Document<'_> {
+        type Value = Option<u64>;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<u64>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Document<'_> {
+        type Value = Option<u64>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a mapsync or application export")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<u64>, A::Error> {
+            let mut digest = None;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "mappings" {
+                    digest = map.next_value_seed(Entries(self.0))?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(digest)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<u64>, A::Error> {
+            Entries(self.0).visit_seq(seq)
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Entries<'_> {
+        type Value = Option<u64>;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<u64>, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Entries<'_> {
+        type Value = Option<u64>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of mappings")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<u64>, A::Error> {
+            let mut set = SetDigest::default();
+            let mut whole = true;
+            while let Some(entry) = seq.next_element::<serde_json::Value>()? {
+                match Mapping::from_export(&entry, self.0) {
+                    Ok(m) => set.add(&m),
+                    Err(_) => whole = false,
+                }
+            }
+            Ok(whole.then(|| set.finish()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,5 +533,61 @@ mod tests {
         assert!(stamp_of("model-mappings-20260116T101710Z.json").is_none());
         assert!(stamp_of("../model-mappings-20260116T101710123456Z.json").is_none());
         assert!(stamp_of("model-mappings-2026011xT101710123456Z.json").is_none());
+    }
+
+    fn store(dir: &Path) -> SnapshotStore {
+        let settings = SnapshotSettings {
+            dir: dir.to_path_buf(),
+            keep: 3,
+            redact_keys: Vec::new(),
+            min_interval: std::time::Duration::ZERO,
+            redact: false,
+        };
+        SnapshotStore::new(&settings, Redactor::new::<&str>(&[]))
+    }
+
+    fn mappings() -> Vec<Arc<Mapping>> {
+        ["a", "b", "c"]
+            .iter()
+            .map(|k| {
+                Arc::new(Mapping::new(mapping::Fields {
+                    scope_type: "mapping",
+                    scope_key: k,
+                    name: Some("A name"),
+                    // Canonical (the application's `json.dumps` form), as a reader makes it.
+                    metadata: r#"{"n": 12345678901234567890123, "s": "x"}"#,
+                    ..Default::default()
+                }))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_latest_snapshot_is_digested_entry_by_entry_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = mappings();
+        store(dir.path()).write(&set, Utc::now()).unwrap();
+        let expected = mapping::digest(set.iter().map(AsRef::as_ref));
+        // A store that starts beside the file (a restart) reads the same digest back.
+        assert_eq!(store(dir.path()).digest_of_latest(), Some(expected));
+
+        // The application's own export form: a bare list.
+        let doc: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(LATEST)).unwrap()).unwrap();
+        fs::write(dir.path().join(LATEST), doc["mappings"].to_string()).unwrap();
+        assert_eq!(store(dir.path()).digest_of_latest(), Some(expected));
+
+        // One entry that is not a mapping, or a damaged file: no digest (the next write
+        // happens).
+        let mut entries = doc["mappings"].as_array().unwrap().clone();
+        entries.push(serde_json::json!(7));
+        fs::write(
+            dir.path().join(LATEST),
+            serde_json::json!({ "mappings": entries }).to_string(),
+        )
+        .unwrap();
+        assert_eq!(store(dir.path()).digest_of_latest(), None);
+        fs::write(dir.path().join(LATEST), &doc.to_string()[..40]).unwrap();
+        assert_eq!(store(dir.path()).digest_of_latest(), None);
     }
 }

@@ -28,7 +28,7 @@ pub use normalize::{
     parse_timestamp, strip_nul,
 };
 pub use redact::{DEFAULT_REDACT_KEYS, Redactor};
-pub use set::{Candidate, digest, finalize, sort_for_export};
+pub use set::{Candidate, SetDigest, digest, finalize, sort_for_export};
 
 use std::borrow::{Borrow, Cow};
 use std::hash::{Hash, Hasher};
@@ -65,7 +65,7 @@ impl Origin {
 /// the scaling runs), so a mapping is kept compact: 56 bytes behind its `Arc` (one 80-byte
 /// heap chunk with the reference counts) and one allocation of text.
 /// - `text` holds the id and the name back to back, after two lengths written as ASCII
-///   varints ([`Lengths`]); no offsets are stored beside it.
+///   varints (`Lengths`); no offsets are stored beside it.
 /// - The default model, and the candidates' and the metadata's canonical JSON, are
 ///   [`Shared`]: mappings built by one reader through an [`Interner`] share one copy of each
 ///   distinct text (models, model lists and metadata objects repeat across mappings), and a

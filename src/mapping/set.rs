@@ -107,9 +107,24 @@ pub fn sort_for_export(mappings: &mut [Arc<Mapping>]) {
 /// A digest of a whole set of mappings, independent of their order: tells whether anything
 /// changed since the newest snapshot without comparing 100,000 mappings.
 pub fn digest<'a>(mappings: impl IntoIterator<Item = &'a Mapping>) -> u64 {
-    mappings
-        .into_iter()
-        .fold(0u64, |acc, m| acc.wrapping_add(mix(m.digest())))
+    let mut set = SetDigest::default();
+    mappings.into_iter().for_each(|m| set.add(m));
+    set.finish()
+}
+
+/// [`digest`] one mapping at a time, for a set that is never held whole (a snapshot file
+/// read entry by entry).
+#[derive(Debug, Default)]
+pub struct SetDigest(u64);
+
+impl SetDigest {
+    pub fn add(&mut self, m: &Mapping) {
+        self.0 = self.0.wrapping_add(mix(m.digest()));
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// SplitMix64's finaliser: spreads each digest over all 64 bits before they are summed.

@@ -358,6 +358,35 @@ fn snapshots_rotate_and_skip_unchanged_content() {
 }
 
 #[test]
+fn a_restart_beside_an_unchanged_snapshot_writes_no_new_one() {
+    let ws = Workspace::new(None, "");
+    for r in Row::numbered("m", 3) {
+        ws.app.upsert(&r);
+    }
+    let first = TestApp::spawn(&ws, None, FAST);
+    first.wait_first_run();
+    first.wait(Duration::from_secs(10), "the first snapshot", || {
+        snapshot_files(&ws.snapshot_dir()).len() == 1
+    });
+    drop(first);
+    let files = snapshot_files(&ws.snapshot_dir());
+
+    // The restarted daemon reads -latest back (entry by entry) and finds the same content.
+    let again = TestApp::spawn(&ws, None, FAST);
+    again.wait_first_run();
+    again.wait(
+        Duration::from_secs(10),
+        "the start-up snapshot decision",
+        || again.metric("mapsync_snapshot_writes_total{result=\"unchanged\"}") >= 1.0,
+    );
+    assert_eq!(snapshot_files(&ws.snapshot_dir()), files);
+    assert_eq!(
+        again.metric("mapsync_snapshot_writes_total{result=\"ok\"}"),
+        0.0
+    );
+}
+
+#[test]
 fn a_failing_snapshot_write_is_counted_and_damages_nothing() {
     let ws = Workspace::new(None, "");
     for r in Row::numbered("m", 3) {
