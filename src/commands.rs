@@ -76,9 +76,9 @@ pub async fn sync(settings: &Settings, opts: SyncOptions, full: bool) -> Result<
     .map_err(|e| match e {
         CheckedError::Source(e) => Error::Source(e),
         CheckedError::Target(e) => Error::Target(e),
-        CheckedError::Stopped(why) => {
-            Error::Other(format!("reading the SQLite file stopped: {why}"))
-        }
+        e @ CheckedError::Stopped(_) => Error::Other(format!(
+            "mapsync sync failed: {e}: a bug in mapsync, please report it; mapsync sync --full works around it"
+        )),
     })?;
     // A refused run leaves none: it changed nothing the old state describes wrongly.
     if let Some(state) = checked.state {

@@ -161,6 +161,24 @@ pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<(), SnapshotError> {
+    replace(path, true, fill)
+}
+
+/// [`write_atomic`] without the fsyncs, for a file that is only a cache checked on reading
+/// (a crash may leave the old file, the new one, or one that fails its check: never a
+/// half-written file taken as whole).
+pub fn write_replacing(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), SnapshotError> {
+    replace(path, false, fill)
+}
+
+fn replace(
+    path: &Path,
+    durable: bool,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), SnapshotError> {
     let dir = crate::parent_dir(path);
     let temp = dir.join(format!(
         "{TEMP_PREFIX}{}-{}",
@@ -170,10 +188,15 @@ pub fn write_atomic(
     let result = (|| {
         let mut file = private_file(&temp)?;
         fill(&mut file)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         drop(file);
         fs::rename(&temp, path)?;
-        sync_dir(dir)
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     result.map_err(|e| {
         let _ = fs::remove_file(&temp);

@@ -211,9 +211,31 @@ impl SqliteSource {
         Ok(self.image_of(rows))
     }
 
+    /// [`read`](Self::read) that also hands each mapping it builds from a row to `tap` as
+    /// soon as it is built, with whether the row is stored under another id than its
+    /// mapping's (then it may share its id with another row, and only the image says which
+    /// one wins). Prompts are not handed over. Lets a cold load send rows to Postgres while
+    /// the file is still being read.
+    pub fn read_tapped(
+        &mut self,
+        mode: ReadMode,
+        tap: &mut Tap<'_>,
+    ) -> Result<SourceImage, SourceError> {
+        let rows = self.read_rows_tapped(mode, Some(tap))?;
+        Ok(self.image_of(rows))
+    }
+
     /// The reading part of [`read`](Self::read): brings the memo up to date and says what
     /// changed, without making the image (which a read that changed nothing does not need).
     pub fn read_rows(&mut self, mode: ReadMode) -> Result<Rows, SourceError> {
+        self.read_rows_tapped(mode, None)
+    }
+
+    fn read_rows_tapped(
+        &mut self,
+        mode: ReadMode,
+        tap: Option<&mut Tap<'_>>,
+    ) -> Result<Rows, SourceError> {
         // Taken before the read: a commit that lands in between is read now and seen again
         // as a change next time (one extra read), never missed.
         let fingerprint = Fingerprint::take(&self.path)?;
@@ -228,7 +250,7 @@ impl SqliteSource {
             (ReadMode::Incremental, true, Some(w)) => Some(w.clone()),
             _ => None,
         };
-        let result = self.read_in_transaction(watermark.as_deref());
+        let result = self.read_in_transaction(watermark.as_deref(), tap);
         let (delta, newest) = match result {
             Ok(read) => read,
             Err(e) => {
@@ -254,6 +276,7 @@ impl SqliteSource {
     fn read_in_transaction(
         &mut self,
         watermark: Option<&str>,
+        tap: Option<&mut Tap<'_>>,
     ) -> Result<(Delta, Option<String>), Failed> {
         let conn = open(
             &self.path,
@@ -272,6 +295,7 @@ impl SqliteSource {
             rules: &mut self.rules,
             stored_ids: &mut self.memo.stored_ids,
             delta: &mut delta,
+            tap,
         };
         match watermark {
             Some(w) => read_since(&tx, w, &mut self.memo.marks, &mut changes)?,
@@ -492,13 +516,19 @@ fn walk_marked(
 }
 
 /// Where a read reports what it builds and what it drops.
-struct Changes<'a> {
+struct Changes<'a, 't> {
     rules: &'a mut Normalizer,
     stored_ids: &'a mut FxHashMap<i64, Box<str>>,
     delta: &'a mut Delta,
+    /// Sees each fresh mapping as it is built ([`SqliteSource::read_tapped`]).
+    tap: Option<&'a mut Tap<'t>>,
 }
 
-impl Changes<'_> {
+/// What [`SqliteSource::read_tapped`] hands each mapping to: the mapping, and whether its row
+/// is stored under another id.
+pub type Tap<'t> = dyn FnMut(&Arc<Mapping>, bool) + 't;
+
+impl Changes<'_, '_> {
     /// The mapping of a row that is new or changed (`None`: skipped).
     fn fresh(
         &mut self,
@@ -508,6 +538,9 @@ impl Changes<'_> {
         let Some(c) = self.rules.mapping_row(&MappingRow::read(row, 1)?) else {
             return Ok(None);
         };
+        if let Some(tap) = self.tap.as_mut() {
+            tap(&c.mapping, c.stored_id.is_some());
+        }
         if let Some(stored) = c.stored_id {
             self.stored_ids.insert(rowid, stored);
         }
@@ -534,7 +567,7 @@ fn select_rows(filter: &str) -> String {
 fn walk(
     conn: &Connection,
     marks: &mut Vec<Mark>,
-    changes: &mut Changes<'_>,
+    changes: &mut Changes<'_, '_>,
 ) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare(&select_rows("ORDER BY rowid"))?;
     let mut rows = stmt.query([])?;
@@ -585,7 +618,7 @@ fn settle(
     marks: &mut Vec<Mark>,
     removed: Vec<usize>,
     between: Vec<Mark>,
-    changes: &mut Changes<'_>,
+    changes: &mut Changes<'_, '_>,
 ) {
     if !removed.is_empty() {
         for &i in &removed {
@@ -612,7 +645,7 @@ fn read_since(
     conn: &Connection,
     watermark: &str,
     marks: &mut Vec<Mark>,
-    changes: &mut Changes<'_>,
+    changes: &mut Changes<'_, '_>,
 ) -> rusqlite::Result<()> {
     let count: i64 = conn.query_row("SELECT count(*) FROM llm_model_mappings", [], |r| r.get(0))?;
     let mut stmt = conn.prepare(&select_rows("WHERE updated_at >= ?1 ORDER BY rowid"))?;
@@ -655,7 +688,7 @@ fn read_since(
 fn reconcile_rowids(
     conn: &Connection,
     marks: &mut Vec<Mark>,
-    changes: &mut Changes<'_>,
+    changes: &mut Changes<'_, '_>,
 ) -> rusqlite::Result<()> {
     // Any order (SQLite answers from its smallest index), sorted here.
     let mut present: Vec<i64> = conn

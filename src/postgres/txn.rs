@@ -28,6 +28,8 @@ use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutRow, BinaryCopyOutStream};
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
+use std::sync::Arc;
+
 use foldhash::HashMap as FxHashMap;
 
 use super::registry::OtherInstance;
@@ -297,6 +299,40 @@ impl Txn<'_> {
             .map_err(|e| self.err(e))
     }
 
+    /// Opens a savepoint and copies the mappings arriving on `chunks` straight into the table
+    /// (a cold load, while the SQLite file is still being read; the rows must be missing
+    /// remotely). `None` when Postgres refused a row: the savepoint is rolled back, nothing
+    /// was written, and the rows go through [`Txn::write`] instead. Otherwise the savepoint
+    /// stays open until [`Txn::settle_streamed`].
+    pub async fn copy_streamed(
+        &self,
+        chunks: tokio::sync::mpsc::Receiver<Vec<Arc<Mapping>>>,
+    ) -> Result<Option<u64>, TargetError> {
+        let err = |e| self.err(e);
+        self.tx
+            .batch_execute("SAVEPOINT mapsync_stream")
+            .await
+            .map_err(err)?;
+        match copy_in_chunks(&self.tx, &self.target.table.quoted(), chunks).await {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if refuses_a_row(&e) => {
+                self.settle_streamed(false).await?;
+                Ok(None)
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Keeps (`keep`) or undoes what [`Txn::copy_streamed`] wrote, and ends its savepoint.
+    pub async fn settle_streamed(&self, keep: bool) -> Result<(), TargetError> {
+        let sql = if keep {
+            "RELEASE SAVEPOINT mapsync_stream"
+        } else {
+            "ROLLBACK TO SAVEPOINT mapsync_stream; RELEASE SAVEPOINT mapsync_stream"
+        };
+        self.tx.batch_execute(sql).await.map_err(|e| self.err(e))
+    }
+
     /// Deletes the rows with these ids; returns how many went.
     pub async fn delete<S: AsRef<str> + Sync + ToSql>(
         &self,
@@ -445,32 +481,64 @@ async fn copy_in(
     table: &str,
     rows: &[&Mapping],
 ) -> Result<u64, tokio_postgres::Error> {
+    let writer = copy_writer(tx, table).await?;
+    pin_mut!(writer);
+    for (i, m) in rows.iter().enumerate() {
+        yield_every(i).await;
+        put(writer.as_mut(), m).await?;
+    }
+    writer.finish().await
+}
+
+/// [`copy_in`] of the mappings arriving on `chunks`, until the sender is gone.
+async fn copy_in_chunks(
+    tx: &Transaction<'_>,
+    table: &str,
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<Arc<Mapping>>>,
+) -> Result<u64, tokio_postgres::Error> {
+    let writer = copy_writer(tx, table).await?;
+    pin_mut!(writer);
+    while let Some(chunk) = chunks.recv().await {
+        for (i, m) in chunk.iter().enumerate() {
+            yield_every(i).await;
+            put(writer.as_mut(), m).await?;
+        }
+    }
+    writer.finish().await
+}
+
+/// A binary `COPY table FROM STDIN` of the ten columns.
+async fn copy_writer(
+    tx: &Transaction<'_>,
+    table: &str,
+) -> Result<BinaryCopyInWriter, tokio_postgres::Error> {
     let sink = tx
         .copy_in(&format!(
             "COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"
         ))
         .await?;
-    let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
-    pin_mut!(writer);
-    for (i, m) in rows.iter().enumerate() {
-        yield_every(i).await;
-        writer
-            .as_mut()
-            .write(&[
-                &m.id(),
-                &m.scope_type(),
-                &m.scope_key(),
-                &m.name(),
-                &m.default_model(),
-                &Jsonb(m.candidates_json()),
-                &m.is_active,
-                &m.updated_at,
-                &m.source.as_str(),
-                &Jsonb(m.mirror_metadata_json()),
-            ])
-            .await?;
-    }
-    writer.finish().await
+    Ok(BinaryCopyInWriter::new(sink, &COLUMN_TYPES))
+}
+
+/// One mapping's row into a COPY.
+async fn put(
+    writer: std::pin::Pin<&mut BinaryCopyInWriter>,
+    m: &Mapping,
+) -> Result<(), tokio_postgres::Error> {
+    writer
+        .write(&[
+            &m.id(),
+            &m.scope_type(),
+            &m.scope_key(),
+            &m.name(),
+            &m.default_model(),
+            &Jsonb(m.candidates_json()),
+            &m.is_active,
+            &m.updated_at,
+            &m.source.as_str(),
+            &Jsonb(m.mirror_metadata_json()),
+        ])
+        .await
 }
 
 /// Writes rows that may differ: COPY into a temporary table, then one guarded upsert. Returns

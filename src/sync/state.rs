@@ -107,6 +107,37 @@ pub struct SyncState {
     full_next: bool,
 }
 
+/// The length of the checksum that opens a state file.
+const SUM_LEN: usize = 32;
+
+/// What a state file says first: whom it was written for and which mirror it describes (a
+/// file is sha-256, [`Head`], [`SyncState`], the sum over both).
+#[derive(Serialize, Deserialize)]
+struct Head {
+    key: StateKey,
+    remote_fp: RemoteFingerprint,
+}
+
+/// A state file whose head matched: the rest (100,000 rows' worth) is only checked and
+/// decoded when the mirror's fingerprint matches too, so a run that cannot use it (a cold
+/// load, another writer) does not pay for it.
+pub struct StoredState {
+    remote_fp: RemoteFingerprint,
+    bytes: Vec<u8>,
+    body_at: usize,
+}
+
+impl StoredState {
+    /// The state, when the file is whole.
+    pub fn open(self) -> Result<SyncState, StateError> {
+        let (sum, rest) = self.bytes.split_at(SUM_LEN);
+        if Sha256::digest(rest).as_slice() != sum {
+            return Err(StateError::Corrupt);
+        }
+        postcard::from_bytes(&self.bytes[self.body_at..]).map_err(|_| StateError::Corrupt)
+    }
+}
+
 /// Why the state was not used (for the log).
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -127,26 +158,31 @@ impl SyncState {
         settings.snapshot.dir.join(STATE_FILE)
     }
 
-    /// The state at `path`, if it was written for `key` and is whole.
-    pub fn load(path: &Path, key: &StateKey) -> Result<SyncState, StateError> {
+    /// The state at `path`, if it was written for `key`: only its head is read now (see
+    /// [`StoredState`]).
+    pub fn load(path: &Path, key: &StateKey) -> Result<StoredState, StateError> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StateError::Missing),
             Err(e) => return Err(StateError::Io(e.to_string())),
         };
-        let (sum, body) = bytes.split_at_checked(32).ok_or(StateError::Corrupt)?;
-        if Sha256::digest(body).as_slice() != sum {
-            return Err(StateError::Corrupt);
-        }
-        let state: SyncState = postcard::from_bytes(body).map_err(|_| StateError::Corrupt)?;
-        if &state.key != key {
+        let after_sum = bytes.get(SUM_LEN..).ok_or(StateError::Corrupt)?;
+        let (head, body): (Head, &[u8]) =
+            postcard::take_from_bytes(after_sum).map_err(|_| StateError::Corrupt)?;
+        if &head.key != key {
             return Err(StateError::Foreign);
         }
-        Ok(state)
+        let body_at = bytes.len() - body.len();
+        Ok(StoredState {
+            remote_fp: head.remote_fp,
+            bytes,
+            body_at,
+        })
     }
 
-    /// Writes the state atomically (temporary file 0600, fsync, rename), creating the
-    /// snapshot directory (0700) when needed.
+    /// Writes the state by rename (temporary file 0600), creating the snapshot directory
+    /// (0700) when needed. Not fsynced: after a crash the file is the old state, the new one,
+    /// or one that fails its checksum, and each is safe (see the module doc).
     pub fn save(&self, path: &Path) -> Result<(), crate::snapshot::SnapshotError> {
         if let Some(dir) = path.parent() {
             use std::os::unix::fs::DirBuilderExt;
@@ -155,11 +191,16 @@ impl SyncState {
                 .mode(0o700)
                 .create(dir);
         }
-        crate::snapshot::write_atomic(path, |f| {
+        crate::snapshot::write_replacing(path, |f| {
             use std::io::Write;
-            let body = postcard::to_allocvec(self).map_err(std::io::Error::other)?;
-            f.write_all(&Sha256::digest(&body))?;
-            f.write_all(&body)
+            let head = Head {
+                key: self.key.clone(),
+                remote_fp: self.remote_fp.clone(),
+            };
+            let mut rest = postcard::to_allocvec(&head).map_err(std::io::Error::other)?;
+            rest = postcard::to_extend(self, rest).map_err(std::io::Error::other)?;
+            f.write_all(&Sha256::digest(&rest))?;
+            f.write_all(&rest)
         })
     }
 
@@ -175,7 +216,7 @@ pub enum CheckedError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Target(#[from] TargetError),
-    #[error("reading the SQLite file stopped: {0}")]
+    #[error("a task of the run stopped: {0}")]
     Stopped(String),
 }
 
@@ -210,7 +251,7 @@ pub async fn run_checked(
     limits: Limits,
     opts: SyncOptions,
     key: StateKey,
-    state: Option<SyncState>,
+    state: Option<StoredState>,
     source: SqliteSource,
 ) -> Result<Checked, CheckedError> {
     let started = Instant::now();
@@ -229,16 +270,29 @@ async fn in_transaction(
     limits: Limits,
     opts: SyncOptions,
     key: StateKey,
-    state: Option<SyncState>,
+    state: Option<StoredState>,
     source: SqliteSource,
     started: Instant,
 ) -> Result<Checked, CheckedError> {
     let fingerprint = txn.fingerprint().await?;
-    let known = state.filter(|s| s.remote_fp == fingerprint);
-    let (source, read) = read_source(source, known).await?;
-    let read = match read {
-        Source::Walked(w, k) if collides(&w) => whole(source, Some(k)).await?.1,
-        r => r,
+    let known = state.filter(|s| s.remote_fp == fingerprint).and_then(|s| {
+        s.open()
+            .inspect_err(|why| tracing::debug!("a full run: {why}"))
+            .ok()
+    });
+    // An empty mirror (this transaction's snapshot says so): nothing to scan, and every
+    // mapping can go into a COPY while the file is still being read.
+    let empty = fingerprint.rows == 0;
+    let (source, read, mut streamed) = if empty && known.is_none() {
+        cold(&txn, source).await?
+    } else {
+        let (source, read) = read_source(source, known).await?;
+        (source, read, Vec::new())
+    };
+    let streamed_rows = streamed.len();
+    let (source, read) = match read {
+        Source::Walked(w, k) if collides(&w) => whole(source, Some(k)).await?,
+        r => (source, r),
     };
     let remote_before = fingerprint.rows as u64;
 
@@ -255,6 +309,26 @@ async fn in_transaction(
             known: Some(k),
             ..
         } => plan_whole(mappings, &k.remote),
+        Source::Whole {
+            mappings,
+            known: None,
+            ..
+        } if empty => {
+            // A cold load wrote every mapping (and the mirror holds `streamed`), or none.
+            if streamed.is_empty() {
+                Plan {
+                    remote: Some(Vec::new()),
+                    ..plan_whole(mappings, &[])
+                }
+            } else {
+                Plan {
+                    missing: Vec::new(),
+                    differing: Vec::new(),
+                    extras: Vec::new(),
+                    remote: Some(std::mem::take(&mut streamed)),
+                }
+            }
+        }
         Source::Whole {
             mappings,
             known: None,
@@ -292,7 +366,7 @@ async fn in_transaction(
     let mut counts = Counts {
         remote_before: Some(remote_before),
         extra: plan.extras.len() as u64,
-        pending: (plan.missing.len() + plan.differing.len() + deletes.len()) as u64,
+        pending: (streamed_rows + plan.missing.len() + plan.differing.len() + deletes.len()) as u64,
         ..Default::default()
     };
     if let Some(refusal) = guard(
@@ -304,6 +378,9 @@ async fn in_transaction(
     )
     .await?
     {
+        if streamed_rows > 0 {
+            txn.settle_streamed(false).await?;
+        }
         counts.refused = Some(refusal);
         refuse(txn, &counts, false).await?;
         return Ok(Checked {
@@ -311,19 +388,16 @@ async fn in_transaction(
             state: None,
         });
     }
+    if streamed_rows > 0 {
+        txn.settle_streamed(true).await?;
+        counts.inserted = streamed_rows as u64;
+    }
     let missing: Vec<&Mapping> = plan.missing.iter().map(AsRef::as_ref).collect();
     let differing: Vec<&Mapping> = plan.differing.iter().map(AsRef::as_ref).collect();
     counts.record(txn.write(&missing, &differing).await?);
     counts.deleted = txn.delete(&deletes).await?;
     txn.record_run(SYNCED, true).await?;
-    let remote_fp = txn.fingerprint().await?;
-    txn.commit().await?;
-    let ran = ran(&counts, synced_count, opts, started);
-
-    // Nothing read, nothing written: the state on disk still says it all.
-    if matches!(read, Source::Same(_)) && remote_fp == fingerprint {
-        return Ok(Checked { ran, state: None });
-    }
+    let unread = matches!(read, Source::Same(_));
     let (rows, prompt_ids, source_fp, contested, known_remote) = match read {
         Source::Same(k) => (k.rows, k.prompt_ids, k.source_fp, false, Some(k.remote)),
         Source::Walked(w, k) => (
@@ -351,15 +425,39 @@ async fn in_transaction(
             known.map(|k| k.remote),
         ),
     };
-    // The mirror now: what it held, with what was written and deleted.
-    let rejected: FxHashSet<&str> = counts.rejected.iter().map(|r| r.id.as_str()).collect();
-    let written = missing
-        .iter()
-        .chain(&differing)
-        .filter(|m| !rejected.contains(m.id()))
-        .map(|m| (Box::<str>::from(m.id()), digest(m)));
+    // The mirror now: what it held, with what was written and deleted. Worked out on the
+    // blocking pool while Postgres takes the fingerprint and commits.
     let base = plan.remote.take().or(known_remote).unwrap_or_default();
-    let remote = merge_remote(base, written, &deletes);
+    let merging = {
+        let mut written = std::mem::take(&mut plan.missing);
+        written.extend(std::mem::take(&mut plan.differing));
+        let rejected: Vec<String> = counts.rejected.iter().map(|r| r.id.clone()).collect();
+        let deleted: Vec<Box<str>> = deletes.iter().map(|&d| d.into()).collect();
+        tokio::task::spawn_blocking(move || {
+            let rejected: FxHashSet<&str> = rejected.iter().map(String::as_str).collect();
+            let written = written
+                .iter()
+                .filter(|m| !rejected.contains(m.id()))
+                .map(|m| (Box::<str>::from(m.id()), digest(m)));
+            let deleted: Vec<&str> = deleted.iter().map(AsRef::as_ref).collect();
+            merge_remote(base, written, &deleted)
+        })
+    };
+    // A run that wrote nothing to the table sees it as it was (one snapshot).
+    let remote_fp = if counts.inserted + counts.updated + counts.deleted == 0 {
+        fingerprint.clone()
+    } else {
+        txn.fingerprint().await?
+    };
+    txn.commit().await?;
+    let ran = ran(&counts, synced_count, opts, started);
+    let remote = merging
+        .await
+        .map_err(|e| CheckedError::Stopped(e.to_string()))?;
+    // Nothing read, nothing written: the state on disk still says it all.
+    if unread && remote_fp == fingerprint {
+        return Ok(Checked { ran, state: None });
+    }
     let extras: Vec<Box<str>> = if opts.delete_missing {
         Vec::new()
     } else {
@@ -375,6 +473,9 @@ async fn in_transaction(
         extras,
         full_next: contested || !counts.rejected.is_empty(),
     };
+    // The memo holds the last references to every mapping: they are freed off the run's
+    // path, while the caller saves the state.
+    tokio::task::spawn_blocking(move || drop(source));
     Ok(Checked {
         ran,
         state: Some(state),
@@ -436,6 +537,95 @@ async fn read_source(
     .await
 }
 
+/// Rows a cold load hands to the COPY at a time.
+const COLD_CHUNK: usize = 1024;
+
+/// A cold load: the mirror is empty, so every mapping the read builds from a row goes into a
+/// COPY at once, while the file is still being read (the two overlap on two cores), and the
+/// rest of the image (prompts, rows stored under another id) follows in the same COPY.
+/// Returns the whole read and the mappings written (every mirrorable one, or none), under a
+/// savepoint left open for the guard (open exactly when some were written). What was sent
+/// must be exactly the image: when a row that was sent lost its id to another row (only the
+/// image can tell), or Postgres refused a row, the savepoint is rolled back and every
+/// mapping takes the ordinary write.
+async fn cold(
+    txn: &Txn<'_>,
+    source: SqliteSource,
+) -> Result<(SqliteSource, Source, Vec<(Box<str>, u64)>), CheckedError> {
+    let (chunks, received) = tokio::sync::mpsc::channel::<Vec<Arc<Mapping>>>(8);
+    let reading = blocking(move || {
+        let mut source = source;
+        // What was sent: the mirror's rows as the state keeps them (id, digest), worked out
+        // here while Postgres takes them in.
+        let mut done = (Vec::new(), FxHashSet::default());
+        let mut chunk = Vec::with_capacity(COLD_CHUNK);
+        type Sent = (Vec<(Box<str>, u64)>, FxHashSet<*const Mapping>);
+        let flush = |chunk: &mut Vec<Arc<Mapping>>, (sent, sent_at): &mut Sent| {
+            sent.extend(chunk.iter().map(|m| (Box::<str>::from(m.id()), digest(m))));
+            sent_at.extend(chunk.iter().map(Arc::as_ptr));
+            // The COPY gone (a refused row, an error): the read goes on for the ordinary
+            // write.
+            let full = std::mem::replace(chunk, Vec::with_capacity(COLD_CHUNK));
+            let _ = chunks.blocking_send(full);
+        };
+        let fingerprint = source.fingerprint()?;
+        let image = source.read_tapped(ReadMode::Full, &mut |m, aliased| {
+            if !aliased && m.mirrorable() {
+                chunk.push(m.clone());
+                if chunk.len() == COLD_CHUNK {
+                    flush(&mut chunk, &mut done);
+                }
+            }
+        })?;
+        // Every row sent is in the image (none lost its id to another row): then the rest of
+        // the image follows.
+        let pending: FxHashSet<*const Mapping> = chunk.iter().map(Arc::as_ptr).collect();
+        let sent_at = &done.1;
+        let is_sent = |m: &Arc<Mapping>| {
+            let at = Arc::as_ptr(m);
+            pending.contains(&at) || sent_at.contains(&at)
+        };
+        let kept = image.mappings.iter().filter(|m| is_sent(m)).count();
+        let whole = kept == pending.len() + sent_at.len();
+        let rest: Vec<Arc<Mapping>> = if whole {
+            let rest = image
+                .mappings
+                .iter()
+                .filter(|m| m.mirrorable() && !is_sent(m));
+            rest.cloned().collect()
+        } else {
+            Vec::new()
+        };
+        chunk.extend(rest);
+        drop(pending);
+        if !chunk.is_empty() {
+            flush(&mut chunk, &mut done);
+        }
+        let mut sent = done.0;
+        // The COPY ends when the last chunk is in.
+        drop(chunks);
+        sent.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let read = Source::Whole {
+            mappings: image.mappings,
+            marks: source.marks(),
+            fingerprint,
+            contested: source.contested(),
+            known: None,
+        };
+        Ok((source, read, sent, whole))
+    });
+    let copied = txn.copy_streamed(received).await?;
+    let (source, read, sent, whole) = reading.await?;
+    let Some(copied) = copied else {
+        return Ok((source, read, Vec::new()));
+    };
+    if !whole || copied != sent.len() as u64 || sent.is_empty() {
+        txn.settle_streamed(whole && sent.is_empty()).await?;
+        return Ok((source, read, Vec::new()));
+    }
+    Ok((source, read, sent))
+}
+
 /// Every row, read afresh.
 async fn whole(
     source: SqliteSource,
@@ -462,13 +652,17 @@ fn read_whole(source: &mut SqliteSource, known: Option<SyncState>) -> Result<Sou
     })
 }
 
-async fn blocking<T: Send + 'static>(
+/// Starts `work` on the blocking pool at once, not when the result is awaited (a cold load's
+/// COPY runs beside it), and yields its result.
+fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
-) -> Result<T, CheckedError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| CheckedError::Stopped(e.to_string()))?
-        .map_err(CheckedError::from)
+) -> impl std::future::Future<Output = Result<T, CheckedError>> {
+    let task = tokio::task::spawn_blocking(work);
+    async move {
+        task.await
+            .map_err(|e| CheckedError::Stopped(e.to_string()))?
+            .map_err(CheckedError::from)
+    }
 }
 
 /// Whether a walk's new mappings would share an id with another row or prompt (then only a
@@ -526,6 +720,14 @@ fn plan_whole(mappings: &[Arc<Mapping>], remote: &[(Box<str>, u64)]) -> Plan {
             Some(d) if d != digest(m) => differing.push(m.clone()),
             Some(_) => {}
         }
+    }
+    if remote.is_empty() {
+        return Plan {
+            missing,
+            differing,
+            extras: Vec::new(),
+            remote: None,
+        };
     }
     let ids: FxHashSet<&str> = mappings.iter().map(|m| m.id()).collect();
     let extras = remote

@@ -204,3 +204,34 @@ fn a_state_for_another_instance_is_not_used() {
     );
     assert_mirrored(&ws, &db, &[]);
 }
+
+#[test]
+fn a_cold_load_with_two_rows_for_one_id_mirrors_the_one_the_export_shows() {
+    // `mapping:dup` as stored, and a legacy `tenant:dup` row saved later: both become
+    // `mapping:dup`, and the later one wins. A cold load sends the first before it reads the
+    // second; the mirror must still end up with the winner only.
+    let plain = Row {
+        updated_at: Some("2026-01-01T00:00:00+00:00".into()),
+        ..Row::mapping("dup", "older-model")
+    };
+    let mut legacy = Row {
+        updated_at: Some("2026-02-01T00:00:00+00:00".into()),
+        ..Row::mapping("dup", "newer-model")
+    };
+    legacy.id = "tenant:dup".into();
+    legacy.scope_type = "tenant".into();
+    let mut seed = Row::numbered("c", 5);
+    seed.push(plain);
+    seed.push(legacy);
+    let (ws, db) = mirrored(&seed);
+    let report = ws.sync(&[]);
+    assert_eq!(report["changed_count"], 6, "{report}");
+    assert_eq!(
+        remote_rows(&db)["mapping:dup"]["default_model"],
+        "newer-model"
+    );
+    assert_mirrored(&ws, &db, &[]);
+    // The next run finds nothing to do.
+    assert_eq!(ws.sync(&[])["changed_count"], 0);
+    assert_mirrored(&ws, &db, &[]);
+}
