@@ -45,6 +45,7 @@ use std::hash::Hasher;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rusqlite::types::ValueRef;
@@ -399,7 +400,12 @@ impl SqliteSource {
     /// A walk of every row beside `previous` (the rows a former `mapsync sync` left, in rowid
     /// order): only new and changed rows are normalised. Prompts are read whole. One read
     /// transaction, as [`read`](Self::read).
-    pub fn read_marked(&mut self, previous: Vec<RowMark>) -> Result<MarkedRead, SourceError> {
+    /// `None` when `stop` was set during the walk (the caller no longer needs it).
+    pub fn read_marked(
+        &mut self,
+        previous: Vec<RowMark>,
+        stop: &AtomicBool,
+    ) -> Result<Option<MarkedRead>, SourceError> {
         let fingerprint = Fingerprint::take(&self.path)?;
         let fail = |e| source_error(&self.path, e);
         let conn = open(
@@ -422,13 +428,39 @@ impl SqliteSource {
             prompts: Vec::new(),
             aliased: false,
         };
-        walk_marked(&tx, previous, &mut self.rules, &mut read).map_err(fail)?;
+        if !walk_marked(&tx, previous, &mut self.rules, &mut read, stop).map_err(fail)? {
+            return Ok(None);
+        }
         if self.include_prompts {
             read.prompts = read_prompt_rows(&tx, &mut self.rules).map_err(fail)?;
         }
         tx.commit().map_err(fail)?;
         conn.close().map_err(|(_, e)| fail(e))?;
-        Ok(read)
+        Ok(Some(read))
+    }
+
+    /// A reader of the same file with the same settings, which has read nothing yet.
+    pub fn fresh(&self) -> SqliteSource {
+        SqliteSource {
+            path: self.path.clone(),
+            busy_timeout: self.busy_timeout,
+            include_prompts: self.include_prompts,
+            read_fingerprint: None,
+            rules: Normalizer {
+                path: self.rules.path.clone(),
+                redactor: self.rules.redactor.clone(),
+                reported: HashSet::new(),
+                skipped_seen: 0,
+                interner: Interner::default(),
+            },
+            memo: Memo::default(),
+            memoizing: self.memoizing,
+            memo_valid: false,
+            prompts: Vec::new(),
+            contested: false,
+            watermark: None,
+            unverified: false,
+        }
     }
 
     /// Forgets the last read's fingerprint, so that the next gate reads (the daemon does this
@@ -481,16 +513,21 @@ pub struct MarkedRead {
 }
 
 /// [`SqliteSource::read_marked`]'s walk: a merge of the rows with `previous`.
+/// `false` when `stop` was set.
 fn walk_marked(
     conn: &Connection,
     previous: Vec<RowMark>,
     rules: &mut Normalizer,
     out: &mut MarkedRead,
-) -> rusqlite::Result<()> {
+    stop: &AtomicBool,
+) -> rusqlite::Result<bool> {
     let mut stmt = conn.prepare(&select_rows("ORDER BY rowid"))?;
     let mut rows = stmt.query([])?;
     let mut before = previous.into_iter().peekable();
     while let Some(r) = rows.next()? {
+        if out.marks.len() % 4096 == 0 && stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
         let (rowid, hash): (i64, u64) = (r.get(0)?, row_hash(r)?);
         while let Some(old) = before.next_if(|m| m.rowid < rowid) {
             out.gone.extend(old.id);
@@ -512,7 +549,7 @@ fn walk_marked(
     for old in before {
         out.gone.extend(old.id);
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Where a read reports what it builds and what it drops.

@@ -11,9 +11,13 @@
 //!    when the files' fingerprint equals the state's too, nothing is read either; when it
 //!    moved, a walk beside the state's rows normalises only the rows that changed;
 //! 3. otherwise (no state, `--full`, another writer, a hand edit, a fingerprint that moved)
-//!    it reads every row and scans the mirror, as a full run always did;
-//! 4. writes, deletes, takes the fingerprint again (its own writes included: one snapshot
-//!    for the whole run) and commits; then writes the new state atomically (mode 0600).
+//!    it reads every row and scans the mirror, as a full run always did; when the mirror is
+//!    empty (a cold load) there is nothing to scan, and each mapping goes into a COPY as soon
+//!    as the read builds it ([`cold`]);
+//! 4. writes, deletes, takes the fingerprint again when it wrote (its own writes included:
+//!    one snapshot for the whole run) and commits; then replaces the state file (mode 0600;
+//!    sha-256, a small head with the key and the mirror's fingerprint, then the rows, so a
+//!    run that cannot use a state does not decode it).
 //!
 //! Invariants — a state never makes a run skip a change:
 //! - the remote side is only trusted when the fingerprint matches; any insert, update or
@@ -31,6 +35,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use foldhash::HashSet as FxHashSet;
@@ -255,14 +260,88 @@ pub async fn run_checked(
     source: SqliteSource,
 ) -> Result<Checked, CheckedError> {
     let started = Instant::now();
+    // The state's side of the file is worked out while Postgres is asked whether the
+    // state's side of the mirror still holds.
+    let speculation = state.map(|stored| Speculation::start(stored, source.fresh()));
     let mut session = target.session().await?;
     loop {
         let Some(txn) = session.try_begin_checked().await? else {
             session.wait_for_lock().await?;
             continue;
         };
-        return in_transaction(txn, limits, opts, key, state, source, started).await;
+        return in_transaction(txn, limits, opts, key, speculation, source, started).await;
     }
+}
+
+/// The source side of a run against a state, read before the run knows whether the mirror
+/// is still as the state says ([`Speculation::start`]); stopped when it is not.
+struct Speculation {
+    remote_fp: RemoteFingerprint,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Result<Option<(SqliteSource, Source)>, SourceError>>,
+}
+
+impl Speculation {
+    fn start(stored: StoredState, source: SqliteSource) -> Speculation {
+        let remote_fp = stored.remote_fp.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::task::spawn_blocking(move || read_against(stored, source, &stopped));
+        Speculation {
+            remote_fp,
+            stop,
+            task,
+        }
+    }
+
+    /// The source side, when the mirror's fingerprint is the state's and the state is whole.
+    async fn take(
+        self,
+        fingerprint: &RemoteFingerprint,
+    ) -> Result<Option<(SqliteSource, Source)>, CheckedError> {
+        if self.remote_fp != *fingerprint {
+            self.stop.store(true, Ordering::Relaxed);
+            return Ok(None);
+        }
+        self.task
+            .await
+            .map_err(|e| CheckedError::Stopped(e.to_string()))?
+            .map_err(CheckedError::from)
+    }
+}
+
+/// The source side against a stored state: the files unchanged since it (no read), a walk
+/// beside its rows, or every row (ids that may collide). `None` when the state is damaged or
+/// `stop` was set.
+fn read_against(
+    stored: StoredState,
+    mut source: SqliteSource,
+    stop: &AtomicBool,
+) -> Result<Option<(SqliteSource, Source)>, SourceError> {
+    let mut k = match stored.open() {
+        Ok(k) => k,
+        Err(why) => {
+            tracing::debug!("a full run: {why}");
+            return Ok(None);
+        }
+    };
+    if !k.full_next {
+        if source.fingerprint()? == k.source_fp {
+            return Ok(Some((source, Source::Same(k))));
+        }
+        let rows = std::mem::take(&mut k.rows);
+        let Some(read) = source.read_marked(rows, stop)? else {
+            return Ok(None);
+        };
+        if !read.aliased {
+            return Ok(Some((source, Source::Walked(read, k))));
+        }
+    }
+    if stop.load(Ordering::Relaxed) {
+        return Ok(None);
+    }
+    let read = read_whole(&mut source, Some(k))?;
+    Ok(Some((source, read)))
 }
 
 async fn in_transaction(
@@ -270,24 +349,25 @@ async fn in_transaction(
     limits: Limits,
     opts: SyncOptions,
     key: StateKey,
-    state: Option<StoredState>,
+    speculation: Option<Speculation>,
     source: SqliteSource,
     started: Instant,
 ) -> Result<Checked, CheckedError> {
     let fingerprint = txn.fingerprint().await?;
-    let known = state.filter(|s| s.remote_fp == fingerprint).and_then(|s| {
-        s.open()
-            .inspect_err(|why| tracing::debug!("a full run: {why}"))
-            .ok()
-    });
+    let prepared = match speculation {
+        Some(s) => s.take(&fingerprint).await?,
+        None => None,
+    };
     // An empty mirror (this transaction's snapshot says so): nothing to scan, and every
     // mapping can go into a COPY while the file is still being read.
     let empty = fingerprint.rows == 0;
-    let (source, read, mut streamed) = if empty && known.is_none() {
-        cold(&txn, source).await?
-    } else {
-        let (source, read) = read_source(source, known).await?;
-        (source, read, Vec::new())
+    let (source, read, mut streamed) = match prepared {
+        Some((source, read)) => (source, read, Vec::new()),
+        None if empty => cold(&txn, source).await?,
+        None => {
+            let (source, read) = whole(source, None).await?;
+            (source, read, Vec::new())
+        }
     };
     let streamed_rows = streamed.len();
     let (source, read) = match read {
@@ -511,30 +591,6 @@ fn digest_in(rows: &[(Box<str>, u64)], id: &str) -> Option<u64> {
     rows.binary_search_by(|(r, _)| r.as_ref().cmp(id))
         .ok()
         .map(|i| rows[i].1)
-}
-
-/// The source side: the same files (no read), a walk beside the state's rows, or every row.
-async fn read_source(
-    source: SqliteSource,
-    known: Option<SyncState>,
-) -> Result<(SqliteSource, Source), CheckedError> {
-    let k = match known {
-        Some(k) if !k.full_next => k,
-        known => return whole(source, known).await,
-    };
-    blocking(move || {
-        let mut source = source;
-        if source.fingerprint()? == k.source_fp {
-            return Ok((source, Source::Same(k)));
-        }
-        let read = source.read_marked(k.rows.clone())?;
-        if read.aliased {
-            let r = read_whole(&mut source, Some(k))?;
-            return Ok((source, r));
-        }
-        Ok((source, Source::Walked(read, k)))
-    })
-    .await
 }
 
 /// Rows a cold load hands to the COPY at a time.
