@@ -260,6 +260,8 @@ pub async fn run_checked(
     source: SqliteSource,
 ) -> Result<Checked, CheckedError> {
     let started = Instant::now();
+    // The state keeps the rows a read leaves in the memo.
+    let source = source.memoizing();
     // The state's side of the file is worked out while Postgres is asked whether the
     // state's side of the mirror still holds.
     let speculation = state.map(|stored| Speculation::start(stored, source.fresh()));
@@ -277,8 +279,19 @@ pub async fn run_checked(
 /// is still as the state says ([`Speculation::start`]); stopped when it is not.
 struct Speculation {
     remote_fp: RemoteFingerprint,
-    stop: Arc<AtomicBool>,
+    /// Stops the walk when the speculation is dropped unused (a mirror that moved, or a run
+    /// that failed before it could ask), so that it does not hold the process's exit.
+    _stop: StopOnDrop,
     task: tokio::task::JoinHandle<Result<Option<(SqliteSource, Source)>, SourceError>>,
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Speculation {
@@ -289,18 +302,18 @@ impl Speculation {
         let task = tokio::task::spawn_blocking(move || read_against(stored, source, &stopped));
         Speculation {
             remote_fp,
-            stop,
+            _stop: StopOnDrop(stop),
             task,
         }
     }
 
-    /// The source side, when the mirror's fingerprint is the state's and the state is whole.
+    /// The source side, when the mirror's fingerprint is the state's and the state is whole
+    /// (dropping `self` otherwise stops the walk).
     async fn take(
         self,
         fingerprint: &RemoteFingerprint,
     ) -> Result<Option<(SqliteSource, Source)>, CheckedError> {
         if self.remote_fp != *fingerprint {
-            self.stop.store(true, Ordering::Relaxed);
             return Ok(None);
         }
         self.task
