@@ -101,10 +101,10 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(result: Result<(), String>) -> Check {
+    fn new(result: Result<(), impl std::fmt::Display>) -> Check {
         Check {
             ok: result.is_ok(),
-            error: result.err(),
+            error: result.err().map(|e| e.to_string()),
         }
     }
 }

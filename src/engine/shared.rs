@@ -32,7 +32,7 @@ pub(super) struct Shared {
     /// subscribes to it: publishing an image is offering it for a snapshot.
     pub image: watch::Sender<Option<Arc<SourceImage>>>,
     /// Postgres's last readiness answer, and when it was asked.
-    ready_cache: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    ready_cache: tokio::sync::Mutex<Option<(Instant, Result<(), TargetError>)>>,
 }
 
 impl Shared {
@@ -122,7 +122,7 @@ impl Shared {
 
     /// Postgres's readiness (pooled `SELECT 1` and the column check), cached for 2 s. `Ok`
     /// when no target is configured.
-    pub async fn target_ready(&self) -> Result<(), String> {
+    pub async fn target_ready(&self) -> Result<(), TargetError> {
         let Some(target) = &self.target else {
             return Ok(());
         };
@@ -143,8 +143,7 @@ impl Shared {
                     })
                 })
         }
-        .await
-        .map_err(|e| e.to_string());
+        .await;
         self.target_up(answer.is_ok());
         *cache = Some((Instant::now(), answer.clone()));
         answer

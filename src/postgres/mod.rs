@@ -170,7 +170,7 @@ fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
 }
 
 /// Why a Postgres operation failed, with the fix.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TargetError {
     #[error(
         "cannot connect to Postgres at {at}: {reason}: check that the server is up and the host and port in target.url"
