@@ -17,7 +17,6 @@ use crate::config::Settings;
 use crate::mapping::{self, Redactor};
 use crate::postgres::{ConnectSpec, SslMode, Target};
 use crate::snapshot;
-use crate::sync::state::{CheckedError, StateKey, SyncState};
 use crate::sync::{self, SyncOptions, SyncReport, Trigger};
 
 /// Reads the source once, on the blocking pool.
@@ -32,61 +31,36 @@ async fn read_source(settings: &Settings) -> Result<SourceImage, Error> {
         .map_err(Error::from)
 }
 
-/// `mapsync sync`: one run, trigger `manual`. With a target, it uses the state the last run
-/// left beside the snapshots ([`sync::state`]) unless `full`, and leaves a new one: a run
-/// whose mirror and SQLite file are as the state says scans and reads nothing. A dry run
-/// reads and scans everything and leaves no state.
+/// `mapsync sync`: one run, trigger `manual`. With a target, a [`sync::Mode::OneShot`] run:
+/// it uses the state the last run left beside the snapshots ([`sync::state`]) unless `full`,
+/// and leaves a new one, so a run whose mirror and SQLite file are as the state says scans
+/// and reads nothing. A dry run is a full run of a read image and leaves no state.
 pub async fn sync(settings: &Settings, opts: SyncOptions, full: bool) -> Result<SyncReport, Error> {
     let target = Target::from_settings(&settings.target)?;
-    let (Some(target), false) = (target.as_ref(), opts.dry_run) else {
-        let image = read_source(settings).await?;
-        let run = sync::Run {
-            mappings: &image.mappings,
-            mode: sync::Mode::Full,
-            opts,
-            trigger: Trigger::Manual,
-            remote_known: 0,
-        };
-        let ran = sync::run(target.as_ref(), sync::Limits::of(&settings.target), run).await?;
-        return Ok(ran.report);
-    };
-    let path = SyncState::path(settings);
-    let key = StateKey::of(settings, target);
-    let state = if full {
-        None
-    } else {
-        SyncState::load(&path, &key)
-            .inspect_err(|why| tracing::debug!(file = %path.display(), "a full run: {why}"))
-            .ok()
-    };
-    let source = SqliteSource::new(
-        &settings.source,
-        Redactor::new(&settings.snapshot.redact_keys),
-    )
-    .memoizing();
-    let checked = sync::state::run_checked(
-        target,
-        sync::Limits::of(&settings.target),
+    let limits = sync::Limits::of(&settings.target);
+    let run = |mappings, mode| sync::Run {
+        mappings,
+        mode,
         opts,
-        key,
-        state,
-        source,
-    )
-    .await
-    .map_err(|e| match e {
-        CheckedError::Source(e) => Error::Source(e),
-        CheckedError::Target(e) => Error::Target(e),
-        e @ CheckedError::Stopped(_) => Error::Other(format!(
-            "mapsync sync failed: {e}: a bug in mapsync, please report it; mapsync sync --full works around it"
-        )),
-    })?;
-    // A refused run leaves none: it changed nothing the old state describes wrongly.
-    if let Some(state) = checked.state {
-        if let Err(e) = state.save(&path) {
-            tracing::warn!("the next run will be a full one: {e}");
+        trigger: Trigger::Manual,
+        remote_known: 0,
+    };
+    let ran = match (target.as_ref(), opts.dry_run) {
+        (Some(target), false) => {
+            let one = sync::state::OneShot::new(settings, target, full);
+            sync::run(
+                Some(target),
+                limits,
+                run(&[], sync::Mode::OneShot(Box::new(one))),
+            )
+            .await?
         }
-    }
-    Ok(checked.ran.report)
+        (target, _) => {
+            let image = read_source(settings).await?;
+            sync::run(target, limits, run(&image.mappings, sync::Mode::Full)).await?
+        }
+    };
+    Ok(ran.report)
 }
 
 /// `mapsync export`: the snapshot document, to `output` (atomically) or to `stdout`.

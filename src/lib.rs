@@ -79,6 +79,18 @@ pub enum Error {
     Other(String),
 }
 
+impl From<sync::SyncError> for Error {
+    fn from(e: sync::SyncError) -> Error {
+        match e {
+            sync::SyncError::Target(e) => Error::Target(e),
+            sync::SyncError::Source(e) => Error::Source(e),
+            e @ sync::SyncError::Stopped(_) => Error::Other(format!(
+                "mapsync sync failed: {e}: a bug in mapsync, please report it; mapsync sync --full works around it"
+            )),
+        }
+    }
+}
+
 impl Error {
     /// 78 (EX_CONFIG) for configuration problems, so systemd does not restart-loop on them;
     /// 1 for everything else.

@@ -240,7 +240,15 @@ async fn run_inner(state: &mut RunState, plan: Plan, shared: &Arc<Shared>) -> Ou
     };
     let ran = match sync::run(shared.target.as_ref(), shared.limits(), run).await {
         Ok(ran) => ran,
-        Err(e) => return Outcome::Failed(RunError::target(e)),
+        Err(sync::SyncError::Target(e)) => return Outcome::Failed(RunError::target(e)),
+        Err(sync::SyncError::Source(e)) => return Outcome::Failed(RunError::source(e)),
+        Err(e @ sync::SyncError::Stopped(_)) => {
+            return Outcome::Failed(RunError {
+                kind: RunErrorKind::Other,
+                reason: None,
+                message: e.to_string(),
+            });
+        }
     };
     if ran.counts.refused.is_none() && shared.target.is_some() {
         remember(state, image, &ran);

@@ -3,12 +3,15 @@
 //! decide *when* it happens: that is the engine's business (`mapsync run`), or the user's
 //! (`mapsync sync`, `POST /sync`).
 //!
-//! Two modes, one transaction each, all or nothing:
-//! - [`Mode::Full`] (start-up, schedule, `POST /sync`, the CLI, any run before the first
+//! Three modes, one transaction each, all or nothing:
+//! - [`Mode::Full`] (start-up, schedule, `POST /sync`, dry runs, any run before the first
 //!   success): scans every remote row and compares it with the source, which also repairs
 //!   rows changed or deleted by hand in Postgres;
 //! - [`Mode::Incremental`] (file-watch runs): writes only what the source changed since the
-//!   mirror was known to hold the previous read ([`Diff`]), without a scan.
+//!   mirror was known to hold the previous read ([`Diff`]), without a scan;
+//! - [`Mode::OneShot`] (`mapsync sync`): a full run that reads the SQLite file inside its
+//!   transaction and skips the scan and the read when the state the previous one left still
+//!   holds ([`state`]).
 //!
 //! Guards come before any write: with delete propagation, another instance writing the same
 //! table refuses the run (`refused:other_instance`), and so does a delete beyond the limits
@@ -25,17 +28,33 @@ use std::time::Instant;
 pub use diff::{Diff, compose};
 pub use report::{SyncOptions, SyncReport, SyncStatus, Trigger};
 
+use crate::appdb::SourceError;
 use crate::config::TargetSettings;
 use crate::mapping::Mapping;
 use crate::postgres::{Rejected, RemoteRows, Target, TargetError, Txn, Written};
 
 /// How a run finds what to write.
-#[derive(Debug, Clone, Copy)]
 pub enum Mode<'a> {
     /// Scan every remote row and compare (repairs drift).
     Full,
     /// Only these changes since the mirror held the previous read.
     Incremental(&'a Diff),
+    /// Read the file inside the run, beside the state the previous one left (the run's
+    /// `mappings` are empty: it reads them itself).
+    OneShot(Box<state::OneShot>),
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// Reading the SQLite file inside a run ([`Mode::OneShot`]).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A task of the run panicked or was cancelled (a bug).
+    #[error("a task of the run stopped: {0}")]
+    Stopped(String),
 }
 
 /// The mass-delete limits (`target.max_delete_fraction`, `target.max_delete_floor`).
@@ -55,7 +74,6 @@ impl Limits {
 }
 
 /// A run to do.
-#[derive(Debug, Clone, Copy)]
 pub struct Run<'a> {
     /// The source as read (its count is the report's `synced_count`).
     pub mappings: &'a [Arc<Mapping>],
@@ -131,11 +149,7 @@ const SYNCED: &str = "synced";
 
 /// Aligns `target` with the source, in one transaction. Without a target, reports
 /// `skipped:supabase_not_configured`.
-pub async fn run(
-    target: Option<&Target>,
-    limits: Limits,
-    run: Run<'_>,
-) -> Result<Ran, TargetError> {
+pub async fn run(target: Option<&Target>, limits: Limits, run: Run<'_>) -> Result<Ran, SyncError> {
     let started = Instant::now();
     let Some(target) = target else {
         return Ok(Ran {
@@ -146,6 +160,7 @@ pub async fn run(
     let counts = match run.mode {
         Mode::Full => full(target, limits, run.mappings, run.opts).await?,
         Mode::Incremental(diff) => incremental(target, limits, diff, run.opts).await?,
+        Mode::OneShot(one) => return state::run_checked(target, limits, run.opts, *one).await,
     };
     let report = SyncReport::of_counts(
         &counts,

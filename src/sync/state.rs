@@ -42,11 +42,13 @@ use foldhash::HashSet as FxHashSet;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{Counts, Limits, Ran, SYNCED, SyncOptions, SyncReport, Trigger, guard, refuse};
+use super::{
+    Counts, Limits, Ran, SYNCED, SyncError, SyncOptions, SyncReport, Trigger, guard, refuse,
+};
 use crate::appdb::{Fingerprint, MarkedRead, ReadMode, RowMark, SourceError, SqliteSource};
 use crate::config::Settings;
 use crate::mapping::Mapping;
-use crate::postgres::{RemoteFingerprint, Target, TargetError, Txn, digest};
+use crate::postgres::{RemoteFingerprint, Target, Txn, digest};
 
 /// The state file's name in `snapshot.dir` (no snapshot name: never listed, served or
 /// deleted by retention).
@@ -214,22 +216,45 @@ impl SyncState {
     }
 }
 
-/// Why a checked run failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckedError {
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Target(#[from] TargetError),
-    #[error("a task of the run stopped: {0}")]
-    Stopped(String),
-}
-
 /// A checked run's result: the report, and the state to keep (`None` when the one on disk
 /// stays: a refused run, or one that found nothing to read or write).
-pub struct Checked {
-    pub ran: Ran,
-    pub state: Option<SyncState>,
+struct Checked {
+    ran: Ran,
+    state: Option<SyncState>,
+}
+
+/// What a [`Mode::OneShot`](super::Mode::OneShot) run needs: the reader, the state file and
+/// the state it holds (when there is one and the run is not `--full`).
+pub struct OneShot {
+    source: SqliteSource,
+    path: PathBuf,
+    key: StateKey,
+    state: Option<StoredState>,
+}
+
+impl OneShot {
+    /// For `mapsync sync` into `target`; `full` ignores the state on disk.
+    pub fn new(settings: &Settings, target: &Target, full: bool) -> OneShot {
+        let path = SyncState::path(settings);
+        let key = StateKey::of(settings, target);
+        let state = if full {
+            None
+        } else {
+            SyncState::load(&path, &key)
+                .inspect_err(|why| tracing::debug!(file = %path.display(), "a full run: {why}"))
+                .ok()
+        };
+        let source = SqliteSource::new(
+            &settings.source,
+            crate::mapping::Redactor::new(&settings.snapshot.redact_keys),
+        );
+        OneShot {
+            source,
+            path,
+            key,
+            state,
+        }
+    }
 }
 
 /// What the source side of a run found, with the state it was read against.
@@ -249,16 +274,32 @@ enum Source {
     },
 }
 
-/// One `mapsync sync` with the state (see the module doc). `state` is `None` for `--full` or
-/// when there is none. Never a dry run (those take [`super::run`]).
-pub async fn run_checked(
+/// One `mapsync sync` with the state (see the module doc), then the new state written
+/// (a refused run leaves the old one: it changed nothing the old one describes wrongly).
+/// Never a dry run (those are full runs).
+pub(super) async fn run_checked(
+    target: &Target,
+    limits: Limits,
+    opts: SyncOptions,
+    one: OneShot,
+) -> Result<Ran, SyncError> {
+    let checked = checked(target, limits, opts, one.key, one.state, one.source).await?;
+    if let Some(state) = checked.state {
+        if let Err(e) = state.save(&one.path) {
+            tracing::warn!("the next run will be a full one: {e}");
+        }
+    }
+    Ok(checked.ran)
+}
+
+async fn checked(
     target: &Target,
     limits: Limits,
     opts: SyncOptions,
     key: StateKey,
     state: Option<StoredState>,
     source: SqliteSource,
-) -> Result<Checked, CheckedError> {
+) -> Result<Checked, SyncError> {
     let started = Instant::now();
     // The state keeps the rows a read leaves in the memo.
     let source = source.memoizing();
@@ -312,14 +353,14 @@ impl Speculation {
     async fn take(
         self,
         fingerprint: &RemoteFingerprint,
-    ) -> Result<Option<(SqliteSource, Source)>, CheckedError> {
+    ) -> Result<Option<(SqliteSource, Source)>, SyncError> {
         if self.remote_fp != *fingerprint {
             return Ok(None);
         }
         self.task
             .await
-            .map_err(|e| CheckedError::Stopped(e.to_string()))?
-            .map_err(CheckedError::from)
+            .map_err(|e| SyncError::Stopped(e.to_string()))?
+            .map_err(SyncError::from)
     }
 }
 
@@ -365,7 +406,7 @@ async fn in_transaction(
     speculation: Option<Speculation>,
     source: SqliteSource,
     started: Instant,
-) -> Result<Checked, CheckedError> {
+) -> Result<Checked, SyncError> {
     let fingerprint = txn.fingerprint().await?;
     let prepared = match speculation {
         Some(s) => s.take(&fingerprint).await?,
@@ -546,7 +587,7 @@ async fn in_transaction(
     let ran = ran(&counts, synced_count, opts, started);
     let remote = merging
         .await
-        .map_err(|e| CheckedError::Stopped(e.to_string()))?;
+        .map_err(|e| SyncError::Stopped(e.to_string()))?;
     // Nothing read, nothing written: the state on disk still says it all.
     if unread && remote_fp == fingerprint {
         return Ok(Checked { ran, state: None });
@@ -620,7 +661,7 @@ const COLD_CHUNK: usize = 1024;
 async fn cold(
     txn: &Txn<'_>,
     source: SqliteSource,
-) -> Result<(SqliteSource, Source, Vec<(Box<str>, u64)>), CheckedError> {
+) -> Result<(SqliteSource, Source, Vec<(Box<str>, u64)>), SyncError> {
     let (chunks, received) = tokio::sync::mpsc::channel::<Vec<Arc<Mapping>>>(8);
     let reading = blocking(move || {
         let mut source = source;
@@ -699,7 +740,7 @@ async fn cold(
 async fn whole(
     source: SqliteSource,
     known: Option<SyncState>,
-) -> Result<(SqliteSource, Source), CheckedError> {
+) -> Result<(SqliteSource, Source), SyncError> {
     blocking(move || {
         let mut source = source;
         let read = read_whole(&mut source, known)?;
@@ -725,12 +766,12 @@ fn read_whole(source: &mut SqliteSource, known: Option<SyncState>) -> Result<Sou
 /// COPY runs beside it), and yields its result.
 fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
-) -> impl std::future::Future<Output = Result<T, CheckedError>> {
+) -> impl std::future::Future<Output = Result<T, SyncError>> {
     let task = tokio::task::spawn_blocking(work);
     async move {
         task.await
-            .map_err(|e| CheckedError::Stopped(e.to_string()))?
-            .map_err(CheckedError::from)
+            .map_err(|e| SyncError::Stopped(e.to_string()))?
+            .map_err(SyncError::from)
     }
 }
 
