@@ -204,6 +204,23 @@ fn replace(
     })
 }
 
+/// Creates `dir` (mode 0700: what goes in it may hold secrets), or tightens an existing one
+/// that others may read.
+pub fn private_dir(dir: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| SnapshotError::new("create", dir, e))?;
+    if let Ok(meta) = fs::metadata(dir) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        }
+    }
+    Ok(())
+}
+
 /// A new file only its owner can read and write.
 fn private_file(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -264,17 +281,7 @@ impl SnapshotStore {
     /// Creates the directory (mode 0700: snapshots hold the metadata's secrets), tightens an
     /// existing one that others may read, and removes temporary files a crash may have left.
     pub fn prepare(&mut self) -> Result<(), SnapshotError> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|e| SnapshotError::new("create", &self.dir, e))?;
-        if let Ok(meta) = fs::metadata(&self.dir) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                let _ = fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700));
-            }
-        }
+        private_dir(&self.dir)?;
         let entries =
             fs::read_dir(&self.dir).map_err(|e| SnapshotError::new("read", &self.dir, e))?;
         for entry in entries.flatten() {

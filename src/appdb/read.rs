@@ -153,10 +153,24 @@ struct Mark {
 
 impl SqliteSource {
     pub fn new(settings: &SourceSettings, redactor: Redactor) -> Self {
+        Self::at(
+            settings.sqlite_path.clone(),
+            settings.busy_timeout,
+            settings.include_prompt_mappings,
+            redactor,
+        )
+    }
+
+    fn at(
+        path: PathBuf,
+        busy_timeout: Duration,
+        include_prompts: bool,
+        redactor: Redactor,
+    ) -> Self {
         SqliteSource {
-            path: settings.sqlite_path.clone(),
-            busy_timeout: settings.busy_timeout,
-            include_prompts: settings.include_prompt_mappings,
+            path: path.clone(),
+            busy_timeout,
+            include_prompts,
             read_fingerprint: None,
             memo: Memo::default(),
             memoizing: false,
@@ -166,7 +180,7 @@ impl SqliteSource {
             watermark: None,
             unverified: false,
             rules: Normalizer {
-                path: settings.sqlite_path.clone(),
+                path,
                 redactor,
                 reported: HashSet::new(),
                 skipped_seen: 0,
@@ -256,10 +270,7 @@ impl SqliteSource {
             Ok(read) => read,
             Err(e) => {
                 self.memo = Memo::default();
-                return Err(match e {
-                    Failed::Sqlite(e) => source_error(&self.path, e),
-                    Failed::NotAppDatabase => SourceError::NotAppDatabase(self.path.clone()),
-                });
+                return Err(self.failed(e));
             }
         };
         self.read_fingerprint = Some(fingerprint);
@@ -279,37 +290,26 @@ impl SqliteSource {
         watermark: Option<&str>,
         tap: Option<&mut Tap<'_>>,
     ) -> Result<(Delta, Option<String>), Failed> {
-        let conn = open(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY,
-            self.busy_timeout,
-        )?;
-        // Every page is read once, in order: a small page cache does as well as SQLite's 2 MB
-        // default, and leaves fewer holes among the mappings when it is freed.
-        conn.pragma_update(None, "cache_size", PAGE_CACHE_KIB)?;
-        let tx = conn.unchecked_transaction()?;
-        if !table_exists(&tx, "llm_model_mappings")? {
-            return Err(Failed::NotAppDatabase);
-        }
         let mut delta = Delta::default();
-        let mut changes = Changes {
-            rules: &mut self.rules,
-            stored_ids: &mut self.memo.stored_ids,
-            delta: &mut delta,
-            tap,
-        };
-        match watermark {
-            Some(w) => read_since(&tx, w, &mut self.memo.marks, &mut changes)?,
-            None => walk(&tx, &mut self.memo.marks, &mut changes)?,
-        }
-        let newest = newest_stamp(&tx)?;
-        let prompts = if self.include_prompts {
-            read_prompt_rows(&tx, &mut self.rules)?
-        } else {
-            Vec::new()
-        };
-        tx.commit()?;
-        conn.close().map_err(|(_, e)| e)?;
+        let (newest, prompts) = in_read_transaction(&self.path, self.busy_timeout, |tx| {
+            let mut changes = Changes {
+                rules: &mut self.rules,
+                stored_ids: &mut self.memo.stored_ids,
+                delta: &mut delta,
+                tap,
+            };
+            match watermark {
+                Some(w) => read_since(tx, w, &mut self.memo.marks, &mut changes)?,
+                None => walk(tx, &mut self.memo.marks, &mut changes)?,
+            }
+            let newest = newest_stamp(tx)?;
+            let prompts = if self.include_prompts {
+                read_prompt_rows(tx, &mut self.rules)?
+            } else {
+                Vec::new()
+            };
+            Ok((newest, prompts))
+        })?;
         let previous = std::mem::replace(&mut self.prompts, prompts.clone());
         delta.fresh.extend(prompts);
         delta.gone.extend(previous);
@@ -407,19 +407,6 @@ impl SqliteSource {
         stop: &AtomicBool,
     ) -> Result<Option<MarkedRead>, SourceError> {
         let fingerprint = Fingerprint::take(&self.path)?;
-        let fail = |e| source_error(&self.path, e);
-        let conn = open(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY,
-            self.busy_timeout,
-        )
-        .map_err(fail)?;
-        conn.pragma_update(None, "cache_size", PAGE_CACHE_KIB)
-            .map_err(fail)?;
-        let tx = conn.unchecked_transaction().map_err(fail)?;
-        if !table_exists(&tx, "llm_model_mappings").map_err(fail)? {
-            return Err(SourceError::NotAppDatabase(self.path.clone()));
-        }
         let mut read = MarkedRead {
             fingerprint,
             marks: Vec::with_capacity(previous.len()),
@@ -428,39 +415,36 @@ impl SqliteSource {
             prompts: Vec::new(),
             aliased: false,
         };
-        if !walk_marked(&tx, previous, &mut self.rules, &mut read, stop).map_err(fail)? {
-            return Ok(None);
+        let whole = in_read_transaction(&self.path, self.busy_timeout, |tx| {
+            if !walk_marked(tx, previous, &mut self.rules, &mut read, stop)? {
+                return Ok(false);
+            }
+            if self.include_prompts {
+                read.prompts = read_prompt_rows(tx, &mut self.rules)?;
+            }
+            Ok(true)
+        })
+        .map_err(|e| self.failed(e))?;
+        Ok(whole.then_some(read))
+    }
+
+    fn failed(&self, e: Failed) -> SourceError {
+        match e {
+            Failed::Sqlite(e) => source_error(&self.path, e),
+            Failed::NotAppDatabase => SourceError::NotAppDatabase(self.path.clone()),
         }
-        if self.include_prompts {
-            read.prompts = read_prompt_rows(&tx, &mut self.rules).map_err(fail)?;
-        }
-        tx.commit().map_err(fail)?;
-        conn.close().map_err(|(_, e)| fail(e))?;
-        Ok(Some(read))
     }
 
     /// A reader of the same file with the same settings, which has read nothing yet.
     pub fn fresh(&self) -> SqliteSource {
-        SqliteSource {
-            path: self.path.clone(),
-            busy_timeout: self.busy_timeout,
-            include_prompts: self.include_prompts,
-            read_fingerprint: None,
-            rules: Normalizer {
-                path: self.rules.path.clone(),
-                redactor: self.rules.redactor.clone(),
-                reported: HashSet::new(),
-                skipped_seen: 0,
-                interner: Interner::default(),
-            },
-            memo: Memo::default(),
-            memoizing: self.memoizing,
-            memo_valid: false,
-            prompts: Vec::new(),
-            contested: false,
-            watermark: None,
-            unverified: false,
-        }
+        let mut fresh = Self::at(
+            self.path.clone(),
+            self.busy_timeout,
+            self.include_prompts,
+            self.rules.redactor.clone(),
+        );
+        fresh.memoizing = self.memoizing;
+        fresh
     }
 
     /// Forgets the last read's fingerprint, so that the next gate reads (the daemon does this
@@ -484,6 +468,27 @@ impl From<rusqlite::Error> for Failed {
     fn from(e: rusqlite::Error) -> Self {
         Failed::Sqlite(e)
     }
+}
+
+/// One short read transaction on the application's file: opened read-only, checked to be the
+/// application's, `read`, committed and closed, so nothing is held afterwards.
+fn in_read_transaction<T>(
+    path: &Path,
+    busy_timeout: Duration,
+    read: impl FnOnce(&Connection) -> Result<T, Failed>,
+) -> Result<T, Failed> {
+    let conn = open(path, OpenFlags::SQLITE_OPEN_READ_ONLY, busy_timeout)?;
+    // Every page is read once, in order: a small page cache does as well as SQLite's 2 MB
+    // default, and leaves fewer holes among the mappings when it is freed.
+    conn.pragma_update(None, "cache_size", PAGE_CACHE_KIB)?;
+    let tx = conn.unchecked_transaction()?;
+    if !table_exists(&tx, "llm_model_mappings")? {
+        return Err(Failed::NotAppDatabase);
+    }
+    let out = read(&tx)?;
+    tx.commit()?;
+    conn.close().map_err(|(_, e)| e)?;
+    Ok(out)
 }
 
 /// A row as a `mapsync sync` left it: its rowid, the hash of its stored bytes, and the id

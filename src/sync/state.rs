@@ -191,13 +191,7 @@ impl SyncState {
     /// (0700) when needed. Not fsynced: after a crash the file is the old state, the new one,
     /// or one that fails its checksum, and each is safe (see the module doc).
     pub fn save(&self, path: &Path) -> Result<(), crate::snapshot::SnapshotError> {
-        if let Some(dir) = path.parent() {
-            use std::os::unix::fs::DirBuilderExt;
-            let _ = std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir);
-        }
+        crate::snapshot::private_dir(crate::parent_dir(path))?;
         crate::snapshot::write_replacing(path, |f| {
             use std::io::Write;
             let head = Head {
@@ -665,56 +659,29 @@ async fn cold(
     let (chunks, received) = tokio::sync::mpsc::channel::<Vec<Arc<Mapping>>>(8);
     let reading = blocking(move || {
         let mut source = source;
-        // What was sent: the mirror's rows as the state keeps them (id, digest), worked out
-        // here while Postgres takes them in.
-        let mut done = (Vec::new(), FxHashSet::default());
-        let mut chunk = Vec::with_capacity(COLD_CHUNK);
-        type Sent = (Vec<(Box<str>, u64)>, FxHashSet<*const Mapping>);
-        let flush = |chunk: &mut Vec<Arc<Mapping>>, (sent, sent_at): &mut Sent| {
-            sent.extend(chunk.iter().map(|m| (Box::<str>::from(m.id()), digest(m))));
-            sent_at.extend(chunk.iter().map(Arc::as_ptr));
-            // The COPY gone (a refused row, an error): the read goes on for the ordinary
-            // write.
-            let full = std::mem::replace(chunk, Vec::with_capacity(COLD_CHUNK));
-            let _ = chunks.blocking_send(full);
-        };
+        let mut out = Outbox::new(chunks);
         let fingerprint = source.fingerprint()?;
         let image = source.read_tapped(ReadMode::Full, &mut |m, aliased| {
             if !aliased && m.mirrorable() {
-                chunk.push(m.clone());
-                if chunk.len() == COLD_CHUNK {
-                    flush(&mut chunk, &mut done);
-                }
+                out.push(m);
             }
         })?;
+        out.flush();
         // Every row sent is in the image (none lost its id to another row): then the rest of
         // the image follows.
-        let pending: FxHashSet<*const Mapping> = chunk.iter().map(Arc::as_ptr).collect();
-        let sent_at = &done.1;
-        let is_sent = |m: &Arc<Mapping>| {
-            let at = Arc::as_ptr(m);
-            pending.contains(&at) || sent_at.contains(&at)
-        };
-        let kept = image.mappings.iter().filter(|m| is_sent(m)).count();
-        let whole = kept == pending.len() + sent_at.len();
-        let rest: Vec<Arc<Mapping>> = if whole {
-            let rest = image
+        let kept = image.mappings.iter().filter(|m| out.has_sent(m)).count();
+        let whole = kept == out.sent.len();
+        if whole {
+            let rest: Vec<&Arc<Mapping>> = image
                 .mappings
                 .iter()
-                .filter(|m| m.mirrorable() && !is_sent(m));
-            rest.cloned().collect()
-        } else {
-            Vec::new()
-        };
-        chunk.extend(rest);
-        drop(pending);
-        if !chunk.is_empty() {
-            flush(&mut chunk, &mut done);
+                .filter(|m| m.mirrorable() && !out.has_sent(m))
+                .collect();
+            rest.into_iter().for_each(|m| out.push(m));
+            out.flush();
         }
-        let mut sent = done.0;
         // The COPY ends when the last chunk is in.
-        drop(chunks);
-        sent.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let sent = out.finish();
         let read = Source::Whole {
             mappings: image.mappings,
             marks: source.marks(),
@@ -734,6 +701,58 @@ async fn cold(
         return Ok((source, read, Vec::new()));
     }
     Ok((source, read, sent))
+}
+
+/// What a cold load's read hands to the COPY, in chunks, and what it sent: the mirror's rows
+/// as the state keeps them (id, digest), worked out here while Postgres takes them in.
+struct Outbox {
+    chunks: tokio::sync::mpsc::Sender<Vec<Arc<Mapping>>>,
+    chunk: Vec<Arc<Mapping>>,
+    sent: Vec<(Box<str>, u64)>,
+    sent_at: FxHashSet<*const Mapping>,
+}
+
+impl Outbox {
+    fn new(chunks: tokio::sync::mpsc::Sender<Vec<Arc<Mapping>>>) -> Outbox {
+        Outbox {
+            chunks,
+            chunk: Vec::with_capacity(COLD_CHUNK),
+            sent: Vec::new(),
+            sent_at: FxHashSet::default(),
+        }
+    }
+
+    fn push(&mut self, m: &Arc<Mapping>) {
+        self.chunk.push(m.clone());
+        if self.chunk.len() == COLD_CHUNK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.chunk.is_empty() {
+            return;
+        }
+        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(COLD_CHUNK));
+        self.sent
+            .extend(chunk.iter().map(|m| (Box::<str>::from(m.id()), digest(m))));
+        self.sent_at.extend(chunk.iter().map(Arc::as_ptr));
+        // The COPY gone (a refused row, an error): the read goes on for the ordinary write.
+        let _ = self.chunks.blocking_send(chunk);
+    }
+
+    /// Whether `m` itself (not another mapping with its id) was sent.
+    fn has_sent(&self, m: &Arc<Mapping>) -> bool {
+        self.sent_at.contains(&Arc::as_ptr(m))
+    }
+
+    /// Closes the COPY's stream; returns what was sent, sorted by id.
+    fn finish(self) -> Vec<(Box<str>, u64)> {
+        let mut sent = self.sent;
+        drop(self.chunks);
+        sent.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        sent
+    }
 }
 
 /// Every row, read afresh.
@@ -831,20 +850,17 @@ fn plan_whole(mappings: &[Arc<Mapping>], remote: &[(Box<str>, u64)]) -> Plan {
             Some(_) => {}
         }
     }
-    if remote.is_empty() {
-        return Plan {
-            missing,
-            differing,
-            extras: Vec::new(),
-            remote: None,
-        };
-    }
-    let ids: FxHashSet<&str> = mappings.iter().map(|m| m.id()).collect();
-    let extras = remote
-        .iter()
-        .filter(|(id, _)| !ids.contains(id.as_ref()))
-        .map(|(id, _)| id.clone())
-        .collect();
+    // An empty mirror (a cold load) has no extras: no index of 100,000 ids for nothing.
+    let extras = if remote.is_empty() {
+        Vec::new()
+    } else {
+        let ids: FxHashSet<&str> = mappings.iter().map(|m| m.id()).collect();
+        remote
+            .iter()
+            .filter(|(id, _)| !ids.contains(id.as_ref()))
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
     Plan {
         missing,
         differing,

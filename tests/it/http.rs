@@ -88,27 +88,10 @@ fn authed(
     http::request(d.addr(), method, path, &all, body)
 }
 
-/// Asserts `r` is exactly `{"code":200,"msg":"ok","data":…}` with HTTP 200; returns `data`.
+/// Asserts `r` is a JSON envelope `{"code","msg","data"}` (keys in wire order) with HTTP
+/// `status` and the same `code`; returns it.
 #[track_caller]
-fn ok_data(r: &Reply) -> Value {
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.header("content-type"), Some(JSON_TYPE));
-    let v = r.json();
-    let keys: Vec<&String> = v.as_object().expect("an object").keys().collect();
-    assert_eq!(
-        keys,
-        ["code", "msg", "data"],
-        "the envelope, in wire order: {v}"
-    );
-    assert_eq!(v["code"], 200, "{v}");
-    assert_eq!(v["msg"], "ok", "{v}");
-    v["data"].clone()
-}
-
-/// Asserts `r` is the error envelope `{"code":<status>,"msg":"<one line>","data":null}` with
-/// HTTP `status`; returns `msg`.
-#[track_caller]
-fn error_msg(r: &Reply, status: u16) -> String {
+fn envelope(r: &Reply, status: u16) -> Value {
     assert_eq!(r.status, status, "{}", r.text());
     assert_eq!(r.header("content-type"), Some(JSON_TYPE), "{}", r.text());
     let v = r.json();
@@ -119,6 +102,22 @@ fn error_msg(r: &Reply, status: u16) -> String {
         "the envelope, in wire order: {v}"
     );
     assert_eq!(v["code"], status, "{v}");
+    v
+}
+
+/// Asserts `r` is exactly `{"code":200,"msg":"ok","data":…}` with HTTP 200; returns `data`.
+#[track_caller]
+fn ok_data(r: &Reply) -> Value {
+    let v = envelope(r, 200);
+    assert_eq!(v["msg"], "ok", "{v}");
+    v["data"].clone()
+}
+
+/// Asserts `r` is the error envelope `{"code":<status>,"msg":"<one line>","data":null}` with
+/// HTTP `status`; returns `msg`.
+#[track_caller]
+fn error_msg(r: &Reply, status: u16) -> String {
+    let v = envelope(r, status);
     assert_eq!(v["data"], Value::Null, "{v}");
     let msg = v["msg"].as_str().expect("msg is a string").to_string();
     assert!(!msg.trim().is_empty(), "an empty msg: {v}");
@@ -133,9 +132,7 @@ fn error_msg(r: &Reply, status: u16) -> String {
 /// "data":<the result>}`; returns `data`.
 #[track_caller]
 fn refused_data(r: &Reply) -> Value {
-    assert_eq!(r.status, 409, "{}", r.text());
-    let v = r.json();
-    assert_eq!(v["code"], 409, "{v}");
+    let v = envelope(r, 409);
     let msg = v["msg"].as_str().expect("a msg");
     assert!(!msg.contains('\n'), "one line: {msg}");
     assert!(
