@@ -145,6 +145,65 @@ impl StoredState {
     }
 }
 
+/// A postcard output that hashes what it writes (sha-256) and writes it in 64 KiB blocks.
+struct HashingWriter<'a, W> {
+    out: W,
+    sum: Sha256,
+    block: Vec<u8>,
+    /// Where a failed write leaves its error (postcard's own error cannot carry it).
+    failed: &'a mut Option<std::io::Error>,
+}
+
+/// The size of a [`HashingWriter`]'s blocks.
+const BLOCK: usize = 64 * 1024;
+
+impl<'a, W: std::io::Write> HashingWriter<'a, W> {
+    fn new(out: W, failed: &'a mut Option<std::io::Error>) -> Self {
+        HashingWriter {
+            out,
+            sum: Sha256::new(),
+            block: Vec::with_capacity(BLOCK),
+            failed,
+        }
+    }
+
+    fn drain(&mut self) -> std::io::Result<()> {
+        self.sum.update(&self.block);
+        self.out.write_all(&self.block)?;
+        self.block.clear();
+        Ok(())
+    }
+
+    /// Writes what is left and gives the sum of everything written.
+    fn finish(mut self) -> std::io::Result<[u8; SUM_LEN]> {
+        self.drain()?;
+        Ok(self.sum.finalize().into())
+    }
+}
+
+impl<W: std::io::Write> postcard::ser_flavors::Flavor for HashingWriter<'_, W> {
+    type Output = Self;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.block.extend_from_slice(data);
+        if self.block.len() >= BLOCK {
+            if let Err(e) = self.drain() {
+                *self.failed = Some(e);
+                return Err(postcard::Error::SerializeBufferFull);
+            }
+        }
+        Ok(())
+    }
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.try_extend(&[byte])
+    }
+
+    fn finalize(self) -> postcard::Result<Self> {
+        Ok(self)
+    }
+}
+
 /// Why the state was not used (for the log).
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -189,19 +248,28 @@ impl SyncState {
 
     /// Writes the state by rename (temporary file 0600), creating the snapshot directory
     /// (0700) when needed. Not fsynced: after a crash the file is the old state, the new one,
-    /// or one that fails its checksum, and each is safe (see the module doc).
+    /// or one that fails its checksum, and each is safe (see the module doc). Encoded straight
+    /// into the file, hashed on the way, and the sum put in front last: the state is never
+    /// copied whole in memory (at 1,000,000 rows the copy was 120 MiB).
     pub fn save(&self, path: &Path) -> Result<(), crate::snapshot::SnapshotError> {
         crate::snapshot::private_dir(crate::parent_dir(path))?;
         crate::snapshot::write_replacing(path, |f| {
-            use std::io::Write;
+            use std::io::{Seek, SeekFrom, Write};
             let head = Head {
                 key: self.key.clone(),
                 remote_fp: self.remote_fp.clone(),
             };
-            let mut rest = postcard::to_allocvec(&head).map_err(std::io::Error::other)?;
-            rest = postcard::to_extend(self, rest).map_err(std::io::Error::other)?;
-            f.write_all(&Sha256::digest(&rest))?;
-            f.write_all(&rest)
+            f.write_all(&[0; SUM_LEN])?;
+            let mut failed = None;
+            let out = HashingWriter::new(&mut *f, &mut failed);
+            let sum = match postcard::serialize_with_flavor(&head, out)
+                .and_then(|out| postcard::serialize_with_flavor(self, out))
+            {
+                Ok(out) => out.finish()?,
+                Err(e) => return Err(failed.unwrap_or_else(|| std::io::Error::other(e))),
+            };
+            f.seek(SeekFrom::Start(0))?;
+            f.write_all(&sum)
         })
     }
 
@@ -462,13 +530,9 @@ async fn in_transaction(
             known: None,
             ..
         } => {
-            let mut remote: Vec<(Box<str>, u64)> = txn
-                .scan()
-                .await?
-                .into_entries()
-                .into_iter()
-                .map(|(id, d)| (id.into(), d))
-                .collect();
+            let mut remote: Vec<(Box<str>, u64)> = Vec::new();
+            txn.scan(|id, digest| remote.push((id.into(), digest)))
+                .await?;
             remote.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             let plan = plan_whole(mappings, &remote);
             Plan {
