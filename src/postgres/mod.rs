@@ -29,7 +29,7 @@ use tokio_postgres::CancelToken;
 use tokio_postgres::error::SqlState;
 
 pub use tls::SslMode;
-pub use txn::{Rejected, RemoteFingerprint, RemoteRows, Session, Txn, Written, digest};
+pub use txn::{Rejected, RemoteFingerprint, Session, Txn, Written, digest};
 
 use crate::config::{TableName, TargetSettings};
 

@@ -30,8 +30,6 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 use std::sync::Arc;
 
-use foldhash::HashMap as FxHashMap;
-
 use super::registry::OtherInstance;
 use super::{RunningGuard, Target, TargetError};
 use crate::mapping::{EntryError, Mapping};
@@ -66,11 +64,6 @@ pub struct Txn<'s> {
     tx: deadpool_postgres::Transaction<'s>,
 }
 
-/// The mirror's rows as a digest per id: enough to tell which source mappings differ, at a
-/// fraction of the rows' memory.
-#[derive(Debug, Default)]
-pub struct RemoteRows(FxHashMap<String, u64>);
-
 /// What every write to the mirror's table changes: its row count and the sum of a hash of
 /// each row version's `xmin` (the transaction that wrote it). Any insert, update or delete
 /// committed by anyone changes it: an insert or update adds row versions whose `xmin` is the
@@ -81,27 +74,6 @@ pub struct RemoteFingerprint {
     pub rows: i64,
     /// The exact (numeric) sum, as Postgres prints it.
     pub xmins: String,
-}
-
-impl RemoteRows {
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Takes `m`'s id out: `None` when the mirror lacks it, else the remote row's digest
-    /// (equal to [`digest`] of `m` when the row equals `m` field by field).
-    pub fn take(&mut self, m: &Mapping) -> Option<u64> {
-        self.0.remove(m.id())
-    }
-
-    /// The rows not taken: rows the source does not have, with their digests.
-    pub fn into_entries(self) -> Vec<(String, u64)> {
-        self.0.into_iter().collect()
-    }
 }
 
 /// What [`Txn::write`] did.
@@ -149,7 +121,7 @@ fn lock_key(target: &Target) -> String {
     format!("mapsync:{}", target.table)
 }
 
-/// The digest of `m` as the mirror would hold it (what [`RemoteRows::take`] compares with).
+/// The digest of `m` as the mirror would hold it (what [`Txn::scan`] gives for its row).
 pub fn digest(m: &Mapping) -> u64 {
     row_digest(&Row::of(m))
 }
@@ -231,8 +203,9 @@ impl Txn<'_> {
         self.target.error_of(&e)
     }
 
-    /// Streams the mirror's rows (binary COPY) into a digest per id.
-    pub async fn scan(&self) -> Result<RemoteRows, TargetError> {
+    /// Streams the mirror's rows (binary COPY) to `visit`, as (id, digest) pairs in no
+    /// particular order; none is kept here, so a caller holds only what it needs of them.
+    pub async fn scan(&self, mut visit: impl FnMut(&str, u64)) -> Result<u64, TargetError> {
         let stream = self
             .tx
             .copy_out(&format!(
@@ -243,13 +216,14 @@ impl Txn<'_> {
             .map_err(|e| self.err(e))?;
         let rows = BinaryCopyOutStream::new(stream, &COLUMN_TYPES);
         pin_mut!(rows);
-        let mut digests = RemoteRows::default();
+        let mut seen = 0;
         while let Some(row) = rows.try_next().await.map_err(|e| self.err(e))? {
             let remote = Row::read(&row).map_err(|e| self.err(e))?;
-            digests.0.insert(remote.id.to_string(), row_digest(&remote));
-            yield_every(digests.len()).await;
+            visit(remote.id, row_digest(&remote));
+            seen += 1;
+            yield_every(seen).await;
         }
-        Ok(digests)
+        Ok(seen as u64)
     }
 
     /// The mirror's [`RemoteFingerprint`], as this transaction sees it.

@@ -18,6 +18,7 @@
 //! (`refused:mass_delete`); `force` overrides both. Rows that already match are not
 //! rewritten (no new row version, no trigger).
 
+mod compare;
 mod diff;
 mod report;
 pub mod state;
@@ -31,7 +32,7 @@ pub use report::{SyncOptions, SyncReport, SyncStatus, Trigger};
 use crate::appdb::SourceError;
 use crate::config::TargetSettings;
 use crate::mapping::Mapping;
-use crate::postgres::{Rejected, RemoteRows, Target, TargetError, Txn, Written};
+use crate::postgres::{Rejected, Target, TargetError, Txn, Written};
 
 /// How a run finds what to write.
 pub enum Mode<'a> {
@@ -182,10 +183,16 @@ async fn full(
 ) -> Result<Counts, TargetError> {
     let mut session = target.session().await?;
     let txn = session.begin().await?;
-    let remote = txn.scan().await?;
-    let remote_before = remote.len() as u64;
-    // CPU work over every mapping: off the runtime thread the admin port shares.
-    let (missing, differing, extra) = tokio::task::block_in_place(|| compare(mappings, remote));
+    // Every remote row is compared as it arrives: none is held. Indexing the image and
+    // collecting what the mirror lacks go over every mapping: off the runtime thread the
+    // admin port shares.
+    let mut compare = tokio::task::block_in_place(|| compare::Compare::new(mappings));
+    let remote_before = txn.scan(|id, digest| compare.visit(id, digest)).await?;
+    let compare::Found {
+        missing,
+        differing,
+        extra,
+    } = tokio::task::block_in_place(|| compare.finish());
     let mut counts = Counts {
         remote_before: Some(remote_before),
         extra: extra.len() as u64,
@@ -217,29 +224,6 @@ async fn full(
     txn.record_run(SYNCED, true).await?;
     txn.commit().await?;
     Ok(counts)
-}
-
-/// The source's mappings against the mirror's rows: (missing remotely, differing, remote ids
-/// the source lacks). Mappings the mirror cannot hold are left out.
-fn compare(
-    mappings: &[Arc<Mapping>],
-    mut remote: RemoteRows,
-) -> (Vec<&Mapping>, Vec<&Mapping>, Vec<String>) {
-    let mut missing = Vec::new();
-    let mut differing = Vec::new();
-    for m in mappings.iter().filter(|m| m.mirrorable()) {
-        match remote.take(m) {
-            None => missing.push(m.as_ref()),
-            Some(d) if d != crate::postgres::digest(m) => differing.push(m.as_ref()),
-            Some(_) => {}
-        }
-    }
-    let extra = remote
-        .into_entries()
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    (missing, differing, extra)
 }
 
 /// Guard, write the changed mappings, delete the removed ones, commit: no scan.
