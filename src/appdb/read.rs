@@ -384,17 +384,14 @@ impl SqliteSource {
         self.contested
     }
 
-    /// The rows as the last read left them, for `mapsync sync`'s state: rowid, hash, id.
-    pub fn marks(&self) -> Vec<RowMark> {
-        self.memo
-            .marks
-            .iter()
-            .map(|m| RowMark {
-                rowid: m.rowid,
-                hash: m.hash,
-                id: m.mapping.as_ref().map(|m| m.id().into()),
-            })
-            .collect()
+    /// The rows as the last read left them, for `mapsync sync`'s state: each one's
+    /// [`RowMark`], borrowed, in rowid order.
+    pub fn marks(&self) -> impl ExactSizeIterator<Item = RowMarkRef<'_>> {
+        self.memo.marks.iter().map(|m| RowMarkRef {
+            rowid: m.rowid,
+            hash: m.hash,
+            id: m.mapping.as_deref().map(Mapping::id),
+        })
     }
 
     /// A walk of every row beside `previous` (the rows a former `mapsync sync` left, in rowid
@@ -498,6 +495,14 @@ pub struct RowMark {
     pub rowid: i64,
     pub hash: u64,
     pub id: Option<Box<str>>,
+}
+
+/// A [`RowMark`] borrowed from the reader's memo: serialised exactly as a [`RowMark`] is.
+#[derive(Debug, serde::Serialize)]
+pub struct RowMarkRef<'a> {
+    pub rowid: i64,
+    pub hash: u64,
+    pub id: Option<&'a str>,
 }
 
 /// What [`SqliteSource::read_marked`] found.
@@ -855,7 +860,8 @@ struct FileState {
 }
 
 impl Fingerprint {
-    fn take(db: &Path) -> Result<Fingerprint, SourceError> {
+    /// The fingerprint of the database at `db` and its `-wal` and `-shm`, now.
+    pub fn take(db: &Path) -> Result<Fingerprint, SourceError> {
         let db_state = match FileState::take(db, 100, true) {
             Ok(Some(s)) => s,
             Ok(None) => return Err(SourceError::Missing(db.to_path_buf())),

@@ -95,11 +95,15 @@ impl StateKey {
     }
 }
 
-/// What the last run left (see the module doc).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What the last run left (see the module doc), as read back ([`Leaving`] writes it).
+#[derive(Debug, Clone, Deserialize)]
 pub struct SyncState {
+    /// The key and the mirror's fingerprint again (the [`Head`] has them first; these are
+    /// covered by the checksum with the rest).
+    #[allow(dead_code)]
     key: StateKey,
     source_fp: Fingerprint,
+    #[allow(dead_code)]
     remote_fp: RemoteFingerprint,
     /// Every row of `llm_model_mappings`, in rowid order.
     rows: Vec<RowMark>,
@@ -246,12 +250,65 @@ impl SyncState {
         })
     }
 
+    fn remote_digest(&self, id: &str) -> Option<u64> {
+        digest_in(&self.remote, id)
+    }
+}
+
+/// What a run leaves for the next: written by [`Leaving::save`] and read back as a
+/// [`SyncState`] (the same fields in the same order, encoded alike), with the rows and the
+/// mirror's rows taken from where the run has them instead of copied: at 1,000,000 rows the
+/// copies of their ids were ~100 MiB.
+#[derive(Serialize)]
+struct Leaving {
+    key: StateKey,
+    source_fp: Fingerprint,
+    remote_fp: RemoteFingerprint,
+    rows: LeftRows,
+    prompt_ids: Vec<Box<str>>,
+    remote: LeftRemote,
+    extras: Vec<Box<str>>,
+    full_next: bool,
+}
+
+/// The rows a run leaves: a list (the state's, a walk's) or the reader's memo after a read
+/// of every row.
+enum LeftRows {
+    Listed(Vec<RowMark>),
+    Memo(Box<SqliteSource>),
+}
+
+/// The mirror's rows a run leaves, sorted by id: a list, or what a cold load sent.
+enum LeftRemote {
+    Listed(Vec<(Box<str>, u64)>),
+    Sent(Sent),
+}
+
+impl Serialize for LeftRows {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LeftRows::Listed(rows) => rows.serialize(s),
+            LeftRows::Memo(source) => s.collect_seq(source.marks()),
+        }
+    }
+}
+
+impl Serialize for LeftRemote {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LeftRemote::Listed(rows) => rows.serialize(s),
+            LeftRemote::Sent(sent) => s.collect_seq(sent.iter().map(|(m, d)| (m.id(), *d))),
+        }
+    }
+}
+
+impl Leaving {
     /// Writes the state by rename (temporary file 0600), creating the snapshot directory
     /// (0700) when needed. Not fsynced: after a crash the file is the old state, the new one,
     /// or one that fails its checksum, and each is safe (see the module doc). Encoded straight
     /// into the file, hashed on the way, and the sum put in front last: the state is never
     /// copied whole in memory (at 1,000,000 rows the copy was 120 MiB).
-    pub fn save(&self, path: &Path) -> Result<(), crate::snapshot::SnapshotError> {
+    fn save(&self, path: &Path) -> Result<(), crate::snapshot::SnapshotError> {
         crate::snapshot::private_dir(crate::parent_dir(path))?;
         crate::snapshot::write_replacing(path, |f| {
             use std::io::{Seek, SeekFrom, Write};
@@ -272,17 +329,13 @@ impl SyncState {
             f.write_all(&sum)
         })
     }
-
-    fn remote_digest(&self, id: &str) -> Option<u64> {
-        digest_in(&self.remote, id)
-    }
 }
 
 /// A checked run's result: the report, and the state to keep (`None` when the one on disk
 /// stays: a refused run, or one that found nothing to read or write).
 struct Checked {
     ran: Ran,
-    state: Option<SyncState>,
+    state: Option<Leaving>,
 }
 
 /// What a [`Mode::OneShot`](super::Mode::OneShot) run needs: the reader, the state file and
@@ -325,11 +378,14 @@ enum Source {
     Same(SyncState),
     /// A walk beside the state's rows.
     Walked(MarkedRead, SyncState),
-    /// Every row read (image, its marks, the fingerprint before the read, contested), and the
-    /// state when its mirror still holds.
+    /// Every row read (image, the fingerprint before the read, contested; the rows' marks
+    /// stay in the reader's memo), and the state when its mirror still holds. `mappings` is
+    /// empty after a cold load that wrote every one (the state needs only their count and
+    /// prompt ids).
     Whole {
         mappings: Vec<Arc<Mapping>>,
-        marks: Vec<RowMark>,
+        synced: u64,
+        prompt_ids: Vec<Box<str>>,
         fingerprint: Fingerprint,
         contested: bool,
         known: Option<SyncState>,
@@ -347,9 +403,15 @@ pub(super) async fn run_checked(
 ) -> Result<Ran, SyncError> {
     let checked = checked(target, limits, opts, one.key, one.state, one.source).await?;
     if let Some(state) = checked.state {
-        if let Err(e) = state.save(&one.path) {
-            tracing::warn!("the next run will be a full one: {e}");
-        }
+        let saved = blocking(move || {
+            if let Err(e) = state.save(&one.path) {
+                tracing::warn!("the next run will be a full one: {e}");
+            }
+            // The reader's memo holds the last references to every mapping read.
+            drop(state);
+            Ok(())
+        });
+        saved.await?;
     }
     Ok(checked.ran)
 }
@@ -417,6 +479,7 @@ impl Speculation {
         fingerprint: &RemoteFingerprint,
     ) -> Result<Option<(SqliteSource, Source)>, SyncError> {
         if self.remote_fp != *fingerprint {
+            tracing::debug!("a full run: the mirror changed since the last run");
             return Ok(None);
         }
         self.task
@@ -474,10 +537,13 @@ async fn in_transaction(
         Some(s) => s.take(&fingerprint).await?,
         None => None,
     };
+    if prepared.is_some() {
+        tracing::debug!("the mirror is as the last run left it: no scan");
+    }
     // An empty mirror (this transaction's snapshot says so): nothing to scan, and every
     // mapping can go into a COPY while the file is still being read.
     let empty = fingerprint.rows == 0;
-    let (source, read, mut streamed) = match prepared {
+    let (source, read, streamed) = match prepared {
         Some((source, read)) => (source, read, Vec::new()),
         None if empty => cold(&txn, source).await?,
         None => {
@@ -521,7 +587,7 @@ async fn in_transaction(
                     missing: Vec::new(),
                     differing: Vec::new(),
                     extras: Vec::new(),
-                    remote: Some(std::mem::take(&mut streamed)),
+                    remote: None,
                 }
             }
         }
@@ -548,7 +614,7 @@ async fn in_transaction(
         Source::Walked(w, _) => {
             (w.marks.iter().filter(|r| r.id.is_some()).count() + w.prompts.len()) as u64
         }
-        Source::Whole { mappings, .. } => mappings.len() as u64,
+        Source::Whole { synced, .. } => *synced,
     };
     let deletes: Vec<&str> = if opts.delete_missing {
         plan.extras.iter().map(AsRef::as_ref).collect()
@@ -590,42 +656,55 @@ async fn in_transaction(
     counts.deleted = txn.delete(&deletes).await?;
     txn.record_run(SYNCED, true).await?;
     let unread = matches!(read, Source::Same(_));
-    let (rows, prompt_ids, source_fp, contested, known_remote) = match read {
-        Source::Same(k) => (k.rows, k.prompt_ids, k.source_fp, false, Some(k.remote)),
+    // The rows as this run leaves them: the state's or the walk's list, or the reader's memo
+    // (which then goes with the state; otherwise it is freed off the run's path).
+    let (rows, prompt_ids, source_fp, contested, known_remote, spare) = match read {
+        Source::Same(k) => (
+            LeftRows::Listed(k.rows),
+            k.prompt_ids,
+            k.source_fp,
+            false,
+            Some(k.remote),
+            Some(source),
+        ),
         Source::Walked(w, k) => (
-            w.marks,
+            LeftRows::Listed(w.marks),
             w.prompts.iter().map(|p| p.id().into()).collect(),
             w.fingerprint,
             false,
             Some(k.remote),
+            Some(source),
         ),
         Source::Whole {
-            mappings,
-            marks,
+            prompt_ids,
             fingerprint,
             contested,
             known,
+            ..
         } => (
-            marks,
-            mappings
-                .iter()
-                .filter(|m| m.source == crate::mapping::Origin::Prompt)
-                .map(|m| m.id().into())
-                .collect(),
+            LeftRows::Memo(Box::new(source)),
+            prompt_ids,
             fingerprint,
             contested,
             known.map(|k| k.remote),
+            None,
         ),
     };
-    // The mirror now: what it held, with what was written and deleted. Worked out on the
-    // blocking pool while Postgres takes the fingerprint and commits.
-    let base = plan.remote.take().or(known_remote).unwrap_or_default();
-    let merging = {
+    if let Some(spare) = spare {
+        tokio::task::spawn_blocking(move || drop(spare));
+    }
+    // The mirror now: what a cold load sent, or what it held with what was written and
+    // deleted, worked out on the blocking pool while Postgres takes the fingerprint and
+    // commits.
+    let merging = if !streamed.is_empty() {
+        None
+    } else {
+        let base = plan.remote.take().or(known_remote).unwrap_or_default();
         let mut written = std::mem::take(&mut plan.missing);
         written.extend(std::mem::take(&mut plan.differing));
         let rejected: Vec<String> = counts.rejected.iter().map(|r| r.id.clone()).collect();
         let deleted: Vec<Box<str>> = deletes.iter().map(|&d| d.into()).collect();
-        tokio::task::spawn_blocking(move || {
+        Some(tokio::task::spawn_blocking(move || {
             let rejected: FxHashSet<&str> = rejected.iter().map(String::as_str).collect();
             let written = written
                 .iter()
@@ -633,7 +712,7 @@ async fn in_transaction(
                 .map(|m| (Box::<str>::from(m.id()), digest(m)));
             let deleted: Vec<&str> = deleted.iter().map(AsRef::as_ref).collect();
             merge_remote(base, written, &deleted)
-        })
+        }))
     };
     // A run that wrote nothing to the table sees it as it was (one snapshot).
     let remote_fp = if counts.inserted + counts.updated + counts.deleted == 0 {
@@ -643,9 +722,14 @@ async fn in_transaction(
     };
     txn.commit().await?;
     let ran = ran(&counts, synced_count, opts, started);
-    let remote = merging
-        .await
-        .map_err(|e| SyncError::Stopped(e.to_string()))?;
+    let remote = match merging {
+        Some(merging) => LeftRemote::Listed(
+            merging
+                .await
+                .map_err(|e| SyncError::Stopped(e.to_string()))?,
+        ),
+        None => LeftRemote::Sent(streamed),
+    };
     // Nothing read, nothing written: the state on disk still says it all.
     if unread && remote_fp == fingerprint {
         return Ok(Checked { ran, state: None });
@@ -655,7 +739,7 @@ async fn in_transaction(
     } else {
         plan.extras
     };
-    let state = SyncState {
+    let state = Leaving {
         key,
         source_fp,
         remote_fp,
@@ -665,9 +749,6 @@ async fn in_transaction(
         extras,
         full_next: contested || !counts.rejected.is_empty(),
     };
-    // The memo holds the last references to every mapping: they are freed off the run's
-    // path, while the caller saves the state.
-    tokio::task::spawn_blocking(move || drop(source));
     Ok(Checked {
         ran,
         state: Some(state),
@@ -711,15 +792,20 @@ const COLD_CHUNK: usize = 1024;
 /// A cold load: the mirror is empty, so every mapping the read builds from a row goes into a
 /// COPY at once, while the file is still being read (the two overlap on two cores), and the
 /// rest of the image (prompts, rows stored under another id) follows in the same COPY.
-/// Returns the whole read and the mappings written (every mirrorable one, or none), under a
+/// Returns the read and the mappings written (every mirrorable one, or none), under a
 /// savepoint left open for the guard (open exactly when some were written). What was sent
 /// must be exactly the image: when a row that was sent lost its id to another row (only the
 /// image can tell), or Postgres refused a row, the savepoint is rolled back and every
 /// mapping takes the ordinary write.
+///
+/// Memory: once everything is sent, the image is let go; the state is written from the
+/// reader's memo and the sent mappings themselves (ids and digests are not copied: at
+/// 1,000,003 mappings the copies peaked at 363 MiB beside the image). In the rare run whose
+/// COPY fails after that, the file is read again for the ordinary write.
 async fn cold(
     txn: &Txn<'_>,
     source: SqliteSource,
-) -> Result<(SqliteSource, Source, Vec<(Box<str>, u64)>), SyncError> {
+) -> Result<(SqliteSource, Source, Sent), SyncError> {
     let (chunks, received) = tokio::sync::mpsc::channel::<Vec<Arc<Mapping>>>(8);
     let reading = blocking(move || {
         let mut source = source;
@@ -733,48 +819,61 @@ async fn cold(
         out.flush();
         // Every row sent is in the image (none lost its id to another row): then the rest of
         // the image follows.
-        let kept = image.mappings.iter().filter(|m| out.has_sent(m)).count();
-        let whole = kept == out.sent.len();
-        if whole {
-            let rest: Vec<&Arc<Mapping>> = image
-                .mappings
-                .iter()
-                .filter(|m| m.mirrorable() && !out.has_sent(m))
-                .collect();
-            rest.into_iter().for_each(|m| out.push(m));
+        let rest = out.unsent(&image.mappings);
+        if let Some(rest) = &rest {
+            rest.iter().for_each(|m| out.push(m));
             out.flush();
         }
+        let complete = rest.is_some();
+        drop(rest);
         // The COPY ends when the last chunk is in.
         let sent = out.finish();
+        let (synced, prompt_ids) = (image.mappings.len() as u64, prompt_ids(&image.mappings));
+        let mappings = if complete && !sent.is_empty() {
+            drop(image.mappings);
+            Vec::new()
+        } else {
+            image.mappings
+        };
         let read = Source::Whole {
-            mappings: image.mappings,
-            marks: source.marks(),
+            mappings,
+            synced,
+            prompt_ids,
             fingerprint,
             contested: source.contested(),
             known: None,
         };
-        Ok((source, read, sent, whole))
+        Ok((source, read, sent, complete))
     });
     let copied = txn.copy_streamed(received).await?;
-    let (source, read, sent, whole) = reading.await?;
-    let Some(copied) = copied else {
-        return Ok((source, read, Vec::new()));
-    };
-    if !whole || copied != sent.len() as u64 || sent.is_empty() {
-        txn.settle_streamed(whole && sent.is_empty()).await?;
-        return Ok((source, read, Vec::new()));
+    let (source, read, sent, complete) = reading.await?;
+    let kept = complete && !sent.is_empty() && copied == Some(sent.len() as u64);
+    if kept {
+        return Ok((source, read, sent));
     }
-    Ok((source, read, sent))
+    if copied.is_some() {
+        txn.settle_streamed(complete && sent.is_empty()).await?;
+    }
+    match read {
+        // The image was let go for a COPY that then failed: read the file again.
+        Source::Whole { ref mappings, .. } if mappings.is_empty() && !sent.is_empty() => {
+            let (source, read) = whole(source, None).await?;
+            Ok((source, read, Vec::new()))
+        }
+        read => Ok((source, read, Vec::new())),
+    }
 }
 
-/// What a cold load's read hands to the COPY, in chunks, and what it sent: the mirror's rows
-/// as the state keeps them (id, digest), worked out here while Postgres takes them in.
+/// What a cold load's read hands to the COPY, in chunks, and what it sent with its digest
+/// (worked out here while Postgres takes the rows in), in the order sent.
 struct Outbox {
     chunks: tokio::sync::mpsc::Sender<Vec<Arc<Mapping>>>,
     chunk: Vec<Arc<Mapping>>,
-    sent: Vec<(Box<str>, u64)>,
-    sent_at: FxHashSet<*const Mapping>,
+    sent: Sent,
 }
+
+/// Mappings a cold load sent, with their digests.
+type Sent = Vec<(Arc<Mapping>, u64)>;
 
 impl Outbox {
     fn new(chunks: tokio::sync::mpsc::Sender<Vec<Arc<Mapping>>>) -> Outbox {
@@ -782,7 +881,6 @@ impl Outbox {
             chunks,
             chunk: Vec::with_capacity(COLD_CHUNK),
             sent: Vec::new(),
-            sent_at: FxHashSet::default(),
         }
     }
 
@@ -799,22 +897,31 @@ impl Outbox {
         }
         let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(COLD_CHUNK));
         self.sent
-            .extend(chunk.iter().map(|m| (Box::<str>::from(m.id()), digest(m))));
-        self.sent_at.extend(chunk.iter().map(Arc::as_ptr));
+            .extend(chunk.iter().map(|m| (m.clone(), digest(m))));
         // The COPY gone (a refused row, an error): the read goes on for the ordinary write.
         let _ = self.chunks.blocking_send(chunk);
     }
 
-    /// Whether `m` itself (not another mapping with its id) was sent.
-    fn has_sent(&self, m: &Arc<Mapping>) -> bool {
-        self.sent_at.contains(&Arc::as_ptr(m))
+    /// The image's mirrorable mappings not sent yet, when every mapping sent is in `image`
+    /// (`None` when one lost its id to another row). The rows were sent in the order the
+    /// image lists them, so one pass in step tells (a row moved among the image's contested
+    /// ids counts as lost: the ordinary write then decides).
+    fn unsent<'i>(&self, image: &'i [Arc<Mapping>]) -> Option<Vec<&'i Arc<Mapping>>> {
+        let mut sent = self.sent.iter().map(|(m, _)| m).peekable();
+        let mut rest = Vec::new();
+        for m in image {
+            if sent.next_if(|s| Arc::ptr_eq(s, m)).is_none() && m.mirrorable() {
+                rest.push(m);
+            }
+        }
+        sent.peek().is_none().then_some(rest)
     }
 
-    /// Closes the COPY's stream; returns what was sent, sorted by id.
-    fn finish(self) -> Vec<(Box<str>, u64)> {
-        let mut sent = self.sent;
+    /// Closes the COPY's stream; returns what was sent (the mirror's rows), sorted by id.
+    fn finish(self) -> Sent {
         drop(self.chunks);
-        sent.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut sent = self.sent;
+        sent.sort_unstable_by(|a, b| a.0.id().cmp(b.0.id()));
         sent
     }
 }
@@ -837,12 +944,22 @@ fn read_whole(source: &mut SqliteSource, known: Option<SyncState>) -> Result<Sou
     let fingerprint = source.fingerprint()?;
     let image = source.read(ReadMode::Full)?;
     Ok(Source::Whole {
+        synced: image.mappings.len() as u64,
+        prompt_ids: prompt_ids(&image.mappings),
         mappings: image.mappings,
-        marks: source.marks(),
         fingerprint,
         contested: source.contested(),
         known,
     })
+}
+
+/// The ids of an image's prompt mappings.
+fn prompt_ids(mappings: &[Arc<Mapping>]) -> Vec<Box<str>> {
+    mappings
+        .iter()
+        .filter(|m| m.source == crate::mapping::Origin::Prompt)
+        .map(|m| m.id().into())
+        .collect()
 }
 
 /// Starts `work` on the blocking pool at once, not when the result is awaited (a cold load's
@@ -961,6 +1078,60 @@ fn merge_remote(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_run_leaves_reads_back_as_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let key = StateKey {
+            format: FORMAT,
+            version: "v".into(),
+            table: "public.model_mappings".into(),
+            target: "t".into(),
+            instance: "i".into(),
+            sqlite_path: "/db".into(),
+            include_prompts: true,
+            redact_keys: vec!["token".into()],
+            canary: 7,
+        };
+        let m = Arc::new(Mapping::new(crate::mapping::Fields {
+            scope_type: "mapping",
+            scope_key: "b",
+            metadata: "{}",
+            ..Default::default()
+        }));
+        let db = dir.path().join("db.sqlite3");
+        std::fs::write(&db, b"SQLite format 3\0").unwrap();
+        let source_fp = Fingerprint::take(&db).unwrap();
+        let leaving = Leaving {
+            key: key.clone(),
+            source_fp: source_fp.clone(),
+            remote_fp: RemoteFingerprint {
+                rows: 2,
+                xmins: "42".into(),
+            },
+            rows: LeftRows::Listed(vec![RowMark {
+                rowid: 3,
+                hash: 9,
+                id: Some("mapping:b".into()),
+            }]),
+            prompt_ids: vec!["prompt:p".into()],
+            remote: LeftRemote::Sent(vec![(m.clone(), digest(&m))]),
+            extras: vec!["mapping:x".into()],
+            full_next: false,
+        };
+        leaving.save(&path).unwrap();
+        let stored = SyncState::load(&path, &key).ok().unwrap();
+        assert_eq!(stored.remote_fp.xmins, "42");
+        let state = stored.open().unwrap();
+        assert_eq!(state.source_fp, source_fp);
+        assert_eq!(state.rows[0].id.as_deref(), Some("mapping:b"));
+        assert_eq!(state.remote_digest("mapping:b"), Some(digest(&m)));
+        assert_eq!(
+            (state.prompt_ids, state.extras),
+            (vec!["prompt:p".into()], vec!["mapping:x".into()])
+        );
+    }
 
     #[test]
     fn the_mirror_after_a_run_is_merged_in_id_order() {

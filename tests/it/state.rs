@@ -73,6 +73,41 @@ fn a_second_run_with_nothing_changed_writes_nothing_and_keeps_a_private_state() 
     assert_mirrored(&ws, &db, &[]);
 }
 
+/// `mapsync sync` with its debug log; returns the result JSON and the log.
+fn sync_logged(ws: &Workspace) -> (Value, String) {
+    let mut cmd = crate::harness::workspace::command();
+    cmd.env("MAPSYNC_LOG__LEVEL", "info,mapsync=debug")
+        .arg("--config")
+        .arg(&ws.config)
+        .arg("sync");
+    let run = crate::harness::workspace::run(cmd);
+    run.expect_code(0);
+    (run.json(), run.stderr.clone())
+}
+
+#[test]
+fn the_state_a_cold_load_leaves_spares_the_next_runs_their_scan() {
+    // A cold load (an empty mirror), then runs that find the mirror as the last one left it:
+    // with nothing changed, after a change in SQLite, and after a write of their own.
+    let (ws, db) = mirrored(&Row::numbered("c", 40));
+    let (first, log) = sync_logged(&ws);
+    assert_eq!(first["changed_count"], 40, "{first}");
+    assert!(!log.contains("no scan"), "{log}");
+    for step in 0..3 {
+        if step == 1 {
+            ws.app.upsert(&renamed("c007", "after the cold load"));
+        }
+        let (report, log) = sync_logged(&ws);
+        assert!(
+            log.contains("the mirror is as the last run left it: no scan")
+                && !log.contains("a full run"),
+            "run {step} after the cold load did not use its state: {log}"
+        );
+        assert_eq!(report["changed_count"], u64::from(step == 1), "{report}");
+        assert_mirrored(&ws, &db, &[]);
+    }
+}
+
 #[test]
 fn hand_edits_deletes_and_inserts_in_postgres_are_repaired_despite_the_state() {
     let (ws, db) = mirrored(&Row::numbered("h", 20));
