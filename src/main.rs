@@ -183,7 +183,15 @@ fn main() -> ExitCode {
             )));
         }
     };
-    match runtime.block_on(dispatch(cli.command, settings)) {
+    // A one-shot sync has nothing left to finish once it has answered (its state is written
+    // before): the memory of its run is not freed piece by piece, and a read it started
+    // before knowing it would need it is not waited for (SIGKILL-safe by design anyway).
+    let one_shot = matches!(cli.command, Command::Sync { .. });
+    let outcome = runtime.block_on(dispatch(cli.command, settings));
+    if one_shot {
+        runtime.shutdown_background();
+    }
+    match outcome {
         Ok(code) => code,
         Err(e) => fail(&e),
     }

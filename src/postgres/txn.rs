@@ -245,6 +245,34 @@ impl Txn<'_> {
         })
     }
 
+    /// The mirror's [`RemoteFingerprint`] after one COPY of `rows` rows into a table this
+    /// transaction saw empty: every row then carries that COPY's transaction id, so the sum is
+    /// `rows` times the hash of one row's `xmin`, read from one row instead of all of them
+    /// (~20 ms at 100,000 rows). Were that not so (a trigger that skipped rows), the value
+    /// differs from what [`Txn::fingerprint`] says and the next run is a full one: a state is
+    /// never trusted wrongly.
+    pub async fn fingerprint_of_one_copy(
+        &self,
+        rows: u64,
+    ) -> Result<RemoteFingerprint, TargetError> {
+        let rows = i64::try_from(rows).unwrap_or(i64::MAX);
+        let row = self
+            .tx
+            .query_opt(
+                &format!(
+                    "SELECT ($1::bigint::numeric * hashint8extended(xmin::text::bigint, 0))::text FROM {} LIMIT 1",
+                    self.target.table.quoted()
+                ),
+                &[&rows],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(RemoteFingerprint {
+            rows,
+            xmins: row.map_or_else(|| "0".into(), |r| r.get(0)),
+        })
+    }
+
     /// The mirror's row count.
     pub async fn count(&self) -> Result<u64, TargetError> {
         let row = self

@@ -9,9 +9,9 @@
 //!   rows changed or deleted by hand in Postgres;
 //! - [`Mode::Incremental`] (file-watch runs): writes only what the source changed since the
 //!   mirror was known to hold the previous read ([`Diff`]), without a scan;
-//! - [`Mode::OneShot`] (`mapsync sync`): a full run that reads the SQLite file inside its
-//!   transaction and skips the scan and the read when the state the previous one left still
-//!   holds ([`state`]).
+//! - [`Mode::OneShot`] (`mapsync sync`): a full run that reads the SQLite file itself, beside
+//!   its connection and transaction, and skips the scan and the read when the state the
+//!   previous one left still holds ([`state`]).
 //!
 //! Guards come before any write: with delete propagation, another instance writing the same
 //! table refuses the run (`refused:other_instance`), and so does a delete beyond the limits

@@ -403,15 +403,16 @@ pub(super) async fn run_checked(
 ) -> Result<Ran, SyncError> {
     let checked = checked(target, limits, opts, one.key, one.state, one.source).await?;
     if let Some(state) = checked.state {
-        let saved = blocking(move || {
+        let state = blocking(move || {
             if let Err(e) = state.save(&one.path) {
                 tracing::warn!("the next run will be a full one: {e}");
             }
-            // The reader's memo holds the last references to every mapping read.
-            drop(state);
-            Ok(())
-        });
-        saved.await?;
+            Ok(state)
+        })
+        .await?;
+        // The reader's memo holds the last references to every mapping read: freed off the
+        // run's path (a process that exits does not wait for it).
+        tokio::task::spawn_blocking(move || drop(state));
     }
     Ok(checked.ran)
 }
@@ -427,17 +428,31 @@ async fn checked(
     let started = Instant::now();
     // The state keeps the rows a read leaves in the memo.
     let source = source.memoizing();
-    // The state's side of the file is worked out while Postgres is asked whether the
-    // state's side of the mirror still holds.
-    let speculation = state.map(|stored| Speculation::start(stored, source.fresh()));
+    // The file is worked out while Postgres is connected to and asked about the mirror:
+    // the state's side of it, or, without a state, every row (a run without one reads them
+    // all, into a cold load's COPY or for a full comparison).
+    let ahead = match state {
+        Some(stored) => {
+            Ahead::Speculation(Speculation::start(stored, source.fresh()), Box::new(source))
+        }
+        None => Ahead::Reading(Reading::start(source)),
+    };
     let mut session = target.session().await?;
     loop {
         let Some(txn) = session.try_begin_checked().await? else {
             session.wait_for_lock().await?;
             continue;
         };
-        return in_transaction(txn, limits, opts, key, speculation, source, started).await;
+        return in_transaction(txn, limits, opts, key, ahead, started).await;
     }
+}
+
+/// The source side, started before the run's transaction.
+enum Ahead {
+    /// Against a state, with the reader for a run that cannot use it.
+    Speculation(Speculation, Box<SqliteSource>),
+    /// Every row (no state).
+    Reading(Reading),
 }
 
 /// The source side of a run against a state, read before the run knows whether the mirror
@@ -528,26 +543,28 @@ async fn in_transaction(
     limits: Limits,
     opts: SyncOptions,
     key: StateKey,
-    speculation: Option<Speculation>,
-    source: SqliteSource,
+    ahead: Ahead,
     started: Instant,
 ) -> Result<Checked, SyncError> {
     let fingerprint = txn.fingerprint().await?;
-    let prepared = match speculation {
-        Some(s) => s.take(&fingerprint).await?,
-        None => None,
-    };
-    if prepared.is_some() {
-        tracing::debug!("the mirror is as the last run left it: no scan");
-    }
     // An empty mirror (this transaction's snapshot says so): nothing to scan, and every
     // mapping can go into a COPY while the file is still being read.
     let empty = fingerprint.rows == 0;
-    let (source, read, streamed) = match prepared {
-        Some((source, read)) => (source, read, Vec::new()),
-        None if empty => cold(&txn, source).await?,
-        None => {
-            let (source, read) = whole(source, None).await?;
+    let (source, read, streamed) = match ahead {
+        Ahead::Speculation(speculation, source) => match speculation.take(&fingerprint).await? {
+            Some((source, read)) => {
+                tracing::debug!("the mirror is as the last run left it: no scan");
+                (source, read, Vec::new())
+            }
+            None if empty => cold(&txn, Reading::start(*source)).await?,
+            None => {
+                let (source, read) = whole(*source, None).await?;
+                (source, read, Vec::new())
+            }
+        },
+        Ahead::Reading(reading) if empty => cold(&txn, reading).await?,
+        Ahead::Reading(reading) => {
+            let (source, read) = reading.whole().await?;
             (source, read, Vec::new())
         }
     };
@@ -714,9 +731,15 @@ async fn in_transaction(
             merge_remote(base, written, &deleted)
         }))
     };
-    // A run that wrote nothing to the table sees it as it was (one snapshot).
+    // A run that wrote nothing to the table sees it as it was (one snapshot); a cold load
+    // that wrote by its COPY alone knows what it wrote.
     let remote_fp = if counts.inserted + counts.updated + counts.deleted == 0 {
         fingerprint.clone()
+    } else if streamed_rows > 0
+        && counts.inserted == streamed_rows as u64
+        && counts.updated + counts.deleted == 0
+    {
+        txn.fingerprint_of_one_copy(counts.inserted).await?
     } else {
         txn.fingerprint().await?
     };
@@ -789,9 +812,9 @@ fn digest_in(rows: &[(Box<str>, u64)], id: &str) -> Option<u64> {
 /// Rows a cold load hands to the COPY at a time.
 const COLD_CHUNK: usize = 1024;
 
-/// A cold load: the mirror is empty, so every mapping the read builds from a row goes into a
-/// COPY at once, while the file is still being read (the two overlap on two cores), and the
-/// rest of the image (prompts, rows stored under another id) follows in the same COPY.
+/// A cold load: the mirror is empty, so every mapping the read (started with the run, see
+/// [`Reading`]) builds from a row goes into a COPY at once, while the file is still being read
+/// (the two overlap on two cores), and the rest of the image (prompts, rows stored under another id) follows in the same COPY.
 /// Returns the read and the mappings written (every mirrorable one, or none), under a
 /// savepoint left open for the guard (open exactly when some were written). What was sent
 /// must be exactly the image: when a row that was sent lost its id to another row (only the
@@ -802,51 +825,10 @@ const COLD_CHUNK: usize = 1024;
 /// reader's memo and the sent mappings themselves (ids and digests are not copied: at
 /// 1,000,003 mappings the copies peaked at 363 MiB beside the image). In the rare run whose
 /// COPY fails after that, the file is read again for the ordinary write.
-async fn cold(
-    txn: &Txn<'_>,
-    source: SqliteSource,
-) -> Result<(SqliteSource, Source, Sent), SyncError> {
-    let (chunks, received) = tokio::sync::mpsc::channel::<Vec<Arc<Mapping>>>(8);
-    let reading = blocking(move || {
-        let mut source = source;
-        let mut out = Outbox::new(chunks);
-        let fingerprint = source.fingerprint()?;
-        let image = source.read_tapped(ReadMode::Full, &mut |m, aliased| {
-            if !aliased && m.mirrorable() {
-                out.push(m);
-            }
-        })?;
-        out.flush();
-        // Every row sent is in the image (none lost its id to another row): then the rest of
-        // the image follows.
-        let rest = out.unsent(&image.mappings);
-        if let Some(rest) = &rest {
-            rest.iter().for_each(|m| out.push(m));
-            out.flush();
-        }
-        let complete = rest.is_some();
-        drop(rest);
-        // The COPY ends when the last chunk is in.
-        let sent = out.finish();
-        let (synced, prompt_ids) = (image.mappings.len() as u64, prompt_ids(&image.mappings));
-        let mappings = if complete && !sent.is_empty() {
-            drop(image.mappings);
-            Vec::new()
-        } else {
-            image.mappings
-        };
-        let read = Source::Whole {
-            mappings,
-            synced,
-            prompt_ids,
-            fingerprint,
-            contested: source.contested(),
-            known: None,
-        };
-        Ok((source, read, sent, complete))
-    });
-    let copied = txn.copy_streamed(received).await?;
-    let (source, read, sent, complete) = reading.await?;
+async fn cold(txn: &Txn<'_>, reading: Reading) -> Result<(SqliteSource, Source, Sent), SyncError> {
+    reading.cold.store(true, Ordering::Release);
+    let copied = txn.copy_streamed(reading.received).await?;
+    let (source, read, sent, complete) = joined(reading.task).await?;
     let kept = complete && !sent.is_empty() && copied == Some(sent.len() as u64);
     if kept {
         return Ok((source, read, sent));
@@ -861,6 +843,75 @@ async fn cold(
             Ok((source, read, Vec::new()))
         }
         read => Ok((source, read, Vec::new())),
+    }
+}
+
+/// A read of every row started before the run knows whether the mirror is empty: each
+/// mapping is handed to a channel for a cold load's COPY ([`cold`]) as the read builds it,
+/// or the channel is dropped and the read is used whole ([`Reading::whole`]).
+struct Reading {
+    task: tokio::task::JoinHandle<Result<(SqliteSource, Source, Sent, bool), SourceError>>,
+    received: tokio::sync::mpsc::Receiver<Vec<Arc<Mapping>>>,
+    /// Set once the mappings go into a COPY: only then may the read let its image go.
+    cold: Arc<AtomicBool>,
+}
+
+impl Reading {
+    fn start(source: SqliteSource) -> Reading {
+        let (chunks, received) = tokio::sync::mpsc::channel::<Vec<Arc<Mapping>>>(8);
+        let cold = Arc::new(AtomicBool::new(false));
+        let copying = cold.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut source = source;
+            let mut out = Outbox::new(chunks);
+            let fingerprint = source.fingerprint()?;
+            let image = source.read_tapped(ReadMode::Full, &mut |m, aliased| {
+                if !aliased && m.mirrorable() {
+                    out.push(m);
+                }
+            })?;
+            out.flush();
+            // Every row sent is in the image (none lost its id to another row): then the
+            // rest of the image follows.
+            let rest = out.unsent(&image.mappings);
+            if let Some(rest) = &rest {
+                rest.iter().for_each(|m| out.push(m));
+                out.flush();
+            }
+            let complete = rest.is_some();
+            drop(rest);
+            // The COPY ends when the last chunk is in.
+            let sent = out.finish();
+            let (synced, prompt_ids) = (image.mappings.len() as u64, prompt_ids(&image.mappings));
+            let mappings = if complete && !sent.is_empty() && copying.load(Ordering::Acquire) {
+                drop(image.mappings);
+                Vec::new()
+            } else {
+                image.mappings
+            };
+            let read = Source::Whole {
+                mappings,
+                synced,
+                prompt_ids,
+                fingerprint,
+                contested: source.contested(),
+                known: None,
+            };
+            Ok((source, read, sent, complete))
+        });
+        Reading {
+            task,
+            received,
+            cold,
+        }
+    }
+
+    /// The read, whole, for a run that does not load an empty mirror.
+    async fn whole(self) -> Result<(SqliteSource, Source), SyncError> {
+        // Without a receiver the read stops handing mappings over and goes on.
+        drop(self.received);
+        let (source, read, _, _) = joined(self.task).await?;
+        Ok((source, read))
     }
 }
 
@@ -962,17 +1013,19 @@ fn prompt_ids(mappings: &[Arc<Mapping>]) -> Vec<Box<str>> {
         .collect()
 }
 
-/// Starts `work` on the blocking pool at once, not when the result is awaited (a cold load's
-/// COPY runs beside it), and yields its result.
+/// Starts `work` on the blocking pool at once, not when the result is awaited, and yields
+/// its result.
 fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
 ) -> impl std::future::Future<Output = Result<T, SyncError>> {
-    let task = tokio::task::spawn_blocking(work);
-    async move {
-        task.await
-            .map_err(|e| SyncError::Stopped(e.to_string()))?
-            .map_err(SyncError::from)
-    }
+    joined(tokio::task::spawn_blocking(work))
+}
+
+/// The result of a task on the blocking pool.
+async fn joined<T>(task: tokio::task::JoinHandle<Result<T, SourceError>>) -> Result<T, SyncError> {
+    task.await
+        .map_err(|e| SyncError::Stopped(e.to_string()))?
+        .map_err(SyncError::from)
 }
 
 /// Whether a walk's new mappings would share an id with another row or prompt (then only a
