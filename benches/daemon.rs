@@ -194,6 +194,23 @@ fn daemon_latency(b: &Bench) -> (Daemon, Vec<Check>) {
     (d, vec![check])
 }
 
+/// Waits until the daemon has written no snapshot for longer than `snapshot.min_interval_s`
+/// (10 s, the default) plus a margin: a snapshot deferred after the last change would have
+/// been written by then. Gives up after a minute (the window then says what happened).
+fn wait_for_snapshots_to_settle(d: &Daemon) {
+    const QUIET: Duration = Duration::from_secs(15);
+    let writes = || Scrape::of(d).get(r#"mapsync_snapshot_writes_total{result="ok"}"#);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut seen, mut since) = (writes(), Instant::now());
+    while since.elapsed() < QUIET && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = writes();
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        }
+    }
+}
+
 /// The daemon left running by [`daemon_latency`], with nothing to do: its CPU time, whether
 /// it touches Postgres, and its memory with every mapping held.
 fn daemon_idle(b: &Bench, mut d: Daemon) -> Vec<Check> {
@@ -208,7 +225,10 @@ fn daemon_idle(b: &Bench, mut d: Daemon) -> Vec<Check> {
     // Autovacuum's workers visit every database once per naptime, and their transactions
     // count in pg_stat_database: paused until the last reading.
     set_autovacuum(b, false);
-    // The last snapshot write ends, and every backend flushes its statistics.
+    // The snapshot of the last changes, deferred by `snapshot.min_interval_s` (10 s) after the
+    // previous one, is written (at 1,000,000 mappings it took 1.5 s and could fall into the
+    // window), then every backend flushes its statistics.
+    wait_for_snapshots_to_settle(&d);
     std::thread::sleep(STATS_FLUSH);
     let (xacts_before, sessions_before) = (daemon_db_xacts(b), mapsync_sessions(b));
     let cpu_before = measure::cpu_ms(pid);
@@ -262,7 +282,7 @@ fn daemon_idle(b: &Bench, mut d: Daemon) -> Vec<Check> {
     );
     println!(
         "\n`pg_stat_database` and `pg_stat_activity` are read from the `postgres` database, \
-         {} s after the last change and again {} s after the window, so that every backend \
+         {} s after the last snapshot write (none for 15 s) and again {} s after the window, so that every backend \
          has flushed its statistics; nothing connects to `{DAEMON_DB}` in between, and \
          autovacuum is off from the first reading's wait to the second reading (its workers \
          visit every database once a minute). Sessions before: {}.\n",
