@@ -5,8 +5,11 @@
 //! rowid, hash of its stored bytes and mapping id (the source side), and the mirror's rows as
 //! id → digest with the mirror's [`RemoteFingerprint`] taken at the end of that run's
 //! transaction (the remote side). A run:
-//! 1. opens its transaction in `REPEATABLE READ` with the advisory lock
-//!    ([`crate::postgres::Session::try_begin_checked`]) and takes the mirror's fingerprint;
+//! 1. starts on the file at once, beside the connection: against the state (its rows
+//!    decoded, the files' fingerprint compared, a walk), or, without a state, reading every
+//!    row ([`Reading`]); then opens its transaction in `REPEATABLE READ` with the advisory
+//!    lock ([`crate::postgres::Session::try_begin_checked`]) and takes the mirror's
+//!    fingerprint;
 //! 2. when it equals the state's, the mirror holds exactly the state's rows: no scan. Then,
 //!    when the files' fingerprint equals the state's too, nothing is read either; when it
 //!    moved, a walk beside the state's rows normalises only the rows that changed;
@@ -15,9 +18,11 @@
 //!    empty (a cold load) there is nothing to scan, and each mapping goes into a COPY as soon
 //!    as the read builds it ([`cold`]);
 //! 4. writes, deletes, takes the fingerprint again when it wrote (its own writes included:
-//!    one snapshot for the whole run) and commits; then replaces the state file (mode 0600;
-//!    sha-256, a small head with the key and the mirror's fingerprint, then the rows, so a
-//!    run that cannot use a state does not decode it).
+//!    one snapshot for the whole run; after a cold load, worked out from one row, see
+//!    [`Txn::fingerprint_of_one_copy`]) and commits; then replaces the state file (mode
+//!    0600; sha-256, a small head with the key and the mirror's fingerprint, then the rows,
+//!    so a run that cannot use a state does not decode it), written from where the run
+//!    holds its rows ([`Leaving`]).
 //!
 //! Invariants — a state never makes a run skip a change:
 //! - the remote side is only trusted when the fingerprint matches; any insert, update or
@@ -863,23 +868,15 @@ impl Reading {
         let copying = cold.clone();
         let task = tokio::task::spawn_blocking(move || {
             let mut source = source;
-            let mut out = Outbox::new(chunks);
+            let mut out = Outbox::new(chunks, copying.clone());
             let fingerprint = source.fingerprint()?;
             let image = source.read_tapped(ReadMode::Full, &mut |m, aliased| {
                 if !aliased && m.mirrorable() {
                     out.push(m);
                 }
             })?;
-            out.flush();
-            // Every row sent is in the image (none lost its id to another row): then the
-            // rest of the image follows.
-            let rest = out.unsent(&image.mappings);
-            if let Some(rest) = &rest {
-                rest.iter().for_each(|m| out.push(m));
-                out.flush();
-            }
-            let complete = rest.is_some();
-            drop(rest);
+            // The rest of the image follows, when every row sent is in it.
+            let complete = out.complete(&image.mappings);
             // The COPY ends when the last chunk is in.
             let sent = out.finish();
             let (synced, prompt_ids) = (image.mappings.len() as u64, prompt_ids(&image.mappings));
@@ -917,55 +914,108 @@ impl Reading {
 
 /// What a cold load's read hands to the COPY, in chunks, and what it sent with its digest
 /// (worked out here while Postgres takes the rows in), in the order sent.
+///
+/// The read hands mappings over from inside its SQLite read transaction, so it waits on a
+/// full channel only once the COPY takes them in ([`Reading`]'s flag): before that (Postgres
+/// still connecting, or waiting for another run's lock) it pauses instead, and what it did
+/// not hand over follows after the read, outside the transaction. A closed channel (a mirror
+/// that is not empty, or a COPY that Postgres refused) ends the handing over for good.
 struct Outbox {
     chunks: tokio::sync::mpsc::Sender<Vec<Arc<Mapping>>>,
     chunk: Vec<Arc<Mapping>>,
     sent: Sent,
+    copying: Arc<AtomicBool>,
+    paused: bool,
+    closed: bool,
 }
 
 /// Mappings a cold load sent, with their digests.
 type Sent = Vec<(Arc<Mapping>, u64)>;
 
 impl Outbox {
-    fn new(chunks: tokio::sync::mpsc::Sender<Vec<Arc<Mapping>>>) -> Outbox {
+    fn new(chunks: tokio::sync::mpsc::Sender<Vec<Arc<Mapping>>>, copying: Arc<AtomicBool>) -> Self {
         Outbox {
             chunks,
             chunk: Vec::with_capacity(COLD_CHUNK),
             sent: Vec::new(),
+            copying,
+            paused: false,
+            closed: false,
         }
     }
 
+    /// During the read.
     fn push(&mut self, m: &Arc<Mapping>) {
+        if self.paused || self.closed {
+            return;
+        }
         self.chunk.push(m.clone());
         if self.chunk.len() == COLD_CHUNK {
-            self.flush();
+            self.flush(false);
         }
     }
 
-    fn flush(&mut self) {
-        if self.chunk.is_empty() {
+    /// Hands the chunk over; `may_wait` once the read's transaction is over.
+    fn flush(&mut self, may_wait: bool) {
+        use tokio::sync::mpsc::error::TrySendError;
+        if self.chunk.is_empty() || self.closed {
+            self.chunk.clear();
             return;
         }
         let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(COLD_CHUNK));
+        let before = self.sent.len();
         self.sent
             .extend(chunk.iter().map(|m| (m.clone(), digest(m))));
-        // The COPY gone (a refused row, an error): the read goes on for the ordinary write.
-        let _ = self.chunks.blocking_send(chunk);
+        let handed = if may_wait || self.copying.load(Ordering::Acquire) {
+            self.chunks
+                .blocking_send(chunk)
+                .map_err(|e| TrySendError::Closed(e.0))
+        } else {
+            self.chunks.try_send(chunk)
+        };
+        match handed {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.sent.truncate(before);
+                self.paused = true;
+            }
+            // No COPY, or the COPY is gone: the read goes on for a whole comparison or the
+            // ordinary write.
+            Err(TrySendError::Closed(_)) => {
+                self.sent = Vec::new();
+                self.closed = true;
+            }
+        }
     }
 
-    /// The image's mirrorable mappings not sent yet, when every mapping sent is in `image`
-    /// (`None` when one lost its id to another row). The rows were sent in the order the
-    /// image lists them, so one pass in step tells (a row moved among the image's contested
-    /// ids counts as lost: the ordinary write then decides).
-    fn unsent<'i>(&self, image: &'i [Arc<Mapping>]) -> Option<Vec<&'i Arc<Mapping>>> {
+    /// After the read: hands over the image's mirrorable mappings not handed over yet
+    /// (prompts, rows stored under another id, what a pause held back), when every mapping
+    /// sent is in `image`. `false` when one is not (it lost its id to another row) or the
+    /// channel is closed: then the COPY must not be kept. The rows were sent in the order
+    /// the image lists them, so one pass in step tells; when ids are contested the image
+    /// lists some rows out of that order, and the run takes the ordinary write instead.
+    fn complete(&mut self, image: &[Arc<Mapping>]) -> bool {
+        if self.closed {
+            return false;
+        }
         let mut sent = self.sent.iter().map(|(m, _)| m).peekable();
         let mut rest = Vec::new();
         for m in image {
             if sent.next_if(|s| Arc::ptr_eq(s, m)).is_none() && m.mirrorable() {
-                rest.push(m);
+                rest.push(m.clone());
             }
         }
-        sent.peek().is_none().then_some(rest)
+        if sent.peek().is_some() {
+            return false;
+        }
+        for m in rest {
+            self.chunk.push(m);
+            if self.chunk.len() == COLD_CHUNK {
+                self.flush(true);
+            }
+        }
+        self.flush(true);
+        !self.closed
     }
 
     /// Closes the COPY's stream; returns what was sent (the mirror's rows), sorted by id.

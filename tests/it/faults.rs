@@ -380,6 +380,68 @@ const OUTAGE: Duration = Duration::from_secs(20);
 const RECOVERY_BOUND: Duration = Duration::from_secs(6);
 
 #[test]
+fn a_sync_waiting_for_postgres_holds_no_read_on_the_application_database() {
+    // No state yet, so `mapsync sync` starts reading at once, beside its connection; more
+    // rows than the COPY's channel holds (8 chunks of 1,024). Another run holds the mirror's
+    // lock, so this one waits for Postgres with its read done or under way.
+    let (mut ws, db) = mirrored(&[]);
+    close_app(&mut ws);
+    generate(&ws.db_path(), 12_000, 3, true);
+    let app = AppDb::open(&ws.db_path());
+    let lock = HeldSession::open(
+        &db.url,
+        "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('mapsync:public.model_mappings', 0));",
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the advisory lock held by hand",
+        || {
+            db.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+                .trim()
+                != "0"
+        },
+    );
+    let mut sync = crate::harness::workspace::command()
+        .arg("--config")
+        .arg(&ws.config)
+        .arg("sync")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mapsync sync starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mapsync_waiting_on_a_lock(&db) {
+        if Instant::now() > deadline || sync.try_wait().ok().flatten().is_some() {
+            let _ = sync.kill();
+            panic!(
+                "mapsync sync did not wait for the lock: {:?}",
+                sync.wait_with_output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // While it waits, nothing of it stays open on the application's file: no read
+    // transaction that would pin the WAL (SPEC §2).
+    wait_until(
+        Duration::from_secs(30),
+        "no handle of the waiting mapsync sync on the application's database",
+        || handles_on(sync.id(), &ws.db_path()).is_empty() && mapsync_waiting_on_a_lock(&db),
+    );
+    let (busy, _, _) = app.checkpoint_truncate();
+    assert_eq!(
+        busy, 0,
+        "a checkpoint was blocked by the waiting mapsync sync"
+    );
+    assert!(mapsync_waiting_on_a_lock(&db), "still waiting for the lock");
+    lock.finish("ROLLBACK;");
+    let out = sync.wait_with_output().expect("mapsync sync ends");
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("result JSON");
+    assert_eq!(report["changed_count"], report["synced_count"], "{report}");
+    assert_mirror_equals_source(&ws, &db, &[]);
+}
+
+#[test]
 fn recovery_follows_the_returning_file_not_the_backoff_timer() {
     let (mut ws, db) = mirrored(&Row::numbered("m", 10));
     let d = TestApp::spawn(&ws, Some(&db.url), FAST);
