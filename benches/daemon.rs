@@ -202,7 +202,11 @@ fn wait_for_snapshots_to_settle(d: &Daemon) {
     let writes = || Scrape::of(d).get(r#"mapsync_snapshot_writes_total{result="ok"}"#);
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut seen, mut since) = (writes(), Instant::now());
-    while since.elapsed() < QUIET && Instant::now() < deadline {
+    while since.elapsed() < QUIET {
+        if Instant::now() > deadline {
+            eprintln!("warning: the daemon still writes snapshots a minute after the last change");
+            return;
+        }
         std::thread::sleep(Duration::from_secs(1));
         let now = writes();
         if now != seen {
@@ -221,7 +225,10 @@ fn daemon_idle(b: &Bench, mut d: Daemon) -> Vec<Check> {
         window.as_secs()
     );
     let pid = d.child.id();
-    eprintln!("idle: {} s…", (STATS_FLUSH * 2 + window).as_secs());
+    eprintln!(
+        "idle: {} s and the snapshots' settling (15 s or more)…",
+        (STATS_FLUSH * 2 + window).as_secs()
+    );
     // Autovacuum's workers visit every database once per naptime, and their transactions
     // count in pg_stat_database: paused until the last reading.
     set_autovacuum(b, false);
@@ -282,7 +289,7 @@ fn daemon_idle(b: &Bench, mut d: Daemon) -> Vec<Check> {
     );
     println!(
         "\n`pg_stat_database` and `pg_stat_activity` are read from the `postgres` database, \
-         {} s after the last snapshot write (none for 15 s) and again {} s after the window, so that every backend \
+         {} s after no snapshot was written for 15 s and again {} s after the window, so that every backend \
          has flushed its statistics; nothing connects to `{DAEMON_DB}` in between, and \
          autovacuum is off from the first reading's wait to the second reading (its workers \
          visit every database once a minute). Sessions before: {}.\n",

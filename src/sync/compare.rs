@@ -1,8 +1,8 @@
 //! A whole image against the mirror's rows as they stream in ([`Compare`]): what a full run
 //! inserts, rewrites and deletes.
 //!
-//! Invariants: no remote row is kept, only the ids of rows the image lacks (few, or the run
-//! is refused as a mass delete); the image is indexed by 4-byte positions hashed by id, so
+//! Invariants: no remote row is kept, only the ids of rows the image lacks (all of them when
+//! the mirror holds another instance's rows too: one `String` each); the image is indexed by 4-byte positions hashed by id, so
 //! the comparison costs ~10 bytes per mapping (at 1,000,000 mappings a map of the remote rows
 //! by id held ~110 MiB beside the image, and a daemon's restart crossed its unit's
 //! `MemoryMax`). Mappings the mirror cannot hold are not indexed: a remote row with such an
@@ -42,9 +42,12 @@ impl<'a> Compare<'a> {
         let hasher = foldhash::fast::RandomState::default();
         let mut by_id = HashTable::with_capacity(mappings.len());
         let hash = |m: &Arc<Mapping>| hash_id(&hasher, m.id());
-        for (i, m) in mappings.iter().enumerate().filter(|(_, m)| m.mirrorable()) {
+        // Positions are u32 (4 bytes each): no image comes near 4 billion mappings, whose
+        // memory no host has; positions past that are left out rather than wrapped.
+        let positions = (0..=u32::MAX).zip(mappings);
+        for (i, m) in positions.filter(|(_, m)| m.mirrorable()) {
             // Ids are unique in an image (de-duplicated when read).
-            by_id.insert_unique(hash(m), i as u32, |&j| hash(&mappings[j as usize]));
+            by_id.insert_unique(hash(m), i, |&j| hash(&mappings[j as usize]));
         }
         Compare {
             mappings,

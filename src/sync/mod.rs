@@ -183,9 +183,9 @@ async fn full(
 ) -> Result<Counts, TargetError> {
     let mut session = target.session().await?;
     let txn = session.begin().await?;
-    // Every remote row is compared as it arrives: none is held. Indexing the image and
-    // collecting what the mirror lacks go over every mapping: off the runtime thread the
-    // admin port shares.
+    // Every remote row is compared as it arrives (on the runtime, between the stream's
+    // reads): none is held. Indexing the image and collecting what the mirror lacks go over
+    // every mapping at once: off the runtime thread the admin port shares.
     let mut compare = tokio::task::block_in_place(|| compare::Compare::new(mappings));
     let remote_before = txn.scan(|id, digest| compare.visit(id, digest)).await?;
     let compare::Found {
