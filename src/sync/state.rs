@@ -995,6 +995,8 @@ impl Outbox {
     /// the image lists them, so one pass in step tells; when ids are contested the image
     /// lists some rows out of that order, and the run takes the ordinary write instead.
     fn complete(&mut self, image: &[Arc<Mapping>]) -> bool {
+        // The read's last chunk first.
+        self.flush(true);
         if self.closed {
             return false;
         }

@@ -6,6 +6,7 @@
 use crate::harness::workspace::{Workspace, mirrored, remote_rows};
 use crate::harness::*;
 use serde_json::Value;
+use std::time::Duration;
 
 const STATE: &str = ".mapsync-sync-state";
 
@@ -93,6 +94,20 @@ fn the_state_a_cold_load_leaves_spares_the_next_runs_their_scan() {
     let (first, log) = sync_logged(&ws);
     assert_eq!(first["changed_count"], 40, "{first}");
     assert!(!log.contains("no scan"), "{log}");
+    // Each row went in once: by the streamed COPY, not again by a fallback write after a
+    // refused one (rows of an aborted COPY count as inserted too). The run's backend flushes
+    // its statistics when the process has gone.
+    let inserted = || {
+        db.psql("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'public.model_mappings'::regclass")
+            .trim()
+            .to_string()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the cold load's statistics",
+        || inserted() != "0",
+    );
+    assert_eq!(inserted(), "40", "rows inserted by the cold load");
     for step in 0..3 {
         if step == 1 {
             ws.app.upsert(&renamed("c007", "after the cold load"));
