@@ -267,7 +267,7 @@ fn remember(state: &mut RunState, image: Arc<SourceImage>, ran: &Ran) {
     // blocking pool.
     tokio::task::spawn_blocking(move || {
         drop(old);
-        super::shared::release_free_memory();
+        crate::release_free_memory();
     });
 }
 

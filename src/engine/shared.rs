@@ -94,7 +94,7 @@ impl Shared {
         if let Some(old) = old {
             tokio::task::spawn_blocking(move || {
                 drop(old);
-                release_free_memory();
+                crate::release_free_memory();
             });
         }
     }
@@ -147,15 +147,5 @@ impl Shared {
         self.target_up(answer.is_ok());
         *cache = Some((Instant::now(), answer.clone()));
         answer
-    }
-}
-
-/// Hands memory freed by the allocator back to the system, so the RSS an operator sees
-/// follows what the daemon holds (glibc keeps freed memory otherwise).
-pub(super) fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
