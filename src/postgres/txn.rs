@@ -485,10 +485,7 @@ async fn copy_in(
 ) -> Result<u64, tokio_postgres::Error> {
     let writer = copy_writer(tx, table).await?;
     pin_mut!(writer);
-    for (i, m) in rows.iter().enumerate() {
-        yield_every(i).await;
-        put(writer.as_mut(), m).await?;
-    }
+    put_all(writer.as_mut(), rows.iter().copied()).await?;
     writer.finish().await
 }
 
@@ -501,12 +498,21 @@ async fn copy_in_chunks(
     let writer = copy_writer(tx, table).await?;
     pin_mut!(writer);
     while let Some(chunk) = chunks.recv().await {
-        for (i, m) in chunk.iter().enumerate() {
-            yield_every(i).await;
-            put(writer.as_mut(), m).await?;
-        }
+        put_all(writer.as_mut(), chunk.iter().map(AsRef::as_ref)).await?;
     }
     writer.finish().await
+}
+
+/// [`put`] of every mapping in `rows`, yielding to the runtime now and then.
+async fn put_all<'m>(
+    mut writer: std::pin::Pin<&mut BinaryCopyInWriter>,
+    rows: impl Iterator<Item = &'m Mapping>,
+) -> Result<(), tokio_postgres::Error> {
+    for (i, m) in rows.enumerate() {
+        yield_every(i).await;
+        put(writer.as_mut(), m).await?;
+    }
+    Ok(())
 }
 
 /// A binary `COPY table FROM STDIN` of the ten columns.

@@ -60,7 +60,7 @@ use crate::postgres::{RemoteFingerprint, Target, Txn, digest};
 pub const STATE_FILE: &str = ".mapsync-sync-state";
 
 /// Bumped when the layout or meaning of the state changes.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// What a state must have been written for to be used: anything that changes which rows a
 /// mapping is read from, what it is, or where it is mirrored.
@@ -103,13 +103,7 @@ impl StateKey {
 /// What the last run left (see the module doc), as read back ([`Leaving`] writes it).
 #[derive(Debug, Clone, Deserialize)]
 pub struct SyncState {
-    /// The key and the mirror's fingerprint again (the [`Head`] has them first; these are
-    /// covered by the checksum with the rest).
-    #[allow(dead_code)]
-    key: StateKey,
     source_fp: Fingerprint,
-    #[allow(dead_code)]
-    remote_fp: RemoteFingerprint,
     /// Every row of `llm_model_mappings`, in rowid order.
     rows: Vec<RowMark>,
     /// The prompt mappings' ids.
@@ -266,8 +260,11 @@ impl SyncState {
 /// copies of their ids were ~100 MiB.
 #[derive(Serialize)]
 struct Leaving {
+    /// Written in the [`Head`], not again in the body.
+    #[serde(skip)]
     key: StateKey,
     source_fp: Fingerprint,
+    #[serde(skip)]
     remote_fp: RemoteFingerprint,
     rows: LeftRows,
     prompt_ids: Vec<Box<str>>,
@@ -415,9 +412,8 @@ pub(super) async fn run_checked(
             Ok(state)
         })
         .await?;
-        // The reader's memo holds the last references to every mapping read: freed off the
-        // run's path (a process that exits does not wait for it).
-        tokio::task::spawn_blocking(move || drop(state));
+        // The reader's memo holds the last references to every mapping read.
+        free_off_path(state);
     }
     Ok(checked.ran)
 }
@@ -502,10 +498,7 @@ impl Speculation {
             tracing::debug!("a full run: the mirror changed since the last run");
             return Ok(None);
         }
-        self.task
-            .await
-            .map_err(|e| SyncError::Stopped(e.to_string()))?
-            .map_err(SyncError::from)
+        joined(self.task).await
     }
 }
 
@@ -722,7 +715,7 @@ async fn in_transaction(
         ),
     };
     if let Some(spare) = spare {
-        tokio::task::spawn_blocking(move || drop(spare));
+        free_off_path(spare);
     }
     // The mirror now: what a cold load sent, or what it held with what was written and
     // deleted, worked out on the blocking pool while Postgres takes the fingerprint and
@@ -735,14 +728,14 @@ async fn in_transaction(
         written.extend(std::mem::take(&mut plan.differing));
         let rejected: Vec<String> = counts.rejected.iter().map(|r| r.id.clone()).collect();
         let deleted: Vec<Box<str>> = deletes.iter().map(|&d| d.into()).collect();
-        Some(tokio::task::spawn_blocking(move || {
+        Some(blocking(move || {
             let rejected: FxHashSet<&str> = rejected.iter().map(String::as_str).collect();
             let written = written
                 .iter()
                 .filter(|m| !rejected.contains(m.id()))
                 .map(|m| (Box::<str>::from(m.id()), digest(m)));
             let deleted: Vec<&str> = deleted.iter().map(AsRef::as_ref).collect();
-            merge_remote(base, written, &deleted)
+            Ok(merge_remote(base, written, &deleted))
         }))
     };
     // A run that wrote nothing to the table sees it as it was (one snapshot); a cold load
@@ -760,11 +753,7 @@ async fn in_transaction(
     txn.commit().await?;
     let ran = ran(&counts, synced_count, opts, started);
     let remote = match merging {
-        Some(merging) => LeftRemote::Listed(
-            merging
-                .await
-                .map_err(|e| SyncError::Stopped(e.to_string()))?,
-        ),
+        Some(merging) => LeftRemote::Listed(merging.await?),
         None => LeftRemote::Sent(streamed),
     };
     // Nothing read, nothing written: the state on disk still says it all.
@@ -1080,6 +1069,12 @@ fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
 ) -> impl std::future::Future<Output = Result<T, SyncError>> {
     joined(tokio::task::spawn_blocking(work))
+}
+
+/// Drops `value` (100,000 mappings' worth) on the blocking pool, off the run's path; a
+/// process that exits does not wait for it.
+fn free_off_path<T: Send + 'static>(value: T) {
+    tokio::task::spawn_blocking(move || drop(value));
 }
 
 /// The result of a task on the blocking pool.
