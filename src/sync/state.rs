@@ -877,21 +877,13 @@ impl Reading {
             let complete = out.complete(&image.mappings);
             // The COPY ends when the last chunk is in.
             let sent = out.finish();
-            let (synced, prompt_ids) = (image.mappings.len() as u64, prompt_ids(&image.mappings));
-            let mappings = if complete && !sent.is_empty() && copying.load(Ordering::Acquire) {
-                drop(image.mappings);
-                Vec::new()
-            } else {
-                image.mappings
-            };
-            let read = Source::Whole {
-                mappings,
-                synced,
-                prompt_ids,
-                fingerprint,
-                contested: source.contested(),
-                known: None,
-            };
+            let mut read = Source::whole(image.mappings, &source, fingerprint, None);
+            if complete && !sent.is_empty() && copying.load(Ordering::Acquire) {
+                if let Source::Whole { mappings, .. } = &mut read {
+                    // Let go; its count and prompt ids stay.
+                    *mappings = Vec::new();
+                }
+            }
             Ok((source, read, sent, complete))
         });
         Reading {
@@ -1044,23 +1036,31 @@ fn read_whole(source: &mut SqliteSource, known: Option<SyncState>) -> Result<Sou
     // Taken before the read: a commit during it moves the next run's fingerprint.
     let fingerprint = source.fingerprint()?;
     let image = source.read(ReadMode::Full)?;
-    Ok(Source::Whole {
-        synced: image.mappings.len() as u64,
-        prompt_ids: prompt_ids(&image.mappings),
-        mappings: image.mappings,
-        fingerprint,
-        contested: source.contested(),
-        known,
-    })
+    Ok(Source::whole(image.mappings, source, fingerprint, known))
 }
 
-/// The ids of an image's prompt mappings.
-fn prompt_ids(mappings: &[Arc<Mapping>]) -> Vec<Box<str>> {
-    mappings
-        .iter()
-        .filter(|m| m.source == crate::mapping::Origin::Prompt)
-        .map(|m| m.id().into())
-        .collect()
+impl Source {
+    /// Every row, as `source` just read them into `mappings` (`fingerprint` taken before).
+    fn whole(
+        mappings: Vec<Arc<Mapping>>,
+        source: &SqliteSource,
+        fingerprint: Fingerprint,
+        known: Option<SyncState>,
+    ) -> Source {
+        let prompt_ids = mappings
+            .iter()
+            .filter(|m| m.source == crate::mapping::Origin::Prompt)
+            .map(|m| m.id().into())
+            .collect();
+        Source::Whole {
+            synced: mappings.len() as u64,
+            prompt_ids,
+            mappings,
+            fingerprint,
+            contested: source.contested(),
+            known,
+        }
+    }
 }
 
 /// Starts `work` on the blocking pool at once, not when the result is awaited, and yields
