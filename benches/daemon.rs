@@ -430,13 +430,7 @@ fn watch_run_durations(log: &str) -> Vec<f64> {
 /// rows (a legacy `tenant` row gets a new id), the rows [`nth_mirrored_id`] picks from.
 fn mirrored_id_count(ws: &Workspace) -> u64 {
     ws.app
-        .conn()
-        .query_row(
-            "SELECT count(*) FROM llm_model_mappings WHERE scope_type IN ('mapping', 'user')",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count the source's rows")
+        .value("SELECT count(*) FROM llm_model_mappings WHERE scope_type IN ('mapping', 'user')")
 }
 
 fn nth_mirrored_id(ws: &Workspace, n: u64) -> String {

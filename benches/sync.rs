@@ -234,13 +234,7 @@ fn source_read_only(b: &Bench) -> Series {
 /// The id of one ordinary mapping row of the generated source.
 fn first_mapping_id(ws: &Workspace) -> String {
     ws.app
-        .conn()
-        .query_row(
-            "SELECT id FROM llm_model_mappings WHERE scope_type = 'mapping' ORDER BY id LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .expect("the source has a mapping row")
+        .value("SELECT id FROM llm_model_mappings WHERE scope_type = 'mapping' ORDER BY id LIMIT 1")
 }
 
 /// The application edits row `id` (new name, newer `updated_at`) and commits.

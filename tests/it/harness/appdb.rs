@@ -150,9 +150,14 @@ impl AppDb {
 
     /// Number of rows in `llm_model_mappings`.
     pub fn count(&self) -> i64 {
+        self.value("SELECT count(*) FROM llm_model_mappings")
+    }
+
+    /// The one value `sql` selects.
+    pub fn value<T: rusqlite::types::FromSql>(&self, sql: &str) -> T {
         self.conn
-            .query_row("SELECT count(*) FROM llm_model_mappings", [], |r| r.get(0))
-            .expect("count llm_model_mappings")
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     pub fn conn(&self) -> &Connection {
