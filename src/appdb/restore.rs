@@ -461,8 +461,8 @@ impl Columns {
             name: m.name().map(str::to_string),
             default_model: m.default_model().map(str::to_string),
             candidates_json: m.candidates_json().to_string(),
-            is_active: i64::from(m.is_active),
-            updated_at: m.updated_at.as_ref().map(format_timestamp),
+            is_active: i64::from(m.is_active()),
+            updated_at: m.updated_at().as_ref().map(format_timestamp),
             metadata_json: python_json(&metadata),
         }
     }
@@ -501,7 +501,7 @@ fn plan(
         planned.push(if winner != i {
             let why = format!("superseded by entry {winner}, which has the same id");
             Planned::new(i, Some(m.id()), EntryResult::Skipped, Some(why))
-        } else if m.source == Origin::Prompt {
+        } else if m.source() == Origin::Prompt {
             plan_prompt(tx, i, &m, rules, prompts_table).map_err(fail)?
         } else {
             index.plan_row(i, &m, rules.redactor)
@@ -708,8 +708,8 @@ impl PromptFields {
         PromptFields {
             default_model: m.default_model().map(str::to_string),
             candidates: m.candidates(),
-            is_active: m.is_active,
-            updated_at: m.updated_at,
+            is_active: m.is_active(),
+            updated_at: m.updated_at(),
         }
     }
 

@@ -30,7 +30,7 @@ pub use normalize::{
 pub use redact::{DEFAULT_REDACT_KEYS, Redactor};
 pub use set::{Candidate, SetDigest, digest, finalize, sort_for_export};
 
-use std::borrow::{Borrow, Cow};
+use std::borrow::Cow;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -62,40 +62,51 @@ impl Origin {
 /// with its whole metadata (see [`Mapping::view`] for the redacted form).
 ///
 /// The daemon holds every mapping in memory (100,000 of them in the benchmark, a million in
-/// the scaling runs), so a mapping is kept compact: 56 bytes behind its `Arc` (one 80-byte
+/// the scaling runs), so a mapping is kept compact: 40 bytes behind its `Arc` (one 64-byte
 /// heap chunk with the reference counts) and one allocation of text.
-/// - `text` holds the id and the name back to back, after two lengths written as ASCII
-///   varints (`Lengths`); no offsets are stored beside it.
-/// - The default model, and the candidates' and the metadata's canonical JSON, are
-///   [`Shared`]: mappings built by one reader through an [`Interner`] share one copy of each
-///   distinct text (models, model lists and metadata objects repeat across mappings), and a
-///   mapping built alone owns its own.
+/// - `text` holds the flags (active, from a prompt, named), then the id and the name back to
+///   back, after two lengths written as ASCII varints (`Head`); no offsets are stored beside
+///   it.
+/// - The default model with the candidates' canonical JSON ([`Models`]), and the metadata's
+///   canonical JSON ([`SharedMetadata`]), are shared: mappings built by one reader through an
+///   [`Interner`] share one copy of each distinct value (model choices and metadata objects
+///   repeat across mappings), and a mapping built alone owns its own.
+/// - `updated_at` is kept as microseconds since the epoch, the precision Postgres stores.
 ///
 /// Build one with [`Mapping::new`]; read it through the accessors.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Mapping {
-    /// Lengths, then id and name.
+    /// Flags and lengths, then id and name.
     text: Box<str>,
-    default_model: Option<Arc<Shared>>,
-    /// The candidates as canonical JSON (`["a", "b"]`).
-    candidates: Arc<Shared>,
-    /// The metadata as canonical JSON, whole and (when it differs) as the mirror holds it.
+    models: Arc<Models>,
     metadata: Arc<SharedMetadata>,
-    /// Microsecond precision, as Postgres stores it.
-    pub updated_at: Option<DateTime<Utc>>,
-    pub is_active: bool,
-    pub source: Origin,
-    /// Whether the name is set (an empty name is not a missing one).
-    has_name: bool,
+    updated_at: Micros,
 }
 
-/// A JSON text that mappings may share (see [`Interner`]).
+/// A mapping's default model and its candidates as canonical JSON (`["a", "b"]`): the model
+/// choice that mappings may share (see [`Interner`]).
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub struct Shared(Box<str>);
+pub struct Models {
+    default_model: Option<Box<str>>,
+    candidates: Box<str>,
+}
 
-impl Borrow<str> for Shared {
-    fn borrow(&self) -> &str {
-        &self.0
+/// A timestamp as microseconds since the Unix epoch; `i64::MIN` for none. Every
+/// `DateTime<Utc>` fits (chrono's range is about ±262,000 years; `i64` microseconds reach
+/// ±292,000), and a mapping's timestamps have no finer part (SPEC §1). Ordered as
+/// `Option<DateTime<Utc>>` is: none first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Micros(i64);
+
+impl Micros {
+    fn of(t: Option<DateTime<Utc>>) -> Micros {
+        Micros(t.map_or(i64::MIN, |t| t.timestamp_micros()))
+    }
+
+    fn get(self) -> Option<DateTime<Utc>> {
+        (self.0 != i64::MIN)
+            .then(|| DateTime::from_timestamp_micros(self.0))
+            .flatten()
     }
 }
 
@@ -130,28 +141,30 @@ impl Mapping {
             String::with_capacity(2 + f.candidates.iter().map(|c| c.len() + 4).sum::<usize>());
         write_candidates(&mut candidates, f.candidates.iter().map(|c| c.as_ref()));
         let name = f.name.unwrap_or("");
-        let lengths = Lengths {
+        let head = Head {
+            active: f.is_active,
+            prompt: f.source == Origin::Prompt,
+            named: f.name.is_some(),
             scope_type: f.scope_type.len(),
             id: f.scope_type.len() + 1 + f.scope_key.len(),
         };
-        let mut text = String::with_capacity(Lengths::MAX_LEN + lengths.id + name.len());
-        lengths.write(&mut text);
+        let mut text = String::with_capacity(Head::MAX_LEN + head.id + name.len());
+        head.write(&mut text);
         text.push_str(f.scope_type);
         text.push(':');
         text.push_str(f.scope_key);
         text.push_str(name);
         Mapping {
             text: text.into_boxed_str(),
-            default_model: f.default_model.map(|m| Arc::new(Shared(m.into()))),
-            candidates: Arc::new(Shared(candidates.into_boxed_str())),
+            models: Arc::new(Models {
+                default_model: f.default_model.map(Into::into),
+                candidates: candidates.into_boxed_str(),
+            }),
             metadata: Arc::new(SharedMetadata {
                 whole: f.metadata.into(),
                 mirror: f.mirror_metadata.map(Into::into),
             }),
-            updated_at: f.updated_at,
-            is_active: f.is_active,
-            source: f.source,
-            has_name: f.name.is_some(),
+            updated_at: Micros::of(f.updated_at),
         }
     }
 
@@ -163,9 +176,9 @@ impl Mapping {
         hasher.finish()
     }
 
-    /// The lengths at the head of `text`, and where the id starts.
-    fn layout(&self) -> (Lengths, usize) {
-        Lengths::read(&self.text)
+    /// The flags and lengths at the head of `text`, and where the id starts.
+    fn layout(&self) -> (Head, usize) {
+        Head::read(&self.text)
     }
 
     /// `"<scope_type>:<scope_key>"`.
@@ -186,17 +199,34 @@ impl Mapping {
 
     pub fn name(&self) -> Option<&str> {
         let (l, at) = self.layout();
-        self.has_name.then(|| &self.text[at + l.id..])
+        l.named.then(|| &self.text[at + l.id..])
     }
 
     pub fn default_model(&self) -> Option<&str> {
-        self.default_model.as_deref().map(|m| &*m.0)
+        self.models.default_model.as_deref()
     }
 
     /// The candidates as canonical JSON text (`["a", "b"]`), the way the mirror's `jsonb`
     /// column prints them.
     pub fn candidates_json(&self) -> &str {
-        &self.candidates.0
+        &self.models.candidates
+    }
+
+    pub fn is_active(&self) -> bool {
+        Head::flags(&self.text).active
+    }
+
+    /// Microsecond precision, as Postgres stores it.
+    pub fn updated_at(&self) -> Option<DateTime<Utc>> {
+        self.updated_at.get()
+    }
+
+    pub fn source(&self) -> Origin {
+        if Head::flags(&self.text).prompt {
+            Origin::Prompt
+        } else {
+            Origin::Sqlite
+        }
     }
 
     /// The candidate model names.
@@ -250,21 +280,47 @@ impl Mapping {
     }
 }
 
-/// The two lengths at the head of a mapping's `text` (scope type and id; the name is the
-/// rest), each an ASCII varint: six bits per byte, low bits first, `0x40` set on
-/// every byte but the last. Typical lengths take one byte each, and the text stays
-/// valid UTF-8, so no `unsafe` is needed to read it.
+/// The head of a mapping's `text`: one byte of flags (active, from a prompt, named), then two
+/// lengths (scope type and id; the name is the rest), each an ASCII varint: six bits per byte,
+/// low bits first, `0x40` set on every byte but the last. Typical lengths take one byte each,
+/// and the text stays valid UTF-8, so no `unsafe` is needed to read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Lengths {
+struct Head {
+    active: bool,
+    prompt: bool,
+    /// Whether the name is set (an empty name is not a missing one).
+    named: bool,
     scope_type: usize,
     id: usize,
 }
 
-impl Lengths {
-    /// At most 6 bytes per length (36 bits: a mapping's text is far below 4 GiB).
-    const MAX_LEN: usize = 12;
+/// The flags alone; see [`Head::flags`].
+struct Flags {
+    active: bool,
+    prompt: bool,
+    named: bool,
+}
+
+impl Head {
+    /// One byte of flags, and at most 6 bytes per length (36 bits: a mapping's text is far
+    /// below 4 GiB).
+    const MAX_LEN: usize = 13;
+    const ACTIVE: u8 = 1;
+    const PROMPT: u8 = 2;
+    const NAMED: u8 = 4;
 
     fn write(&self, out: &mut String) {
+        let mut flags = 0;
+        for (set, bit) in [
+            (self.active, Self::ACTIVE),
+            (self.prompt, Self::PROMPT),
+            (self.named, Self::NAMED),
+        ] {
+            if set {
+                flags |= bit;
+            }
+        }
+        out.push(char::from(flags));
         for mut n in [self.scope_type, self.id] {
             loop {
                 let low = (n & 0x3f) as u8;
@@ -278,10 +334,25 @@ impl Lengths {
         }
     }
 
-    /// The lengths and the offset of the first byte after them.
-    fn read(text: &str) -> (Lengths, usize) {
+    /// The flags at the head of `text`.
+    fn flags(text: &str) -> Flags {
+        let b = text.as_bytes().first().copied().unwrap_or(0);
+        Flags {
+            active: b & Self::ACTIVE != 0,
+            prompt: b & Self::PROMPT != 0,
+            named: b & Self::NAMED != 0,
+        }
+    }
+
+    /// The head and the offset of the first byte after it.
+    fn read(text: &str) -> (Head, usize) {
+        let Flags {
+            active,
+            prompt,
+            named,
+        } = Self::flags(text);
         let bytes = text.as_bytes();
-        let mut at = 0;
+        let mut at = 1;
         let mut next = || {
             let (mut n, mut shift) = (0usize, 0);
             while let Some(&b) = bytes.get(at) {
@@ -295,64 +366,62 @@ impl Lengths {
             n
         };
         let (scope_type, id) = (next(), next());
-        (Lengths { scope_type, id }, at)
+        let head = Head {
+            active,
+            prompt,
+            named,
+            scope_type,
+            id,
+        };
+        (head, at)
     }
 }
 
-/// Makes the mappings one reader builds share their candidates' and metadata's text: a
-/// mapping passed through [`Interner::intern`] points at the copy the interner already holds
-/// for an equal text, so 100,000 mappings drawing on a few thousand model lists hold a few
-/// thousand lists. [`Interner::sweep`] forgets the texts no mapping uses any more.
+/// Makes the mappings one reader builds share their model choices and metadata: a mapping
+/// passed through [`Interner::intern`] points at the copy the interner already holds for an
+/// equal value, so 100,000 mappings drawing on a few thousand model lists hold a few thousand
+/// lists. [`Interner::sweep`] forgets the values no mapping uses any more.
 #[derive(Debug, Default)]
 pub struct Interner {
-    /// Default models and candidate lists.
-    texts: FxHashSet<Arc<Shared>>,
+    models: FxHashSet<Arc<Models>>,
     metadata: FxHashSet<Arc<SharedMetadata>>,
     /// Entries after the last sweep: a sweep is due when they have doubled.
     swept_at: usize,
 }
 
 impl Interner {
-    /// `m` with its texts shared with the mappings interned before it.
+    /// `m` with its values shared with the mappings interned before it.
     pub fn intern(&mut self, mut m: Mapping) -> Mapping {
-        if let Some(model) = &mut m.default_model {
-            Self::share(&mut self.texts, model);
-        }
-        Self::share(&mut self.texts, &mut m.candidates);
-        match self.metadata.get(&m.metadata) {
-            Some(held) => m.metadata = held.clone(),
-            None => {
-                self.metadata.insert(m.metadata.clone());
-            }
-        }
+        Self::share(&mut self.models, &mut m.models);
+        Self::share(&mut self.metadata, &mut m.metadata);
         m
     }
 
-    /// Forgets the texts only the interner still holds, when the table has doubled since the
-    /// last sweep (or `always`). Costs one pass over the distinct texts.
+    /// Forgets the values only the interner still holds, when the table has doubled since the
+    /// last sweep (or `always`). Costs one pass over the distinct values.
     pub fn sweep(&mut self, always: bool) {
         let len = self.len();
         if !always && len < 2 * self.swept_at.max(1024) {
             return;
         }
-        self.texts.retain(|t| Arc::strong_count(t) > 1);
+        self.models.retain(|t| Arc::strong_count(t) > 1);
         self.metadata.retain(|t| Arc::strong_count(t) > 1);
-        self.texts.shrink_to_fit();
+        self.models.shrink_to_fit();
         self.metadata.shrink_to_fit();
         self.swept_at = self.len();
     }
 
-    /// Distinct texts held.
+    /// Distinct values held.
     pub fn len(&self) -> usize {
-        self.texts.len() + self.metadata.len()
+        self.models.len() + self.metadata.len()
     }
 
-    /// Points `text` at the interned copy of its value, interning it when new.
-    fn share(set: &mut FxHashSet<Arc<Shared>>, text: &mut Arc<Shared>) {
-        match set.get(text) {
-            Some(held) => *text = held.clone(),
+    /// Points `value` at the interned copy of its value, interning it when new.
+    fn share<T: Eq + Hash>(set: &mut FxHashSet<Arc<T>>, value: &mut Arc<T>) {
+        match set.get(value) {
+            Some(held) => *value = held.clone(),
             None => {
-                set.insert(text.clone());
+                set.insert(value.clone());
             }
         }
     }
@@ -383,9 +452,9 @@ impl std::fmt::Debug for Mapping {
             .field("name", &self.name())
             .field("default_model", &self.default_model())
             .field("candidates", &self.candidates_json())
-            .field("is_active", &self.is_active)
-            .field("updated_at", &self.updated_at)
-            .field("source", &self.source)
+            .field("is_active", &self.is_active())
+            .field("updated_at", &self.updated_at())
+            .field("source", &self.source())
             .field("metadata", &self.metadata_json())
             .field("mirror_metadata", &self.mirror_metadata_json())
             .finish()
@@ -433,9 +502,9 @@ impl Serialize for View<'_> {
         s.serialize_field("name", &m.name())?;
         s.serialize_field("default_model", &m.default_model())?;
         s.serialize_field("candidates", &m.candidates())?;
-        s.serialize_field("is_active", &m.is_active)?;
-        s.serialize_field("updated_at", &m.updated_at.as_ref().map(format_timestamp))?;
-        s.serialize_field("source", m.source.as_str())?;
+        s.serialize_field("is_active", &m.is_active())?;
+        s.serialize_field("updated_at", &m.updated_at().as_ref().map(format_timestamp))?;
+        s.serialize_field("source", m.source().as_str())?;
         s.serialize_field("metadata", &json_object(metadata))?;
         s.end()
     }
@@ -464,9 +533,9 @@ pub(super) mod tests {
             scope_type: m.scope_type(),
             scope_key: m.scope_key(),
             name: Some(name),
-            is_active: m.is_active,
-            updated_at: m.updated_at,
-            source: m.source,
+            is_active: m.is_active(),
+            updated_at: m.updated_at(),
+            source: m.source(),
             metadata: m.metadata_json(),
             ..Default::default()
         })
@@ -510,11 +579,11 @@ pub(super) mod tests {
         }
     }
 
-    /// What the daemon holds per mapping (issue 13): 56 bytes behind the `Arc` (72 with the
-    /// counts: an 80-byte heap chunk), text aside.
+    /// What the daemon holds per mapping (issue 13): 40 bytes behind the `Arc` (56 with the
+    /// counts: a 64-byte heap chunk), text aside.
     #[test]
     fn a_mapping_is_small() {
-        assert!(std::mem::size_of::<Mapping>() <= 56);
+        assert!(std::mem::size_of::<Mapping>() <= 40);
     }
 
     #[test]
@@ -533,9 +602,9 @@ pub(super) mod tests {
         let a = interner.intern(build("a", "gpt-4o"));
         let b = interner.intern(build("b", "gpt-4o"));
         let c = interner.intern(build("c", "kimi-k2"));
-        assert!(Arc::ptr_eq(&a.candidates, &b.candidates));
+        assert!(Arc::ptr_eq(&a.models, &b.models));
         assert!(Arc::ptr_eq(&a.metadata, &c.metadata));
-        assert!(!Arc::ptr_eq(&a.candidates, &c.candidates));
+        assert!(!Arc::ptr_eq(&a.models, &c.models));
         assert_eq!(a, build("a", "gpt-4o"), "interning changes no value");
         assert_eq!(a.digest(), build("a", "gpt-4o").digest());
         assert_eq!(interner.len(), 3);
@@ -555,10 +624,7 @@ pub(super) mod tests {
             interner.intern(with_model("qwen-max")),
             interner.intern(with_model("qwen-max")),
         );
-        assert!(Arc::ptr_eq(
-            x.default_model.as_ref().unwrap(),
-            y.default_model.as_ref().unwrap()
-        ));
+        assert!(Arc::ptr_eq(&x.models, &y.models));
         assert_eq!(x.default_model(), Some("qwen-max"));
     }
 

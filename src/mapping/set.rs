@@ -40,7 +40,7 @@ impl Candidate {
 pub fn finalize(candidates: Vec<Candidate>) -> (Vec<Arc<Mapping>>, bool) {
     let special: FxHashSet<&str> = candidates
         .iter()
-        .filter(|c| c.stored_id.is_some() || c.mapping.source == Origin::Prompt)
+        .filter(|c| c.stored_id.is_some() || c.mapping.source() == Origin::Prompt)
         .map(|c| c.mapping.id())
         .collect();
     let mut winner: FxHashMap<&str, usize> = FxHashMap::default();
@@ -81,7 +81,7 @@ pub fn finalize(candidates: Vec<Candidate>) -> (Vec<Arc<Mapping>>, bool) {
 
 /// `Greater` when `a` should win over `b` for the same normalised id.
 fn preference(a: &Candidate, b: &Candidate) -> Ordering {
-    // `None < Some(_)` for Option, so a missing timestamp loses to any timestamp.
+    // A missing timestamp orders first, so it loses to any timestamp.
     a.mapping
         .updated_at
         .cmp(&b.mapping.updated_at)
@@ -92,14 +92,10 @@ fn preference(a: &Candidate, b: &Candidate) -> Ordering {
 /// Export order: prompt mappings first, then by `updated_at` descending (missing last), then id.
 pub fn sort_for_export(mappings: &mut [Arc<Mapping>]) {
     mappings.sort_by(|a, b| {
-        let prompt_first = (a.source != Origin::Prompt).cmp(&(b.source != Origin::Prompt));
+        let prompt_first = (a.source() != Origin::Prompt).cmp(&(b.source() != Origin::Prompt));
+        // Descending: a missing timestamp orders first, so it goes last.
         prompt_first
-            .then_with(|| match (&a.updated_at, &b.updated_at) {
-                (Some(x), Some(y)) => y.cmp(x),
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (None, None) => Ordering::Equal,
-            })
+            .then_with(|| b.updated_at.cmp(&a.updated_at))
             .then_with(|| a.id().cmp(b.id()))
     });
 }

@@ -441,9 +441,9 @@ impl<'a> Row<'a> {
             name: m.name(),
             default_model: m.default_model(),
             candidates: Some(m.candidates_json()),
-            is_active: Some(m.is_active),
-            updated_at: m.updated_at.map(|t| t.timestamp_micros()),
-            source: Some(m.source.as_str()),
+            is_active: Some(m.is_active()),
+            updated_at: m.updated_at().map(|t| t.timestamp_micros()),
+            source: Some(m.source().as_str()),
             metadata: Some(m.mirror_metadata_json()),
         }
     }
@@ -541,9 +541,9 @@ async fn put(
             &m.name(),
             &m.default_model(),
             &Jsonb(m.candidates_json()),
-            &m.is_active,
-            &m.updated_at,
-            &m.source.as_str(),
+            &m.is_active(),
+            &m.updated_at(),
+            &m.source().as_str(),
             &Jsonb(m.mirror_metadata_json()),
         ])
         .await

@@ -1049,7 +1049,7 @@ impl Source {
     ) -> Source {
         let prompt_ids = mappings
             .iter()
-            .filter(|m| m.source == crate::mapping::Origin::Prompt)
+            .filter(|m| m.source() == crate::mapping::Origin::Prompt)
             .map(|m| m.id().into())
             .collect();
         Source::Whole {
