@@ -399,6 +399,12 @@ fn init_logging(settings: &Settings) {
 ///   holding the arena's lock. When that allocation was the admin port's (hyper's read
 ///   buffer for a new connection), that request waited 5–9 ms. Without fast bins a chunk is
 ///   merged as it is freed, and no request pays for a sync's frees (docs/PERFORMANCE.md).
+/// - A fixed mmap threshold, in the daemon only: glibc raises it to the size of any mapped
+///   block freed, up to 32 MiB, so after the first read the image's and the memo's vectors
+///   (0.8 and 2.4 MB at 100,000 mappings) come from the heap, and each read's new ones leave
+///   holes between the mappings that no trim returns. Kept at 128 KiB, every block that large
+///   is mapped and unmapped whole: the daemon's RSS at rest, after 200 changes, fell from
+///   30.1 and 29.7 MiB to 28.9 and 28.8 (100,003 mappings).
 fn tune_malloc(daemon: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
@@ -406,6 +412,7 @@ fn tune_malloc(daemon: bool) {
         libc::mallopt(libc::M_ARENA_MAX, 2);
         if daemon {
             libc::mallopt(libc::M_MXFAST, 0);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
