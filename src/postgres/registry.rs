@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::Transaction;
+use tokio_postgres::types::Type;
 
 use super::{Target, TargetError};
 
@@ -49,10 +50,13 @@ impl Target {
     /// Whether the registry table exists on this database.
     async fn registry_exists(&self, tx: &Transaction<'_>) -> Result<bool, TargetError> {
         let row = tx
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&REGISTRY])
+            .query_typed(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[(&REGISTRY, Type::TEXT)],
+            )
             .await
             .map_err(|e| self.error_of(&e))?;
-        let exists: bool = row.get(0);
+        let exists = row.first().is_some_and(|r| r.get::<_, bool>(0));
         if !exists && !MISSING_REPORTED.swap(true, Ordering::Relaxed) {
             tracing::warn!(target = %self.display(),
                 "{REGISTRY} is missing, so runs cannot tell whether another mapsync instance writes {}: run `mapsync migrate` (sql/004_mapsync_instances.sql)",
@@ -79,7 +83,7 @@ impl Target {
         }
         let grace = self.identity.grace.as_secs_f64();
         let rows = tx
-            .query(
+            .query_typed(
                 &format!(
                     "SELECT name, host, sqlite_path, last_run_at, last_status FROM {REGISTRY} \
                      WHERE target_table = $1 AND name <> $2 \
@@ -87,10 +91,10 @@ impl Target {
                      ORDER BY last_run_at DESC NULLS LAST"
                 ),
                 &[
-                    &self.table().to_string(),
-                    &self.identity.instance.name,
-                    &recent_only,
-                    &grace,
+                    (&self.table().to_string(), Type::TEXT),
+                    (&self.identity.instance.name, Type::TEXT),
+                    (&recent_only, Type::BOOL),
+                    (&grace, Type::FLOAT8),
                 ],
             )
             .await
@@ -119,7 +123,7 @@ impl Target {
             return Ok(());
         }
         let me = &self.identity.instance;
-        tx.execute(
+        tx.execute_typed(
             &format!(
                 "INSERT INTO {REGISTRY} AS r (name, target_table, host, sqlite_path, version, last_run_at, last_status) \
                  VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN now() END, $7) \
@@ -129,13 +133,13 @@ impl Target {
                  last_status = EXCLUDED.last_status"
             ),
             &[
-                &me.name,
-                &self.table().to_string(),
-                &me.host,
-                &me.sqlite_path,
-                &env!("CARGO_PKG_VERSION"),
-                &wrote,
-                &status,
+                (&me.name, Type::TEXT),
+                (&self.table().to_string(), Type::TEXT),
+                (&me.host, Type::TEXT),
+                (&me.sqlite_path, Type::TEXT),
+                (&env!("CARGO_PKG_VERSION"), Type::TEXT),
+                (&wrote, Type::BOOL),
+                (&status, Type::TEXT),
             ],
         )
         .await

@@ -5,6 +5,7 @@
 //! itself in a transaction.
 
 use tokio_postgres::Transaction;
+use tokio_postgres::types::Type;
 
 use super::{Target, TargetError};
 
@@ -50,10 +51,10 @@ pub(super) async fn check_columns(
     target: &Target,
 ) -> Result<(), TargetError> {
     let rows = tx
-        .query(
+        .query_typed(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&target.table.quoted()],
+            &[(&target.table.quoted(), Type::TEXT)],
         )
         .await
         .map_err(|e| target.error_of(&e))?;

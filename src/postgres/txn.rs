@@ -144,20 +144,27 @@ impl Session<'_> {
             .start()
             .await
             .map_err(err)?;
-        tx.batch_execute(&timeouts(target)).await.map_err(err)?;
-        let locked: bool = tx
-            .query_one(
+        // Sent together, answered in one round trip: the timeouts, the lock, the column check
+        // (harmless when the lock is not taken).
+        let (key, limits) = (lock_key(target), timeouts(target));
+        let key: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::TEXT)];
+        let (timeouts_set, locked, columns) = tokio::join!(
+            tx.batch_execute(&limits),
+            tx.query_typed(
                 "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
-                &[&lock_key(target)],
-            )
-            .await
-            .map_err(err)?
-            .get(0);
+                &key,
+            ),
+            super::schema::check_columns(&tx, target),
+        );
+        // An error aborts the transaction and the statements after it fail with "current
+        // transaction is aborted": the first error, in the order sent, is the one that says why.
+        timeouts_set.map_err(err)?;
+        let locked: bool = locked.map_err(err)?.first().is_some_and(|r| r.get(0));
         if !locked {
             tx.rollback().await.map_err(err)?;
             return Ok(None);
         }
-        super::schema::check_columns(&tx, target).await?;
+        columns?;
         Ok(Some(Txn { target, tx }))
     }
 
@@ -168,9 +175,9 @@ impl Session<'_> {
         let err = |e: tokio_postgres::Error| target.error_of(&e);
         let wait = self.client.transaction().await.map_err(err)?;
         wait.batch_execute(&timeouts(target)).await.map_err(err)?;
-        wait.execute(
+        wait.execute_typed(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[&lock_key(target)],
+            &[(&lock_key(target), Type::TEXT)],
         )
         .await
         .map_err(err)?;
@@ -203,6 +210,14 @@ impl Txn<'_> {
         self.target.error_of(&e)
     }
 
+    /// The one row of an aggregate's answer.
+    fn one(&self, rows: Vec<tokio_postgres::Row>) -> Result<tokio_postgres::Row, TargetError> {
+        rows.into_iter().next().ok_or_else(|| TargetError::Other {
+            at: self.target.display().to_string(),
+            reason: "an aggregate query returned no row".into(),
+        })
+    }
+
     /// Streams the mirror's rows (binary COPY) to `visit`, as (id, digest) pairs in no
     /// particular order; none is kept here, so a caller holds only what it needs of them.
     pub async fn scan(&self, mut visit: impl FnMut(&str, u64)) -> Result<u64, TargetError> {
@@ -230,7 +245,7 @@ impl Txn<'_> {
     pub async fn fingerprint(&self) -> Result<RemoteFingerprint, TargetError> {
         let row = self
             .tx
-            .query_one(
+            .query_typed(
                 &format!(
                     "SELECT count(*), coalesce(sum(hashint8extended(xmin::text::bigint, 0)), 0)::text FROM {}",
                     self.target.table.quoted()
@@ -238,7 +253,8 @@ impl Txn<'_> {
                 &[],
             )
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(e))
+            .and_then(|rows| self.one(rows))?;
         Ok(RemoteFingerprint {
             rows: row.get(0),
             xmins: row.get(1),
@@ -258,18 +274,18 @@ impl Txn<'_> {
         let rows = i64::try_from(rows).unwrap_or(i64::MAX);
         let row = self
             .tx
-            .query_opt(
+            .query_typed(
                 &format!(
-                    "SELECT ($1::bigint::numeric * hashint8extended(xmin::text::bigint, 0))::text FROM {} LIMIT 1",
+                    "SELECT ($1::numeric * hashint8extended(xmin::text::bigint, 0))::text FROM {} LIMIT 1",
                     self.target.table.quoted()
                 ),
-                &[&rows],
+                &[(&rows, Type::INT8)],
             )
             .await
             .map_err(|e| self.err(e))?;
         Ok(RemoteFingerprint {
             rows,
-            xmins: row.map_or_else(|| "0".into(), |r| r.get(0)),
+            xmins: row.first().map_or_else(|| "0".into(), |r| r.get(0)),
         })
     }
 
@@ -277,12 +293,13 @@ impl Txn<'_> {
     pub async fn count(&self) -> Result<u64, TargetError> {
         let row = self
             .tx
-            .query_one(
+            .query_typed(
                 &format!("SELECT count(*) FROM {}", self.target.table.quoted()),
                 &[],
             )
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(e))
+            .and_then(|rows| self.one(rows))?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 
@@ -344,12 +361,12 @@ impl Txn<'_> {
             return Ok(0);
         }
         self.tx
-            .execute(
+            .execute_typed(
                 &format!(
                     "DELETE FROM {} WHERE id = ANY($1)",
                     self.target.table.quoted()
                 ),
-                &[&ids],
+                &[(&ids, Type::TEXT_ARRAY)],
             )
             .await
             .map_err(|e| self.err(e))
@@ -581,8 +598,8 @@ async fn upsert_via_stage(
         .skip(1)
         .map(|c| format!("EXCLUDED.{c}"))
         .collect();
-    let row = tx
-        .query_one(
+    let rows = tx
+        .query_typed(
             &format!(
                 "WITH written AS (INSERT INTO {table} AS t ({COLUMNS}) SELECT {COLUMNS} FROM mapsync_stage \
                  ON CONFLICT (id) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({}) \
@@ -595,7 +612,10 @@ async fn upsert_via_stage(
             &[],
         )
         .await?;
-    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+    // An aggregate without GROUP BY answers one row.
+    Ok(rows.first().map_or((0, 0), |row| {
+        (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64)
+    }))
 }
 
 /// [`Txn::write`]'s work, on a bare transaction.
