@@ -93,7 +93,8 @@ pub struct Models {
 
 /// A timestamp as microseconds since the Unix epoch; `i64::MIN` for none. Every
 /// `DateTime<Utc>` fits (chrono's range is about ±262,000 years; `i64` microseconds reach
-/// ±292,000), and a mapping's timestamps have no finer part (SPEC §1). Ordered as
+/// ±292,000), and a mapping's timestamps have no finer part (SPEC §1) and no leap second
+/// ([`parse_timestamp`] makes `:60` the next second, as Postgres does). Ordered as
 /// `Option<DateTime<Utc>>` is: none first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct Micros(i64);
@@ -584,6 +585,32 @@ pub(super) mod tests {
     #[test]
     fn a_mapping_is_small() {
         assert!(std::mem::size_of::<Mapping>() <= 40);
+    }
+
+    /// chrono reads `:60` as a leap second; Postgres stores the next minute. A mapping keeps
+    /// what Postgres stores, so its snapshot, its mirror row and the application's stored
+    /// value compare equal.
+    #[test]
+    fn a_leap_second_is_the_next_second_as_postgres_stores_it() {
+        let (t, w) = parse_timestamp(Some("2026-01-16T10:17:60Z"));
+        assert_eq!(w, None);
+        assert_eq!(
+            t.as_ref().map(format_timestamp).as_deref(),
+            Some("2026-01-16T10:18:00+00:00")
+        );
+        let t = parse_timestamp(Some("2026-01-16 10:17:60.5")).0;
+        let m = Mapping::new(Fields {
+            scope_type: "mapping",
+            scope_key: "x",
+            updated_at: t,
+            metadata: "{}",
+            ..Default::default()
+        });
+        assert_eq!(m.updated_at(), t, "a mapping gives back its timestamp");
+        assert_eq!(
+            m.updated_at().as_ref().map(format_timestamp).as_deref(),
+            Some("2026-01-16T10:18:00.500+00:00")
+        );
     }
 
     #[test]

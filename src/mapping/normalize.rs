@@ -436,7 +436,7 @@ pub fn parse_timestamp(raw: Option<&str>) -> (Option<DateTime<Utc>>, Option<Warn
                 .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
                 .map(|naive| naive.and_utc())
         });
-    let Some(t) = parsed else {
+    let Some(t) = parsed.map(without_leap_second) else {
         return (None, Some(Warning::InvalidTimestamp(cut(text))));
     };
     let in_range = |t: &DateTime<Utc>| (1..=9999).contains(&t.year());
@@ -449,6 +449,17 @@ pub fn parse_timestamp(raw: Option<&str>) -> (Option<DateTime<Utc>>, Option<Warn
     }
 }
 
+/// A leap second (`:60`, which chrono keeps as a second's nanoseconds over 10⁹) as the next
+/// second, which is what Postgres stores: a mapping's timestamp is then a plain count of
+/// microseconds, and its snapshot, its mirror row and the application's value compare equal.
+fn without_leap_second(t: DateTime<Utc>) -> DateTime<Utc> {
+    let nanos = t.timestamp_subsec_nanos();
+    if nanos < 1_000_000_000 {
+        return t;
+    }
+    DateTime::from_timestamp(t.timestamp() + 1, nanos - 1_000_000_000).unwrap_or(t)
+}
+
 /// At most 40 characters of `s`, for a log line.
 fn cut(s: &str) -> String {
     s.chars().take(40).collect()
@@ -456,7 +467,7 @@ fn cut(s: &str) -> String {
 
 /// Postgres keeps microseconds and rounds half to even; do the same so values compare equal.
 fn round_to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    let nanos = t.timestamp_subsec_nanos() % 1_000_000_000;
+    let nanos = t.timestamp_subsec_nanos();
     let rem = nanos % 1_000;
     if rem == 0 {
         return t;
