@@ -328,11 +328,15 @@ impl Txn<'_> {
         chunks: tokio::sync::mpsc::Receiver<Vec<Arc<Mapping>>>,
     ) -> Result<Option<u64>, TargetError> {
         let err = |e| self.err(e);
-        self.tx
-            .batch_execute("SAVEPOINT mapsync_stream")
-            .await
-            .map_err(err)?;
-        match copy_in_chunks(&self.tx, &self.target.table.quoted(), chunks).await {
+        // The savepoint goes out with the COPY's statement, in one round trip; the first
+        // error sent says why (a COPY after a failed savepoint only says "aborted").
+        let table = self.target.table.quoted();
+        let (savepoint, copied) = tokio::join!(
+            self.tx.batch_execute("SAVEPOINT mapsync_stream"),
+            copy_in_chunks(&self.tx, &table, chunks),
+        );
+        savepoint.map_err(err)?;
+        match copied {
             Ok(n) => Ok(Some(n)),
             Err(e) if refuses_a_row(&e) => {
                 self.settle_streamed(false).await?;

@@ -678,7 +678,6 @@ async fn in_transaction(
     let differing: Vec<&Mapping> = plan.differing.iter().map(AsRef::as_ref).collect();
     counts.record(txn.write(&missing, &differing).await?);
     counts.deleted = txn.delete(&deletes).await?;
-    txn.record_run(SYNCED, true).await?;
     let unread = matches!(read, Source::Same(_));
     // The rows as this run leaves them: the state's or the walk's list, or the reader's memo
     // (which then goes with the state; otherwise it is freed off the run's path).
@@ -739,17 +738,22 @@ async fn in_transaction(
         }))
     };
     // A run that wrote nothing to the table sees it as it was (one snapshot); a cold load
-    // that wrote by its COPY alone knows what it wrote.
-    let remote_fp = if counts.inserted + counts.updated + counts.deleted == 0 {
-        fingerprint.clone()
-    } else if streamed_rows > 0
-        && counts.inserted == streamed_rows as u64
-        && counts.updated + counts.deleted == 0
-    {
-        txn.fingerprint_of_one_copy(counts.inserted).await?
-    } else {
-        txn.fingerprint().await?
-    };
+    // that wrote by its COPY alone knows what it wrote. The registry's record goes out with
+    // the fingerprint's query (the mirror's rows are not the registry's).
+    let (recorded, remote_fp) = tokio::join!(txn.record_run(SYNCED, true), async {
+        if counts.inserted + counts.updated + counts.deleted == 0 {
+            Ok(fingerprint.clone())
+        } else if streamed_rows > 0
+            && counts.inserted == streamed_rows as u64
+            && counts.updated + counts.deleted == 0
+        {
+            txn.fingerprint_of_one_copy(counts.inserted).await
+        } else {
+            txn.fingerprint().await
+        }
+    });
+    recorded?;
+    let remote_fp = remote_fp?;
     txn.commit().await?;
     let ran = ran(&counts, synced_count, opts, started);
     let remote = match merging {
