@@ -289,8 +289,8 @@ fn daemon_idle(b: &Bench, mut d: Daemon) -> Vec<Check> {
     );
     println!(
         "\n`pg_stat_database` and `pg_stat_activity` are read from the `postgres` database, \
-         {} s after no snapshot was written for 15 s and again {} s after the window, so that every backend \
-         has flushed its statistics; nothing connects to `{DAEMON_DB}` in between, and \
+         {} s after no snapshot was written for 15 s and again {} s after the window, so that \
+         every backend has flushed its statistics; nothing connects to `{DAEMON_DB}` in between, and \
          autovacuum is off from the first reading's wait to the second reading (its workers \
          visit every database once a minute). Sessions before: {}.\n",
         STATS_FLUSH.as_secs(),

@@ -143,9 +143,11 @@ impl Mapping {
         write_candidates(&mut candidates, f.candidates.iter().map(|c| c.as_ref()));
         let name = f.name.unwrap_or("");
         let head = Head {
-            active: f.is_active,
-            prompt: f.source == Origin::Prompt,
-            named: f.name.is_some(),
+            flags: Flags {
+                active: f.is_active,
+                prompt: f.source == Origin::Prompt,
+                named: f.name.is_some(),
+            },
             scope_type: f.scope_type.len(),
             id: f.scope_type.len() + 1 + f.scope_key.len(),
         };
@@ -200,7 +202,7 @@ impl Mapping {
 
     pub fn name(&self) -> Option<&str> {
         let (l, at) = self.layout();
-        l.named.then(|| &self.text[at + l.id..])
+        l.flags.named.then(|| &self.text[at + l.id..])
     }
 
     pub fn default_model(&self) -> Option<&str> {
@@ -214,7 +216,7 @@ impl Mapping {
     }
 
     pub fn is_active(&self) -> bool {
-        Head::flags(&self.text).active
+        Flags::of(&self.text).active
     }
 
     /// Microsecond precision, as Postgres stores it.
@@ -223,7 +225,7 @@ impl Mapping {
     }
 
     pub fn source(&self) -> Origin {
-        if Head::flags(&self.text).prompt {
+        if Flags::of(&self.text).prompt {
             Origin::Prompt
         } else {
             Origin::Sqlite
@@ -281,47 +283,49 @@ impl Mapping {
     }
 }
 
-/// The head of a mapping's `text`: one byte of flags (active, from a prompt, named), then two
-/// lengths (scope type and id; the name is the rest), each an ASCII varint: six bits per byte,
-/// low bits first, `0x40` set on every byte but the last. Typical lengths take one byte each,
-/// and the text stays valid UTF-8, so no `unsafe` is needed to read it.
+/// The head of a mapping's `text`: one byte of [`Flags`], then two lengths (scope type and
+/// id; the name is the rest), each an ASCII varint: six bits per byte, low bits first, `0x40`
+/// set on every byte but the last. Typical lengths take one byte each, and the text stays
+/// valid UTF-8, so no `unsafe` is needed to read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Head {
-    active: bool,
-    prompt: bool,
-    /// Whether the name is set (an empty name is not a missing one).
-    named: bool,
+    flags: Flags,
     scope_type: usize,
     id: usize,
 }
 
-/// The flags alone; see [`Head::flags`].
+/// A mapping's flags, the first byte of its `text` (ASCII: three low bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Flags {
     active: bool,
     prompt: bool,
+    /// Whether the name is set (an empty name is not a missing one).
     named: bool,
+}
+
+impl Flags {
+    fn byte(self) -> u8 {
+        u8::from(self.active) | (u8::from(self.prompt) << 1) | (u8::from(self.named) << 2)
+    }
+
+    /// The flags at the head of `text`.
+    fn of(text: &str) -> Flags {
+        let b = text.as_bytes().first().copied().unwrap_or(0);
+        Flags {
+            active: b & 1 != 0,
+            prompt: b & 2 != 0,
+            named: b & 4 != 0,
+        }
+    }
 }
 
 impl Head {
     /// One byte of flags, and at most 6 bytes per length (36 bits: a mapping's text is far
     /// below 4 GiB).
     const MAX_LEN: usize = 13;
-    const ACTIVE: u8 = 1;
-    const PROMPT: u8 = 2;
-    const NAMED: u8 = 4;
 
     fn write(&self, out: &mut String) {
-        let mut flags = 0;
-        for (set, bit) in [
-            (self.active, Self::ACTIVE),
-            (self.prompt, Self::PROMPT),
-            (self.named, Self::NAMED),
-        ] {
-            if set {
-                flags |= bit;
-            }
-        }
-        out.push(char::from(flags));
+        out.push(char::from(self.flags.byte()));
         for mut n in [self.scope_type, self.id] {
             loop {
                 let low = (n & 0x3f) as u8;
@@ -335,23 +339,8 @@ impl Head {
         }
     }
 
-    /// The flags at the head of `text`.
-    fn flags(text: &str) -> Flags {
-        let b = text.as_bytes().first().copied().unwrap_or(0);
-        Flags {
-            active: b & Self::ACTIVE != 0,
-            prompt: b & Self::PROMPT != 0,
-            named: b & Self::NAMED != 0,
-        }
-    }
-
     /// The head and the offset of the first byte after it.
     fn read(text: &str) -> (Head, usize) {
-        let Flags {
-            active,
-            prompt,
-            named,
-        } = Self::flags(text);
         let bytes = text.as_bytes();
         let mut at = 1;
         let mut next = || {
@@ -368,9 +357,7 @@ impl Head {
         };
         let (scope_type, id) = (next(), next());
         let head = Head {
-            active,
-            prompt,
-            named,
+            flags: Flags::of(text),
             scope_type,
             id,
         };

@@ -147,12 +147,12 @@ impl Session<'_> {
         // Sent together, answered in one round trip: the timeouts, the lock, the column check
         // (harmless when the lock is not taken).
         let (key, limits) = (lock_key(target), timeouts(target));
-        let key: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::TEXT)];
+        let lock_params: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::TEXT)];
         let (timeouts_set, locked, columns) = tokio::join!(
             tx.batch_execute(&limits),
             tx.query_typed(
                 "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
-                &key,
+                &lock_params,
             ),
             super::schema::check_columns(&tx, target),
         );

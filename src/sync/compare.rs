@@ -2,11 +2,11 @@
 //! inserts, rewrites and deletes.
 //!
 //! Invariants: no remote row is kept, only the ids of rows the image lacks (all of them when
-//! the mirror holds another instance's rows too: one `String` each); the image is indexed by 4-byte positions hashed by id, so
-//! the comparison costs ~10 bytes per mapping (at 1,000,000 mappings a map of the remote rows
-//! by id held ~110 MiB beside the image, and a daemon's restart crossed its unit's
-//! `MemoryMax`). Mappings the mirror cannot hold are not indexed: a remote row with such an
-//! id counts as one the image lacks, as it always did.
+//! the mirror holds another instance's rows too: one `String` each); the image is indexed by
+//! 4-byte positions hashed by id, so the comparison costs ~10 bytes per mapping (at 1,000,000
+//! mappings a map of the remote rows by id held ~110 MiB beside the image, and a daemon's
+//! restart crossed its unit's `MemoryMax`). Mappings the mirror cannot hold are not indexed:
+//! a remote row with such an id counts as one the image lacks, as it always did.
 
 use std::sync::Arc;
 

@@ -820,8 +820,9 @@ fn digest_in(rows: &[(Box<str>, u64)], id: &str) -> Option<u64> {
 const COLD_CHUNK: usize = 1024;
 
 /// A cold load: the mirror is empty, so every mapping the read (started with the run, see
-/// [`Reading`]) builds from a row goes into a COPY at once, while the file is still being read
-/// (the two overlap on two cores), and the rest of the image (prompts, rows stored under another id) follows in the same COPY.
+/// [`Reading`]) builds from a row goes into a COPY at once, while the file is still being
+/// read (the two overlap on two cores), and the rest of the image (prompts, rows stored
+/// under another id) follows in the same COPY.
 /// Returns the read and the mappings written (every mirrorable one, or none), under a
 /// savepoint left open for the guard (open exactly when some were written). What was sent
 /// must be exactly the image: when a row that was sent lost its id to another row (only the
@@ -833,7 +834,7 @@ const COLD_CHUNK: usize = 1024;
 /// 1,000,003 mappings the copies peaked at 363 MiB beside the image). In the rare run whose
 /// COPY fails after that, the file is read again for the ordinary write.
 async fn cold(txn: &Txn<'_>, reading: Reading) -> Result<(SqliteSource, Source, Sent), SyncError> {
-    reading.cold.store(true, Ordering::Release);
+    reading.copying.store(true, Ordering::Release);
     let copied = txn.copy_streamed(reading.received).await?;
     let (source, read, sent, complete) = joined(reading.task).await?;
     let kept = complete && !sent.is_empty() && copied == Some(sent.len() as u64);
@@ -859,18 +860,19 @@ async fn cold(txn: &Txn<'_>, reading: Reading) -> Result<(SqliteSource, Source, 
 struct Reading {
     task: tokio::task::JoinHandle<Result<(SqliteSource, Source, Sent, bool), SourceError>>,
     received: tokio::sync::mpsc::Receiver<Vec<Arc<Mapping>>>,
-    /// Set once the mappings go into a COPY: only then may the read let its image go.
-    cold: Arc<AtomicBool>,
+    /// Set once the mappings go into a COPY: only then may the read wait on a full channel,
+    /// and let its image go.
+    copying: Arc<AtomicBool>,
 }
 
 impl Reading {
     fn start(source: SqliteSource) -> Reading {
         let (chunks, received) = tokio::sync::mpsc::channel::<Vec<Arc<Mapping>>>(8);
-        let cold = Arc::new(AtomicBool::new(false));
-        let copying = cold.clone();
+        let copying = Arc::new(AtomicBool::new(false));
+        let flag = copying.clone();
         let task = tokio::task::spawn_blocking(move || {
             let mut source = source;
-            let mut out = Outbox::new(chunks, copying.clone());
+            let mut out = Outbox::new(chunks, flag.clone());
             let fingerprint = source.fingerprint()?;
             let image = source.read_tapped(ReadMode::Full, &mut |m, aliased| {
                 if !aliased && m.mirrorable() {
@@ -882,7 +884,7 @@ impl Reading {
             // The COPY ends when the last chunk is in.
             let sent = out.finish();
             let mut read = Source::whole(image.mappings, &source, fingerprint, None);
-            if complete && !sent.is_empty() && copying.load(Ordering::Acquire) {
+            if complete && !sent.is_empty() && flag.load(Ordering::Acquire) {
                 if let Source::Whole { mappings, .. } = &mut read {
                     // Let go; its count and prompt ids stay.
                     *mappings = Vec::new();
@@ -893,7 +895,7 @@ impl Reading {
         Reading {
             task,
             received,
-            cold,
+            copying,
         }
     }
 
