@@ -104,10 +104,12 @@ impl Micros {
         Micros(t.map_or(i64::MIN, |t| t.timestamp_micros()))
     }
 
+    fn value(self) -> Option<i64> {
+        (self.0 != i64::MIN).then_some(self.0)
+    }
+
     fn get(self) -> Option<DateTime<Utc>> {
-        (self.0 != i64::MIN)
-            .then(|| DateTime::from_timestamp_micros(self.0))
-            .flatten()
+        self.value().and_then(DateTime::from_timestamp_micros)
     }
 }
 
@@ -222,6 +224,11 @@ impl Mapping {
     /// Microsecond precision, as Postgres stores it.
     pub fn updated_at(&self) -> Option<DateTime<Utc>> {
         self.updated_at.get()
+    }
+
+    /// [`Mapping::updated_at`] as microseconds since the Unix epoch, as it is kept.
+    pub fn updated_at_micros(&self) -> Option<i64> {
+        self.updated_at.value()
     }
 
     pub fn source(&self) -> Origin {
@@ -594,6 +601,7 @@ pub(super) mod tests {
             ..Default::default()
         });
         assert_eq!(m.updated_at(), t, "a mapping gives back its timestamp");
+        assert_eq!(m.updated_at_micros(), t.map(|t| t.timestamp_micros()));
         assert_eq!(
             m.updated_at().as_ref().map(format_timestamp).as_deref(),
             Some("2026-01-16T10:18:00.500+00:00")

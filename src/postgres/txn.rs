@@ -463,7 +463,7 @@ impl<'a> Row<'a> {
             default_model: m.default_model(),
             candidates: Some(m.candidates_json()),
             is_active: Some(m.is_active()),
-            updated_at: m.updated_at().map(|t| t.timestamp_micros()),
+            updated_at: m.updated_at_micros(),
             source: Some(m.source().as_str()),
             metadata: Some(m.mirror_metadata_json()),
         }
