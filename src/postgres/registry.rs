@@ -4,7 +4,9 @@
 //! Every statement runs inside the run's own transaction, after its advisory lock: the check
 //! and the record are consistent with the rows the run writes. The registry is optional: on a
 //! database where `sql/004_mapsync_instances.sql` has not run, runs go on without the guard
-//! (and say so once in the log; `mapsync check` reports it).
+//! (and say so once in the log; `mapsync check` reports it). Whether it exists is asked once,
+//! with the transaction's opening statements ([`Target::registry_exists`]); the check and the
+//! record are only sent when it does (a query on a missing table would abort the run).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -48,7 +50,7 @@ static MISSING_REPORTED: AtomicBool = AtomicBool::new(false);
 
 impl Target {
     /// Whether the registry table exists on this database.
-    async fn registry_exists(&self, tx: &Transaction<'_>) -> Result<bool, TargetError> {
+    pub(super) async fn registry_exists(&self, tx: &Transaction<'_>) -> Result<bool, TargetError> {
         let row = tx
             .query_typed(
                 "SELECT to_regclass($1) IS NOT NULL",
@@ -65,22 +67,13 @@ impl Target {
         Ok(exists)
     }
 
-    /// The other instances that wrote this table within `target.instance_grace_s`.
-    pub(super) async fn recent_others(
-        &self,
-        tx: &Transaction<'_>,
-    ) -> Result<Vec<OtherInstance>, TargetError> {
-        self.others(tx, true).await
-    }
-
-    async fn others(
+    /// The other instances recorded for this table (those that wrote it within
+    /// `target.instance_grace_s` when `recent_only`), from a registry that exists.
+    pub(super) async fn others(
         &self,
         tx: &Transaction<'_>,
         recent_only: bool,
     ) -> Result<Vec<OtherInstance>, TargetError> {
-        if !self.registry_exists(tx).await? {
-            return Ok(Vec::new());
-        }
         let grace = self.identity.grace.as_secs_f64();
         let rows = tx
             .query_typed(
@@ -111,17 +104,15 @@ impl Target {
             .collect())
     }
 
-    /// Records this instance's run: `wrote` moves `last_run_at` to now (a run that synced),
-    /// otherwise only `last_status` changes (a refused run wrote nothing).
+    /// Records this instance's run in a registry that exists: `wrote` moves `last_run_at` to
+    /// now (a run that synced), otherwise only `last_status` changes (a refused run wrote
+    /// nothing).
     pub(super) async fn record_run(
         &self,
         tx: &Transaction<'_>,
         status: &str,
         wrote: bool,
     ) -> Result<(), TargetError> {
-        if !self.registry_exists(tx).await? {
-            return Ok(());
-        }
         let me = &self.identity.instance;
         tx.execute_typed(
             &format!(

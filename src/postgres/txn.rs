@@ -4,8 +4,8 @@
 //! 1. [`Target::session`] takes a pooled connection and registers it for cancellation;
 //!    [`Session::begin`] opens the run's transaction: `SET LOCAL statement_timeout` and
 //!    `lock_timeout`, a transaction-scoped advisory lock on the table (runs of several
-//!    mapsync instances never interleave), and the column check (a missing migration is
-//!    reported as such, not as a SQL error).
+//!    mapsync instances never interleave), the column check (a missing migration is
+//!    reported as such, not as a SQL error), and whether the instance registry exists.
 //! 2. [`Txn::scan`] streams the remote rows with `COPY … TO STDOUT (FORMAT binary)`, keeping
 //!    only a digest of each row's ten fields per id; `jsonb` columns arrive as text, which is
 //!    the canonical form the source already holds (see [`crate::mapping::canonical_json`]),
@@ -62,6 +62,8 @@ pub struct Session<'t> {
 pub struct Txn<'s> {
     target: &'s Target,
     tx: deadpool_postgres::Transaction<'s>,
+    /// Whether the instance registry exists (asked with the opening statements).
+    registry: bool,
 }
 
 /// What every write to the mirror's table changes: its row count and the sum of a hash of
@@ -145,16 +147,17 @@ impl Session<'_> {
             .await
             .map_err(err)?;
         // Sent together, answered in one round trip: the timeouts, the lock, the column check
-        // (harmless when the lock is not taken).
+        // and the registry's existence (harmless when the lock is not taken).
         let (key, limits) = (lock_key(target), timeouts(target));
         let lock_params: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::TEXT)];
-        let (timeouts_set, locked, columns) = tokio::join!(
+        let (timeouts_set, locked, columns, registry) = tokio::join!(
             tx.batch_execute(&limits),
             tx.query_typed(
                 "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
                 &lock_params,
             ),
             super::schema::check_columns(&tx, target),
+            target.registry_exists(&tx),
         );
         // An error aborts the transaction and the statements after it fail with "current
         // transaction is aborted": the first error, in the order sent, is the one that says why.
@@ -165,7 +168,11 @@ impl Session<'_> {
             return Ok(None);
         }
         columns?;
-        Ok(Some(Txn { target, tx }))
+        Ok(Some(Txn {
+            target,
+            tx,
+            registry: registry?,
+        }))
     }
 
     /// Waits (up to the lock timeout) until the run holding the advisory lock ends, in a
@@ -200,8 +207,16 @@ impl Session<'_> {
         ))
         .await
         .map_err(err)?;
-        super::schema::check_columns(&tx, target).await?;
-        Ok(Txn { target, tx })
+        let (columns, registry) = tokio::join!(
+            super::schema::check_columns(&tx, target),
+            target.registry_exists(&tx),
+        );
+        columns?;
+        Ok(Txn {
+            target,
+            tx,
+            registry: registry?,
+        })
     }
 }
 
@@ -322,7 +337,8 @@ impl Txn<'_> {
     /// (a cold load, while the SQLite file is still being read; the rows must be missing
     /// remotely). `None` when Postgres refused a row: the savepoint is rolled back, nothing
     /// was written, and the rows go through [`Txn::write`] instead. Otherwise the savepoint
-    /// stays open until [`Txn::settle_streamed`].
+    /// stays open until [`Txn::settle_streamed`], or until the transaction ends (a commit
+    /// keeps what it holds).
     pub async fn copy_streamed(
         &self,
         chunks: tokio::sync::mpsc::Receiver<Vec<Arc<Mapping>>>,
@@ -376,13 +392,21 @@ impl Txn<'_> {
             .map_err(|e| self.err(e))
     }
 
-    /// The other instances that wrote this table within `target.instance_grace_s`.
+    /// The other instances that wrote this table within `target.instance_grace_s` (none
+    /// without a registry).
     pub async fn recent_others(&self) -> Result<Vec<OtherInstance>, TargetError> {
-        self.target.recent_others(&self.tx).await
+        if !self.registry {
+            return Ok(Vec::new());
+        }
+        self.target.others(&self.tx, true).await
     }
 
-    /// Records this run in the instance registry: `wrote` moves `last_run_at`.
+    /// Records this run in the instance registry, if there is one: `wrote` moves
+    /// `last_run_at`.
     pub async fn record_run(&self, status: &str, wrote: bool) -> Result<(), TargetError> {
+        if !self.registry {
+            return Ok(());
+        }
         self.target.record_run(&self.tx, status, wrote).await
     }
 

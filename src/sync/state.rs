@@ -48,7 +48,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    Counts, Limits, Ran, SYNCED, SyncError, SyncOptions, SyncReport, Trigger, guard, refuse,
+    Counts, Limits, Ran, SYNCED, SyncError, SyncOptions, SyncReport, Trigger, guard,
+    others_to_guard, refuse,
 };
 use crate::appdb::{Fingerprint, MarkedRead, ReadMode, RowMark, SourceError, SqliteSource};
 use crate::config::Settings;
@@ -553,7 +554,11 @@ async fn in_transaction(
     ahead: Ahead,
     started: Instant,
 ) -> Result<Checked, SyncError> {
-    let fingerprint = txn.fingerprint().await?;
+    // The first guard's question goes out with the fingerprint's (its answer is used where
+    // the guards stand, after the plan).
+    let (fingerprint, others) = tokio::join!(txn.fingerprint(), others_to_guard(&txn, opts));
+    let fingerprint = fingerprint?;
+    let others = others?;
     // An empty mirror (this transaction's snapshot says so): nothing to scan, and every
     // mapping can go into a COPY while the file is still being read.
     let empty = fingerprint.rows == 0;
@@ -654,6 +659,7 @@ async fn in_transaction(
     if let Some(refusal) = guard(
         &txn,
         limits,
+        &others,
         deletes.len() as u64,
         Some(remote_before),
         opts,
@@ -671,7 +677,8 @@ async fn in_transaction(
         });
     }
     if streamed_rows > 0 {
-        txn.settle_streamed(true).await?;
+        // Kept: the COPY's savepoint ends with the transaction (COMMIT keeps what it holds),
+        // without a round trip of its own.
         counts.inserted = streamed_rows as u64;
     }
     let missing: Vec<&Mapping> = plan.missing.iter().map(AsRef::as_ref).collect();

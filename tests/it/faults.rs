@@ -768,6 +768,27 @@ fn a_second_instance_on_the_same_table_never_deletes_the_firsts_rows() {
     assert_eq!(forced["deleted_count"], 8);
 }
 
+#[test]
+fn a_database_without_the_instance_registry_is_still_mirrored_and_the_log_says_how_to_add_it() {
+    let (ws, db) = mirrored(&Row::numbered("r", 12));
+    db.psql("DROP TABLE public.mapsync_instances");
+    // A cold load, a no-op and a change, each with delete propagation (whose guard asks the
+    // registry): every one syncs.
+    let cold = ws.mapsync(&["sync", "--delete-missing"]);
+    cold.expect_code(0);
+    assert_eq!(cold.json()["changed_count"], 12, "{cold:?}");
+    assert!(
+        cold.stderr.contains("public.mapsync_instances is missing")
+            && cold.stderr.contains("mapsync migrate"),
+        "says what is missing and how to add it: {cold:?}"
+    );
+    assert_eq!(ws.sync(&["--delete-missing"])["changed_count"], 0);
+    ws.app.delete("mapping:r003");
+    let changed = ws.sync(&["--delete-missing"]);
+    assert_eq!(changed["deleted_count"], 1, "{changed}");
+    assert_eq!(remote_count(&db), 11);
+}
+
 // --- the rest of an operator's worst day on the SQLite side --------------------------------
 
 #[test]
