@@ -59,6 +59,18 @@ pub(crate) fn parent_dir(path: &std::path::Path) -> &std::path::Path {
     }
 }
 
+/// Runs `work`, which goes over every mapping at once, without holding up the runtime's
+/// other tasks: on a multi-thread runtime (the daemon, whose admin port shares the workers)
+/// the worker hands its tasks to another first; on a one-thread runtime (the one-shot
+/// commands, which have nothing else to serve) it simply runs.
+pub(crate) fn cpu_bound<R>(work: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 /// Hands memory freed by the allocator back to the system, so that the RSS an operator sees
 /// follows what the process holds (glibc keeps freed memory otherwise, per arena: memory one
 /// thread freed is not reused by a thread allocating from the other arena).

@@ -181,9 +181,7 @@ async fn run_inner(state: &mut RunState, plan: Plan, shared: &Arc<Shared>) -> Ou
             let diff = state.pushed.as_ref().map(|pushed| match &state.behind {
                 Some(behind) => Diff::of_delta(behind),
                 // Comparing the whole image is CPU work the admin port must not wait behind.
-                None => {
-                    tokio::task::block_in_place(|| Diff::between(&pushed.mappings, &image.mappings))
-                }
+                None => crate::cpu_bound(|| Diff::between(&pushed.mappings, &image.mappings)),
             });
             (image, diff)
         }

@@ -14,7 +14,8 @@
 //!   budget (`routes`); a connection waiting for its body counts among the waiting heads,
 //!   so slow bodies cannot pile up either;
 //! - handlers never do heavy work on the event loop: sorting, searching and serialising
-//!   100,000 mappings run on the blocking pool (or under `block_in_place`).
+//!   100,000 mappings run on the blocking pool (or under `crate::cpu_bound`: `block_in_place`
+//!   on the daemon's runtime).
 //!
 //! On shutdown the listener closes and open requests get [`DRAIN`] to finish.
 

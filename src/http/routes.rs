@@ -664,7 +664,7 @@ impl App {
         };
         // A search looks at every mapping: off the runtime thread other requests share.
         // One pass: count every match, keep the page's.
-        let (total, items) = tokio::task::block_in_place(|| {
+        let (total, items) = crate::cpu_bound(|| {
             let mut items: Vec<mapping::View<'_>> = Vec::with_capacity(limit.min(sorted.len()));
             let mut total = 0;
             for m in sorted.iter().filter(matches) {

@@ -187,13 +187,13 @@ async fn full(
     // Every remote row is compared as it arrives (on the runtime, between the stream's
     // reads): none is held. Indexing the image and collecting what the mirror lacks go over
     // every mapping at once: off the runtime thread the admin port shares.
-    let mut compare = tokio::task::block_in_place(|| compare::Compare::new(mappings));
+    let mut compare = crate::cpu_bound(|| compare::Compare::new(mappings));
     let remote_before = txn.scan(|id, digest| compare.visit(id, digest)).await?;
     let compare::Found {
         missing,
         differing,
         extra,
-    } = tokio::task::block_in_place(|| compare.finish());
+    } = crate::cpu_bound(|| compare.finish());
     let mut counts = Counts {
         remote_before: Some(remote_before),
         extra: extra.len() as u64,
