@@ -179,29 +179,77 @@ fn replace(
     durable: bool,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<(), SnapshotError> {
-    let dir = crate::parent_dir(path);
-    let temp = dir.join(format!(
-        "{TEMP_PREFIX}{}-{}",
-        std::process::id(),
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-    ));
-    let result = (|| {
-        let mut file = private_file(&temp)?;
-        fill(&mut file)?;
-        if durable {
-            file.sync_all()?;
+    let mut file = Replacement::start(path, durable)?;
+    fill(file.file()).map_err(|e| file.error(e))?;
+    file.finish()
+}
+
+/// A file written beside the one it replaces: a temporary file in the same directory (mode
+/// 0600: it may hold secrets) that [`Replacement::finish`] renames into place (fsyncing the
+/// file and the directory when `durable`). Dropped unfinished, it is removed and the old file
+/// stays. Filled in as many steps as the writer likes ([`write_replacing`] in one).
+pub struct Replacement {
+    file: File,
+    temp: PathBuf,
+    path: PathBuf,
+    durable: bool,
+    done: bool,
+}
+
+impl Replacement {
+    pub fn start(path: &Path, durable: bool) -> Result<Replacement, SnapshotError> {
+        // One name per replacement: two of the same file may be under way (one abandoned).
+        static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let temp = crate::parent_dir(path).join(format!(
+            "{TEMP_PREFIX}{}-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+        ));
+        let file = private_file(&temp).map_err(|e| SnapshotError::new("write", path, e))?;
+        Ok(Replacement {
+            file,
+            temp,
+            path: path.to_path_buf(),
+            durable,
+            done: false,
+        })
+    }
+
+    /// The temporary file.
+    pub fn file(&mut self) -> &mut File {
+        &mut self.file
+    }
+
+    /// A failed write to this file, as the error to report.
+    pub fn error(&self, e: io::Error) -> SnapshotError {
+        SnapshotError::new("write", &self.path, e)
+    }
+
+    /// Puts the file in place of the old one.
+    pub fn finish(mut self) -> Result<(), SnapshotError> {
+        let dir = crate::parent_dir(&self.path);
+        let result = (|| {
+            if self.durable {
+                self.file.sync_all()?;
+            }
+            fs::rename(&self.temp, &self.path)?;
+            if self.durable {
+                sync_dir(dir)?;
+            }
+            Ok(())
+        })();
+        self.done = result.is_ok();
+        result.map_err(|e| self.error(e))
+    }
+}
+
+impl Drop for Replacement {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.temp);
         }
-        drop(file);
-        fs::rename(&temp, path)?;
-        if durable {
-            sync_dir(dir)?;
-        }
-        Ok(())
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&temp);
-        SnapshotError::new("write", path, e)
-    })
+    }
 }
 
 /// Creates `dir` (mode 0700: what goes in it may hold secrets), or tightens an existing one

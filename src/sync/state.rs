@@ -19,16 +19,18 @@
 //!    as the read builds it ([`cold`]);
 //! 4. writes, deletes, takes the fingerprint again when it wrote (its own writes included:
 //!    one snapshot for the whole run; after a cold load, worked out from one row, see
-//!    [`Txn::fingerprint_of_one_copy`]) and commits; then replaces the state file (mode
-//!    0600; sha-256, a small head with the key and the mirror's fingerprint, then the rows,
-//!    so a run that cannot use a state does not decode it), written from where the run
-//!    holds its rows ([`Leaving`]).
+//!    [`Txn::fingerprint_of_one_copy`]) and commits; and replaces the state file (mode
+//!    0600; sha-256, the key, the rows, the mirror's fingerprint), written from where the
+//!    run holds its rows ([`Leaving`]) as soon as it knows them: a cold load's during its
+//!    COPY, the others' during their last round trips; the fingerprint, known last, ends
+//!    the file while COMMIT is on its way ([`Writing`]).
 //!
 //! Invariants — a state never makes a run skip a change:
 //! - the remote side is only trusted when the fingerprint matches; any insert, update or
 //!   delete by anyone (triggers off included) changes it, and a row that someone changes
 //!   while the run holds its snapshot fails the run (`REPEATABLE READ`), so a state never
-//!   describes a mirror that moved unseen;
+//!   describes a mirror that moved unseen; a state whose run's COMMIT then failed describes
+//!   rows no one committed, whose fingerprint no mirror has;
 //! - the source side is only trusted row by row: a row is reused only with the same rowid
 //!   and the same hash of its stored bytes; the files' fingerprint (with the database's ctime:
 //!   a restored copy gets a new one) only skips the read as a whole;
@@ -54,6 +56,7 @@ use super::{
 use crate::appdb::{Fingerprint, MarkedRead, ReadMode, RowMark, SourceError, SqliteSource};
 use crate::config::Settings;
 use crate::mapping::Mapping;
+use crate::postgres::registry::OtherInstance;
 use crate::postgres::{RemoteFingerprint, Target, Txn, digest};
 
 /// The state file's name in `snapshot.dir` (no snapshot name: never listed, served or
@@ -61,7 +64,7 @@ use crate::postgres::{RemoteFingerprint, Target, Txn, digest};
 pub const STATE_FILE: &str = ".mapsync-sync-state";
 
 /// Bumped when the layout or meaning of the state changes.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// What a state must have been written for to be used: anything that changes which rows a
 /// mapping is read from, what it is, or where it is mirrored.
@@ -121,21 +124,18 @@ pub struct SyncState {
 /// The length of the checksum that opens a state file.
 const SUM_LEN: usize = 32;
 
-/// What a state file says first: whom it was written for and which mirror it describes (a
-/// file is sha-256, [`Head`], [`SyncState`], the sum over both).
-#[derive(Serialize, Deserialize)]
-struct Head {
-    key: StateKey,
-    remote_fp: RemoteFingerprint,
-}
+/// The length of the number that ends a state file: how long the fingerprint before it is.
+const TAIL_LEN: usize = 4;
 
-/// A state file whose head matched: the rest (100,000 rows' worth) is only checked and
-/// decoded when the mirror's fingerprint matches too, so a run that cannot use it (a cold
-/// load, another writer) does not pay for it.
+/// A state file whose key matched (a file is: sha-256 over the rest, the [`StateKey`], the
+/// [`SyncState`], the mirror's [`RemoteFingerprint`], that fingerprint's length in four
+/// bytes, little-endian; the fingerprint comes last because a run knows it last). The rows
+/// (100,000 rows' worth) are only checked and decoded when the mirror's fingerprint matches
+/// too, so a run that cannot use them (a cold load, another writer) does not pay for it.
 pub struct StoredState {
     remote_fp: RemoteFingerprint,
     bytes: Vec<u8>,
-    body_at: usize,
+    body: std::ops::Range<usize>,
 }
 
 impl StoredState {
@@ -145,8 +145,19 @@ impl StoredState {
         if Sha256::digest(rest).as_slice() != sum {
             return Err(StateError::Corrupt);
         }
-        postcard::from_bytes(&self.bytes[self.body_at..]).map_err(|_| StateError::Corrupt)
+        postcard::from_bytes(&self.bytes[self.body]).map_err(|_| StateError::Corrupt)
     }
+}
+
+/// The mirror's fingerprint at the end of a state file whose rows start at `body_at`, and
+/// where it starts.
+fn read_tail(bytes: &[u8], body_at: usize) -> Option<(usize, RemoteFingerprint)> {
+    let len_at = bytes.len().checked_sub(TAIL_LEN)?;
+    let len = u32::from_le_bytes(bytes[len_at..].try_into().ok()?);
+    let at = len_at
+        .checked_sub(usize::try_from(len).ok()?)
+        .filter(|&at| at >= body_at)?;
+    Some((at, postcard::from_bytes(&bytes[at..len_at]).ok()?))
 }
 
 /// A postcard output that hashes what it writes (sha-256) and writes it in 64 KiB blocks.
@@ -178,10 +189,10 @@ impl<'a, W: std::io::Write> HashingWriter<'a, W> {
         Ok(())
     }
 
-    /// Writes what is left and gives the sum of everything written.
-    fn finish(mut self) -> std::io::Result<[u8; SUM_LEN]> {
+    /// Writes what is left and gives the hash of everything written, to go on with.
+    fn finish(mut self) -> std::io::Result<Sha256> {
         self.drain()?;
-        Ok(self.sum.finalize().into())
+        Ok(self.sum)
     }
 }
 
@@ -228,8 +239,8 @@ impl SyncState {
         settings.snapshot.dir.join(STATE_FILE)
     }
 
-    /// The state at `path`, if it was written for `key`: only its head is read now (see
-    /// [`StoredState`]).
+    /// The state at `path`, if it was written for `key`: only its key and the mirror's
+    /// fingerprint are read now (see [`StoredState`]).
     pub fn load(path: &Path, key: &StateKey) -> Result<StoredState, StateError> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
@@ -237,16 +248,17 @@ impl SyncState {
             Err(e) => return Err(StateError::Io(e.to_string())),
         };
         let after_sum = bytes.get(SUM_LEN..).ok_or(StateError::Corrupt)?;
-        let (head, body): (Head, &[u8]) =
+        let (written_for, rest): (StateKey, &[u8]) =
             postcard::take_from_bytes(after_sum).map_err(|_| StateError::Corrupt)?;
-        if &head.key != key {
+        if &written_for != key {
             return Err(StateError::Foreign);
         }
-        let body_at = bytes.len() - body.len();
+        let body_at = bytes.len() - rest.len();
+        let (tail_at, remote_fp) = read_tail(&bytes, body_at).ok_or(StateError::Corrupt)?;
         Ok(StoredState {
-            remote_fp: head.remote_fp,
+            remote_fp,
             bytes,
-            body_at,
+            body: body_at..tail_at,
         })
     }
 
@@ -255,18 +267,16 @@ impl SyncState {
     }
 }
 
-/// What a run leaves for the next: written by [`Leaving::save`] and read back as a
+/// What a run leaves for the next: written by [`Leaving::write_rows`] and read back as a
 /// [`SyncState`] (the same fields in the same order, encoded alike), with the rows and the
 /// mirror's rows taken from where the run has them instead of copied: at 1,000,000 rows the
 /// copies of their ids were ~100 MiB.
 #[derive(Serialize)]
 struct Leaving {
-    /// Written in the [`Head`], not again in the body.
+    /// Written before the rows, not again among them.
     #[serde(skip)]
     key: StateKey,
     source_fp: Fingerprint,
-    #[serde(skip)]
-    remote_fp: RemoteFingerprint,
     rows: LeftRows,
     prompt_ids: Vec<Box<str>>,
     remote: LeftRemote,
@@ -306,39 +316,110 @@ impl Serialize for LeftRemote {
 }
 
 impl Leaving {
-    /// Writes the state by rename (temporary file 0600), creating the snapshot directory
-    /// (0700) when needed. Not fsynced: after a crash the file is the old state, the new one,
-    /// or one that fails its checksum, and each is safe (see the module doc). Encoded straight
-    /// into the file, hashed on the way, and the sum put in front last: the state is never
-    /// copied whole in memory (at 1,000,000 rows the copy was 120 MiB).
-    fn save(&self, path: &Path) -> Result<(), crate::snapshot::SnapshotError> {
+    /// Starts the state file: a temporary file (0600) in the snapshot directory (created
+    /// 0700 when needed) with the key and the rows; [`Unfinished::finish`] ends it with the
+    /// mirror's fingerprint and puts it in place by rename. Not fsynced: after a crash the file
+    /// is the old state, the new one, or one that fails its checksum, and each is safe (see
+    /// the module doc). Encoded straight into the file and hashed on the way: the state is
+    /// never copied whole in memory (at 1,000,000 rows the copy was 120 MiB).
+    fn write_rows(&self, path: &Path) -> Result<Unfinished, crate::snapshot::SnapshotError> {
+        use std::io::Write;
         crate::snapshot::private_dir(crate::parent_dir(path))?;
-        crate::snapshot::write_replacing(path, |f| {
-            use std::io::{Seek, SeekFrom, Write};
-            let head = Head {
-                key: self.key.clone(),
-                remote_fp: self.remote_fp.clone(),
-            };
+        let mut out = crate::snapshot::Replacement::start(path, false)?;
+        let written = (|| {
+            let f = out.file();
             f.write_all(&[0; SUM_LEN])?;
             let mut failed = None;
-            let out = HashingWriter::new(&mut *f, &mut failed);
-            let sum = match postcard::serialize_with_flavor(&head, out)
-                .and_then(|out| postcard::serialize_with_flavor(self, out))
+            let hashing = HashingWriter::new(&mut *f, &mut failed);
+            match postcard::serialize_with_flavor(&self.key, hashing)
+                .and_then(|hashing| postcard::serialize_with_flavor(self, hashing))
             {
-                Ok(out) => out.finish()?,
-                Err(e) => return Err(failed.unwrap_or_else(|| std::io::Error::other(e))),
-            };
-            f.seek(SeekFrom::Start(0))?;
-            f.write_all(&sum)
-        })
+                Ok(hashing) => hashing.finish(),
+                Err(e) => Err(failed.unwrap_or_else(|| std::io::Error::other(e))),
+            }
+        })();
+        let sum = written.map_err(|e| out.error(e))?;
+        Ok(Unfinished { out, sum })
     }
 }
 
-/// A checked run's result: the report, and the state to keep (`None` when the one on disk
-/// stays: a refused run, or one that found nothing to read or write).
-struct Checked {
-    ran: Ran,
-    state: Option<Leaving>,
+/// A state file with its key and rows written, not in place yet (dropped, it is removed).
+struct Unfinished {
+    out: crate::snapshot::Replacement,
+    /// The hash of everything after the checksum, so far.
+    sum: Sha256,
+}
+
+impl Unfinished {
+    /// Writes the mirror's fingerprint and the checksum, and puts the file in place.
+    fn finish(
+        mut self,
+        remote_fp: &RemoteFingerprint,
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut tail = postcard::to_allocvec(remote_fp)
+            .map_err(|e| self.out.error(std::io::Error::other(e)))?;
+        let len = u32::try_from(tail.len()).unwrap_or(u32::MAX);
+        tail.extend_from_slice(&len.to_le_bytes());
+        self.sum.update(&tail);
+        let sum: [u8; SUM_LEN] = self.sum.finalize().into();
+        let f = self.out.file();
+        let written = f
+            .write_all(&tail)
+            .and_then(|()| f.seek(SeekFrom::Start(0)))
+            .and_then(|_| f.write_all(&sum));
+        written.map_err(|e| self.out.error(e))?;
+        self.out.finish()
+    }
+}
+
+/// The state file on its way, on the blocking pool: its rows are written as soon as the run
+/// knows them, beside the rest of the run (a cold load's COPY, the others' last round trips),
+/// and the mirror's fingerprint, known last, ends it ([`Writing::finish`]). Dropped instead
+/// (a run that failed or was refused), it leaves the old state in place. Then what the state
+/// was written from (the reader's memo holds the last references to every mapping read) is
+/// freed there, off the run's path.
+struct Writing {
+    fingerprint: tokio::sync::oneshot::Sender<RemoteFingerprint>,
+    placed: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Writing {
+    /// Writes the [`Leaving`] that `leaving` makes (on the blocking pool too) to `path`.
+    fn start(path: PathBuf, leaving: impl FnOnce() -> Leaving + Send + 'static) -> Writing {
+        let (fingerprint, known) = tokio::sync::oneshot::channel::<RemoteFingerprint>();
+        let (placed_tx, placed) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let leaving = leaving();
+            let rows = leaving.write_rows(&path);
+            if let Ok(remote_fp) = known.blocking_recv() {
+                if let Err(e) = rows.and_then(|rows| rows.finish(&remote_fp)) {
+                    tracing::warn!("the next run will be a full one: {e}");
+                }
+            }
+            let _ = placed_tx.send(());
+            drop(leaving);
+        });
+        Writing {
+            fingerprint,
+            placed,
+        }
+    }
+
+    /// Ends the file with the mirror's fingerprint and waits until it is in place (a failure
+    /// is logged: the next run is then a full one).
+    async fn finish(self, remote_fp: RemoteFingerprint) {
+        if self.fingerprint.send(remote_fp).is_ok() {
+            let _ = self.placed.await;
+        }
+    }
+}
+
+/// Where a run's state goes, and whom it is for.
+#[derive(Clone)]
+struct StateFile {
+    path: PathBuf,
+    key: StateKey,
 }
 
 /// What a [`Mode::OneShot`](super::Mode::OneShot) run needs: the reader, the state file and
@@ -395,38 +476,30 @@ enum Source {
     },
 }
 
-/// One `mapsync sync` with the state (see the module doc), then the new state written
-/// (a refused run leaves the old one: it changed nothing the old one describes wrongly).
-/// Never a dry run (those are full runs).
+/// One `mapsync sync` with the state (see the module doc), and the new state written (a
+/// refused run, or one that found nothing to read or write, leaves the old one: it changed
+/// nothing the old one describes wrongly). Never a dry run (those are full runs).
 pub(super) async fn run_checked(
     target: &Target,
     limits: Limits,
     opts: SyncOptions,
     one: OneShot,
 ) -> Result<Ran, SyncError> {
-    let checked = checked(target, limits, opts, one.key, one.state, one.source).await?;
-    if let Some(state) = checked.state {
-        let state = blocking(move || {
-            if let Err(e) = state.save(&one.path) {
-                tracing::warn!("the next run will be a full one: {e}");
-            }
-            Ok(state)
-        })
-        .await?;
-        // The reader's memo holds the last references to every mapping read.
-        free_off_path(state);
-    }
-    Ok(checked.ran)
+    let file = StateFile {
+        path: one.path,
+        key: one.key,
+    };
+    checked(target, limits, opts, file, one.state, one.source).await
 }
 
 async fn checked(
     target: &Target,
     limits: Limits,
     opts: SyncOptions,
-    key: StateKey,
+    file: StateFile,
     state: Option<StoredState>,
     source: SqliteSource,
-) -> Result<Checked, SyncError> {
+) -> Result<Ran, SyncError> {
     let started = Instant::now();
     // The state keeps the rows a read leaves in the memo.
     let source = source.memoizing();
@@ -445,7 +518,7 @@ async fn checked(
             session.wait_for_lock().await?;
             continue;
         };
-        return in_transaction(txn, limits, opts, key, ahead, started).await;
+        return in_transaction(txn, limits, opts, file, ahead, started).await;
     }
 }
 
@@ -550,10 +623,10 @@ async fn in_transaction(
     txn: Txn<'_>,
     limits: Limits,
     opts: SyncOptions,
-    key: StateKey,
+    file: StateFile,
     ahead: Ahead,
     started: Instant,
-) -> Result<Checked, SyncError> {
+) -> Result<Ran, SyncError> {
     // The first guard's question goes out with the fingerprint's (its answer is used where
     // the guards stand, after the plan).
     let (fingerprint, others) = tokio::join!(txn.fingerprint(), others_to_guard(&txn, opts));
@@ -562,25 +635,30 @@ async fn in_transaction(
     // An empty mirror (this transaction's snapshot says so): nothing to scan, and every
     // mapping can go into a COPY while the file is still being read.
     let empty = fingerprint.rows == 0;
-    let (source, read, streamed) = match ahead {
+    let found = match ahead {
         Ahead::Speculation(speculation, source) => match speculation.take(&fingerprint).await? {
             Some((source, read)) => {
                 tracing::debug!("the mirror is as the last run left it: no scan");
-                (source, read, Vec::new())
+                Found::Read(source, read, file)
             }
-            None if empty => cold(&txn, Reading::start(*source)).await?,
+            None if empty => cold(&txn, Reading::start(*source), file).await?,
             None => {
                 let (source, read) = whole(*source, None).await?;
-                (source, read, Vec::new())
+                Found::Read(source, read, file)
             }
         },
-        Ahead::Reading(reading) if empty => cold(&txn, reading).await?,
+        Ahead::Reading(reading) if empty => cold(&txn, reading, file).await?,
         Ahead::Reading(reading) => {
             let (source, read) = reading.whole().await?;
-            (source, read, Vec::new())
+            Found::Read(source, read, file)
         }
     };
-    let streamed_rows = streamed.len();
+    let (source, read, file) = match found {
+        Found::Loaded(loaded) => {
+            return end_cold_load(txn, limits, opts, &others, loaded, started).await;
+        }
+        Found::Read(source, read, file) => (source, read, file),
+    };
     let (source, read) = match read {
         Source::Walked(w, k) if collides(&w) => whole(source, Some(k)).await?,
         r => (source, r),
@@ -600,26 +678,15 @@ async fn in_transaction(
             known: Some(k),
             ..
         } => plan_whole(mappings, &k.remote),
+        // An empty mirror that a COPY did not load (nothing to load, or one it could not).
         Source::Whole {
             mappings,
             known: None,
             ..
-        } if empty => {
-            // A cold load wrote every mapping (and the mirror holds `streamed`), or none.
-            if streamed.is_empty() {
-                Plan {
-                    remote: Some(Vec::new()),
-                    ..plan_whole(mappings, &[])
-                }
-            } else {
-                Plan {
-                    missing: Vec::new(),
-                    differing: Vec::new(),
-                    extras: Vec::new(),
-                    remote: None,
-                }
-            }
-        }
+        } if empty => Plan {
+            remote: Some(Vec::new()),
+            ..plan_whole(mappings, &[])
+        },
         Source::Whole {
             mappings,
             known: None,
@@ -653,7 +720,7 @@ async fn in_transaction(
     let mut counts = Counts {
         remote_before: Some(remote_before),
         extra: plan.extras.len() as u64,
-        pending: (streamed_rows + plan.missing.len() + plan.differing.len() + deletes.len()) as u64,
+        pending: (plan.missing.len() + plan.differing.len() + deletes.len()) as u64,
         ..Default::default()
     };
     if let Some(refusal) = guard(
@@ -666,26 +733,17 @@ async fn in_transaction(
     )
     .await?
     {
-        if streamed_rows > 0 {
-            txn.settle_streamed(false).await?;
-        }
         counts.refused = Some(refusal);
         refuse(txn, &counts, false).await?;
-        return Ok(Checked {
-            ran: ran(&counts, synced_count, opts, started),
-            state: None,
-        });
-    }
-    if streamed_rows > 0 {
-        // Kept: the COPY's savepoint ends with the transaction (COMMIT keeps what it holds),
-        // without a round trip of its own.
-        counts.inserted = streamed_rows as u64;
+        return Ok(ran(&counts, synced_count, opts, started));
     }
     let missing: Vec<&Mapping> = plan.missing.iter().map(AsRef::as_ref).collect();
     let differing: Vec<&Mapping> = plan.differing.iter().map(AsRef::as_ref).collect();
     counts.record(txn.write(&missing, &differing).await?);
     counts.deleted = txn.delete(&deletes).await?;
+    let deleted: Vec<Box<str>> = deletes.iter().map(|&d| d.into()).collect();
     let unread = matches!(read, Source::Same(_));
+    let wrote = counts.inserted + counts.updated + counts.deleted > 0;
     // The rows as this run leaves them: the state's or the walk's list, or the reader's memo
     // (which then goes with the state; otherwise it is freed off the run's path).
     let (rows, prompt_ids, source_fp, contested, known_remote, spare) = match read {
@@ -723,73 +781,114 @@ async fn in_transaction(
     if let Some(spare) = spare {
         free_off_path(spare);
     }
-    // The mirror now: what a cold load sent, or what it held with what was written and
-    // deleted, worked out on the blocking pool while Postgres takes the fingerprint and
-    // commits.
-    let merging = if !streamed.is_empty() {
+    let writing = if unread && !wrote {
+        // Nothing read, nothing written: the state on disk still says it all.
+        free_off_path((rows, known_remote));
         None
     } else {
+        // The mirror now (what it held, with what was written and deleted), worked out on the
+        // blocking pool with the state while Postgres takes the fingerprint and commits.
         let base = plan.remote.take().or(known_remote).unwrap_or_default();
         let mut written = std::mem::take(&mut plan.missing);
         written.extend(std::mem::take(&mut plan.differing));
         let rejected: Vec<String> = counts.rejected.iter().map(|r| r.id.clone()).collect();
-        let deleted: Vec<Box<str>> = deletes.iter().map(|&d| d.into()).collect();
-        Some(blocking(move || {
+        let extras: Vec<Box<str>> = if opts.delete_missing {
+            Vec::new()
+        } else {
+            plan.extras
+        };
+        let full_next = contested || !counts.rejected.is_empty();
+        let StateFile { path, key } = file;
+        Some(Writing::start(path, move || {
             let rejected: FxHashSet<&str> = rejected.iter().map(String::as_str).collect();
             let written = written
                 .iter()
                 .filter(|m| !rejected.contains(m.id()))
                 .map(|m| (Box::<str>::from(m.id()), digest(m)));
             let deleted: Vec<&str> = deleted.iter().map(AsRef::as_ref).collect();
-            Ok(merge_remote(base, written, &deleted))
+            Leaving {
+                key,
+                source_fp,
+                rows,
+                prompt_ids,
+                remote: LeftRemote::Listed(merge_remote(base, written, &deleted)),
+                extras,
+                full_next,
+            }
         }))
     };
-    // A run that wrote nothing to the table sees it as it was (one snapshot); a cold load
-    // that wrote by its COPY alone knows what it wrote. The registry's record goes out with
-    // the fingerprint's query (the mirror's rows are not the registry's).
+    // A run that wrote nothing to the table sees it as it was (one snapshot).
+    let after = if wrote {
+        MirrorAfter::Changed
+    } else {
+        MirrorAfter::Unchanged(fingerprint)
+    };
+    commit_leaving(txn, after, writing).await?;
+    Ok(ran(&counts, synced_count, opts, started))
+}
+
+/// The end of a cold load whose COPY took every mapping: the guards (nothing to delete;
+/// refused, the COPY is undone), then the record, the commit and the state.
+async fn end_cold_load(
+    txn: Txn<'_>,
+    limits: Limits,
+    opts: SyncOptions,
+    others: &[OtherInstance],
+    loaded: Loaded,
+    started: Instant,
+) -> Result<Ran, SyncError> {
+    let mut counts = Counts {
+        remote_before: Some(0),
+        pending: loaded.sent,
+        ..Default::default()
+    };
+    if let Some(refusal) = guard(&txn, limits, others, 0, Some(0), opts).await? {
+        txn.settle_streamed(false).await?;
+        counts.refused = Some(refusal);
+        refuse(txn, &counts, false).await?;
+        return Ok(ran(&counts, loaded.synced, opts, started));
+    }
+    // Kept: the COPY's savepoint ends with the transaction (COMMIT keeps what it holds),
+    // without a round trip of its own.
+    counts.inserted = loaded.sent;
+    let after = MirrorAfter::OneCopy(loaded.sent);
+    commit_leaving(txn, after, Some(loaded.writing)).await?;
+    Ok(ran(&counts, loaded.synced, opts, started))
+}
+
+/// How a run that synced learns what the mirror is once its writes are in.
+enum MirrorAfter {
+    /// It wrote nothing: as its snapshot saw it.
+    Unchanged(RemoteFingerprint),
+    /// One COPY of this many rows into a mirror it saw empty.
+    OneCopy(u64),
+    /// Anything else: asked again.
+    Changed,
+}
+
+/// Ends a run that synced: its record in the registry goes out with the question for the
+/// mirror's fingerprint (the mirror's rows are not the registry's); then COMMIT, while the
+/// state file, if the run leaves one, is ended with that fingerprint and put in place.
+async fn commit_leaving(
+    txn: Txn<'_>,
+    after: MirrorAfter,
+    writing: Option<Writing>,
+) -> Result<(), SyncError> {
     let (recorded, remote_fp) = tokio::join!(txn.record_run(SYNCED, true), async {
-        if counts.inserted + counts.updated + counts.deleted == 0 {
-            Ok(fingerprint.clone())
-        } else if streamed_rows > 0
-            && counts.inserted == streamed_rows as u64
-            && counts.updated + counts.deleted == 0
-        {
-            txn.fingerprint_of_one_copy(counts.inserted).await
-        } else {
-            txn.fingerprint().await
+        match after {
+            MirrorAfter::Unchanged(fingerprint) => Ok(fingerprint),
+            MirrorAfter::OneCopy(rows) => txn.fingerprint_of_one_copy(rows).await,
+            MirrorAfter::Changed => txn.fingerprint().await,
         }
     });
     recorded?;
     let remote_fp = remote_fp?;
-    txn.commit().await?;
-    let ran = ran(&counts, synced_count, opts, started);
-    let remote = match merging {
-        Some(merging) => LeftRemote::Listed(merging.await?),
-        None => LeftRemote::Sent(streamed),
-    };
-    // Nothing read, nothing written: the state on disk still says it all.
-    if unread && remote_fp == fingerprint {
-        return Ok(Checked { ran, state: None });
-    }
-    let extras: Vec<Box<str>> = if opts.delete_missing {
-        Vec::new()
-    } else {
-        plan.extras
-    };
-    let state = Leaving {
-        key,
-        source_fp,
-        remote_fp,
-        rows,
-        prompt_ids,
-        remote,
-        extras,
-        full_next: contested || !counts.rejected.is_empty(),
-    };
-    Ok(Checked {
-        ran,
-        state: Some(state),
-    })
+    let (committed, ()) = tokio::join!(txn.commit(), async move {
+        if let Some(writing) = writing {
+            writing.finish(remote_fp).await;
+        }
+    });
+    Ok(committed?)
 }
 
 fn ran(counts: &Counts, synced_count: u64, opts: SyncOptions, started: Instant) -> Ran {
@@ -826,38 +925,119 @@ fn digest_in(rows: &[(Box<str>, u64)], id: &str) -> Option<u64> {
 /// Rows a cold load hands to the COPY at a time.
 const COLD_CHUNK: usize = 1024;
 
+/// What the source side of a run came to (one value per run: the size of its variants does
+/// not matter).
+#[allow(clippy::large_enum_variant)]
+enum Found {
+    /// A cold load's COPY took every mapping; the state is on its way.
+    Loaded(Loaded),
+    /// The rows, for the run to plan its writes from (with where its state goes).
+    Read(SqliteSource, Source, StateFile),
+}
+
+/// A cold load whose COPY took every mapping.
+struct Loaded {
+    /// Mappings read (the report's `synced_count`).
+    synced: u64,
+    /// Rows the COPY wrote.
+    sent: u64,
+    /// The state, its rows written while Postgres took the COPY in.
+    writing: Writing,
+}
+
 /// A cold load: the mirror is empty, so every mapping the read (started with the run, see
 /// [`Reading`]) builds from a row goes into a COPY at once, while the file is still being
 /// read (the two overlap on two cores), and the rest of the image (prompts, rows stored
-/// under another id) follows in the same COPY.
-/// Returns the read and the mappings written (every mirrorable one, or none), under a
-/// savepoint left open for the guard (open exactly when some were written). What was sent
-/// must be exactly the image: when a row that was sent lost its id to another row (only the
-/// image can tell), or Postgres refused a row, the savepoint is rolled back and every
-/// mapping takes the ordinary write.
+/// under another id) follows in the same COPY. As soon as the read has sent everything, the
+/// state's rows are written, while Postgres still takes the COPY in.
+///
+/// [`Found::Loaded`] when every mirrorable mapping went in, under a savepoint left open for
+/// the guard. What was sent must be exactly the image: when a row that was sent lost its id
+/// to another row (only the image can tell), or Postgres refused a row, the savepoint is
+/// rolled back, the state being written is dropped, and every mapping takes the ordinary
+/// write ([`Found::Read`]).
 ///
 /// Memory: once everything is sent, the image is let go; the state is written from the
 /// reader's memo and the sent mappings themselves (ids and digests are not copied: at
 /// 1,000,003 mappings the copies peaked at 363 MiB beside the image). In the rare run whose
 /// COPY fails after that, the file is read again for the ordinary write.
-async fn cold(txn: &Txn<'_>, reading: Reading) -> Result<(SqliteSource, Source, Sent), SyncError> {
+async fn cold(txn: &Txn<'_>, reading: Reading, file: StateFile) -> Result<Found, SyncError> {
+    /// What the read came to while the COPY went on (one value per run).
+    #[allow(clippy::large_enum_variant)]
+    enum Sending {
+        /// Every mirrorable mapping went out (`rows` of them); `again` reads the file anew
+        /// should the COPY not be kept (and `file` then takes its state).
+        All {
+            synced: u64,
+            rows: u64,
+            writing: Writing,
+            again: SqliteSource,
+            file: StateFile,
+        },
+        /// Not every one (or none): the read, whole.
+        Part(SqliteSource, Source, StateFile),
+    }
     reading.copying.store(true, Ordering::Release);
-    let copied = txn.copy_streamed(reading.received).await?;
-    let (source, read, sent, complete) = joined(reading.task).await?;
-    let kept = complete && !sent.is_empty() && copied == Some(sent.len() as u64);
-    if kept {
-        return Ok((source, read, sent));
-    }
-    if copied.is_some() {
-        txn.settle_streamed(complete && sent.is_empty()).await?;
-    }
-    match read {
-        // The image was let go for a COPY that then failed: read the file again.
-        Source::Whole { ref mappings, .. } if mappings.is_empty() && !sent.is_empty() => {
-            let (source, read) = whole(source, None).await?;
-            Ok((source, read, Vec::new()))
+    let Reading { task, received, .. } = reading;
+    let (copied, sending) = tokio::join!(txn.copy_streamed(received), async {
+        let (source, read, sent, complete) = joined(task).await?;
+        Ok::<_, SyncError>(match read {
+            Source::Whole {
+                synced,
+                prompt_ids,
+                fingerprint,
+                contested,
+                ..
+            } if complete && !sent.is_empty() => {
+                let rows = sent.len() as u64;
+                let again = source.fresh();
+                let StateFile { path, key } = file.clone();
+                let writing = Writing::start(path, move || Leaving {
+                    key,
+                    source_fp: fingerprint,
+                    rows: LeftRows::Memo(Box::new(source)),
+                    prompt_ids,
+                    remote: LeftRemote::Sent(sent),
+                    extras: Vec::new(),
+                    full_next: contested,
+                });
+                Sending::All {
+                    synced,
+                    rows,
+                    writing,
+                    again,
+                    file,
+                }
+            }
+            read => Sending::Part(source, read, file),
+        })
+    });
+    let copied = copied?;
+    match sending? {
+        Sending::All {
+            synced,
+            rows,
+            writing,
+            ..
+        } if copied == Some(rows) => Ok(Found::Loaded(Loaded {
+            synced,
+            sent: rows,
+            writing,
+        })),
+        Sending::All { again, file, .. } => {
+            if copied.is_some() {
+                txn.settle_streamed(false).await?;
+            }
+            // The image was let go for a COPY that then failed: read the file again.
+            let (source, read) = whole(again, None).await?;
+            Ok(Found::Read(source, read, file))
         }
-        read => Ok((source, read, Vec::new())),
+        Sending::Part(source, read, file) => {
+            if copied.is_some() {
+                txn.settle_streamed(false).await?;
+            }
+            Ok(Found::Read(source, read, file))
+        }
     }
 }
 
@@ -1228,10 +1408,6 @@ mod tests {
         let leaving = Leaving {
             key: key.clone(),
             source_fp: source_fp.clone(),
-            remote_fp: RemoteFingerprint {
-                rows: 2,
-                xmins: "42".into(),
-            },
             rows: LeftRows::Listed(vec![RowMark {
                 rowid: 3,
                 hash: 9,
@@ -1242,9 +1418,15 @@ mod tests {
             extras: vec!["mapping:x".into()],
             full_next: false,
         };
-        leaving.save(&path).unwrap();
+        let remote_fp = RemoteFingerprint {
+            rows: 2,
+            xmins: "42".into(),
+        };
+        let unfinished = leaving.write_rows(&path).unwrap();
+        assert!(!path.exists(), "not in place before its fingerprint");
+        unfinished.finish(&remote_fp).unwrap();
         let stored = SyncState::load(&path, &key).ok().unwrap();
-        assert_eq!(stored.remote_fp.xmins, "42");
+        assert_eq!(stored.remote_fp, remote_fp);
         let state = stored.open().unwrap();
         assert_eq!(state.source_fp, source_fp);
         assert_eq!(state.rows[0].id.as_deref(), Some("mapping:b"));
@@ -1253,6 +1435,58 @@ mod tests {
             (state.prompt_ids, state.extras),
             (vec!["prompt:p".into()], vec!["mapping:x".into()])
         );
+    }
+
+    #[test]
+    fn a_state_file_cut_short_or_damaged_at_its_end_is_no_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let db = dir.path().join("db.sqlite3");
+        std::fs::write(&db, b"SQLite format 3\0").unwrap();
+        let key = StateKey {
+            format: FORMAT,
+            version: "v".into(),
+            table: "t".into(),
+            target: "t".into(),
+            instance: "i".into(),
+            sqlite_path: db.clone(),
+            include_prompts: false,
+            redact_keys: Vec::new(),
+            canary: 1,
+        };
+        let leaving = Leaving {
+            key: key.clone(),
+            source_fp: Fingerprint::take(&db).unwrap(),
+            rows: LeftRows::Listed(Vec::new()),
+            prompt_ids: Vec::new(),
+            remote: LeftRemote::Listed(vec![("mapping:a".into(), 1)]),
+            extras: Vec::new(),
+            full_next: false,
+        };
+        let remote_fp = RemoteFingerprint {
+            rows: 1,
+            xmins: "7".into(),
+        };
+        leaving
+            .write_rows(&path)
+            .unwrap()
+            .finish(&remote_fp)
+            .unwrap();
+        let whole = std::fs::read(&path).unwrap();
+        assert!(SyncState::load(&path, &key).unwrap().open().is_ok());
+        // Cut anywhere after the key: the fingerprint or the rows are not whole.
+        for cut in [1, TAIL_LEN, whole.len() / 2] {
+            std::fs::write(&path, &whole[..whole.len() - cut]).unwrap();
+            let loaded = SyncState::load(&path, &key).and_then(StoredState::open);
+            assert!(matches!(loaded, Err(StateError::Corrupt)), "cut {cut}");
+        }
+        // A byte of the fingerprint changed: its checksum says so.
+        let mut damaged = whole.clone();
+        let at = damaged.len() - TAIL_LEN - 1;
+        damaged[at] ^= 1;
+        std::fs::write(&path, &damaged).unwrap();
+        let loaded = SyncState::load(&path, &key).and_then(StoredState::open);
+        assert!(matches!(loaded, Err(StateError::Corrupt)));
     }
 
     #[test]
