@@ -318,9 +318,9 @@ impl Serialize for LeftRemote {
 impl Leaving {
     /// Starts the state file: a temporary file (0600) in the snapshot directory (created
     /// 0700 when needed) with the key and the rows; [`Unfinished::finish`] ends it with the
-    /// mirror's fingerprint and puts it in place by rename. Not fsynced: after a crash the file
-    /// is the old state, the new one, or one that fails its checksum, and each is safe (see
-    /// the module doc). Encoded straight into the file and hashed on the way: the state is
+    /// mirror's fingerprint and puts it in place ([`crate::snapshot::Replacement`], not
+    /// durable): after a crash there is no state, the old one, the new one, or one that fails
+    /// its checksum, and each is safe (see the module doc). Encoded straight into the file and hashed on the way: the state is
     /// never copied whole in memory (at 1,000,000 rows the copy was 120 MiB).
     fn write_rows(&self, path: &Path) -> Result<Unfinished, crate::snapshot::SnapshotError> {
         use std::io::Write;
@@ -375,10 +375,11 @@ impl Unfinished {
 
 /// The state file on its way, on the blocking pool: its rows are written as soon as the run
 /// knows them, beside the rest of the run (a cold load's COPY, the others' last round trips),
-/// and the mirror's fingerprint, known last, ends it ([`Writing::finish`]). Dropped instead
-/// (a run that failed or was refused), it leaves the old state in place. Then what the state
-/// was written from (the reader's memo holds the last references to every mapping read) is
-/// freed there, off the run's path.
+/// and the mirror's fingerprint, known last, ends it ([`Writing::finish`]). The old state
+/// file goes when its rows start (see [`crate::snapshot::Replacement`]): dropped instead (a
+/// run that failed, or a cold load refused by a guard), it leaves none, and the next run is a
+/// full one. Then what the state was written from (the reader's memo holds the last
+/// references to every mapping read) is freed there, off the run's path.
 struct Writing {
     fingerprint: tokio::sync::oneshot::Sender<RemoteFingerprint>,
     placed: tokio::sync::oneshot::Receiver<()>,
@@ -476,9 +477,10 @@ enum Source {
     },
 }
 
-/// One `mapsync sync` with the state (see the module doc), and the new state written (a
-/// refused run, or one that found nothing to read or write, leaves the old one: it changed
-/// nothing the old one describes wrongly). Never a dry run (those are full runs).
+/// One `mapsync sync` with the state (see the module doc), and the new state written (a run
+/// refused before it loaded anything, or one that found nothing to read or write, leaves the
+/// old one: it changed nothing the old one describes wrongly). Never a dry run (those are
+/// full runs).
 pub(super) async fn run_checked(
     target: &Target,
     limits: Limits,
