@@ -135,8 +135,11 @@ impl Session<'_> {
     /// another writer changes meanwhile fails the run instead of being overwritten unseen.
     /// The lock is tried, not waited for (a wait inside the transaction would leave its
     /// snapshot from before the holder's commit): `None` when another run holds it; then
-    /// [`Session::wait_for_lock`] and try again.
-    pub async fn try_begin_checked(&mut self) -> Result<Option<Txn<'_>>, TargetError> {
+    /// [`Session::wait_for_lock`] and try again. Gives the transaction and the mirror's
+    /// fingerprint as its snapshot sees it, asked in the same round trip.
+    pub async fn try_begin_checked(
+        &mut self,
+    ) -> Result<Option<(Txn<'_>, RemoteFingerprint)>, TargetError> {
         let target = self.target;
         let err = |e: tokio_postgres::Error| target.error_of(&e);
         let tx = self
@@ -146,11 +149,11 @@ impl Session<'_> {
             .start()
             .await
             .map_err(err)?;
-        // Sent together, answered in one round trip: the timeouts, the lock, the column check
-        // and the registry's existence (harmless when the lock is not taken).
+        // Sent together, answered in one round trip: the timeouts, the lock, the column check,
+        // the registry's existence and the fingerprint (harmless when the lock is not taken).
         let (key, limits) = (lock_key(target), timeouts(target));
         let lock_params: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::TEXT)];
-        let (timeouts_set, locked, columns, registry) = tokio::join!(
+        let (timeouts_set, locked, columns, registry, fingerprint) = tokio::join!(
             tx.batch_execute(&limits),
             tx.query_typed(
                 "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
@@ -158,6 +161,7 @@ impl Session<'_> {
             ),
             super::schema::check_columns(&tx, target),
             target.registry_exists(&tx),
+            fingerprint(&tx, target),
         );
         // An error aborts the transaction and the statements after it fail with "current
         // transaction is aborted": the first error, in the order sent, is the one that says why.
@@ -168,11 +172,16 @@ impl Session<'_> {
             return Ok(None);
         }
         columns?;
-        Ok(Some(Txn {
-            target,
-            tx,
-            registry: registry?,
-        }))
+        let registry = registry?;
+        let fingerprint = fingerprint?;
+        Ok(Some((
+            Txn {
+                target,
+                tx,
+                registry,
+            },
+            fingerprint,
+        )))
     }
 
     /// Waits (up to the lock timeout) until the run holding the advisory lock ends, in a
@@ -225,14 +234,6 @@ impl Txn<'_> {
         self.target.error_of(&e)
     }
 
-    /// The one row of an aggregate's answer.
-    fn one(&self, rows: Vec<tokio_postgres::Row>) -> Result<tokio_postgres::Row, TargetError> {
-        rows.into_iter().next().ok_or_else(|| TargetError::Other {
-            at: self.target.display().to_string(),
-            reason: "an aggregate query returned no row".into(),
-        })
-    }
-
     /// Streams the mirror's rows (binary COPY) to `visit`, as (id, digest) pairs in no
     /// particular order; none is kept here, so a caller holds only what it needs of them.
     pub async fn scan(&self, mut visit: impl FnMut(&str, u64)) -> Result<u64, TargetError> {
@@ -258,22 +259,7 @@ impl Txn<'_> {
 
     /// The mirror's [`RemoteFingerprint`], as this transaction sees it.
     pub async fn fingerprint(&self) -> Result<RemoteFingerprint, TargetError> {
-        let row = self
-            .tx
-            .query_typed(
-                &format!(
-                    "SELECT count(*), coalesce(sum(hashint8extended(xmin::text::bigint, 0)), 0)::text FROM {}",
-                    self.target.table.quoted()
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| self.err(e))
-            .and_then(|rows| self.one(rows))?;
-        Ok(RemoteFingerprint {
-            rows: row.get(0),
-            xmins: row.get(1),
-        })
+        fingerprint(&self.tx, self.target).await
     }
 
     /// The mirror's [`RemoteFingerprint`] after one COPY of `rows` rows into a table this
@@ -314,7 +300,7 @@ impl Txn<'_> {
             )
             .await
             .map_err(|e| self.err(e))
-            .and_then(|rows| self.one(rows))?;
+            .and_then(|rows| one_row(self.target, rows))?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 
@@ -520,6 +506,39 @@ fn row_digest(row: &Row<'_>) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     row.hash(&mut h);
     h.finish()
+}
+
+/// The one row of an aggregate's answer.
+fn one_row(
+    target: &Target,
+    rows: Vec<tokio_postgres::Row>,
+) -> Result<tokio_postgres::Row, TargetError> {
+    rows.into_iter().next().ok_or_else(|| TargetError::Other {
+        at: target.display().to_string(),
+        reason: "an aggregate query returned no row".into(),
+    })
+}
+
+/// The mirror's [`RemoteFingerprint`], as `tx` sees it.
+async fn fingerprint(
+    tx: &Transaction<'_>,
+    target: &Target,
+) -> Result<RemoteFingerprint, TargetError> {
+    let row = tx
+        .query_typed(
+            &format!(
+                "SELECT count(*), coalesce(sum(hashint8extended(xmin::text::bigint, 0)), 0)::text FROM {}",
+                target.table.quoted()
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| target.error_of(&e))
+        .and_then(|rows| one_row(target, rows))?;
+    Ok(RemoteFingerprint {
+        rows: row.get(0),
+        xmins: row.get(1),
+    })
 }
 
 /// Streams `rows` into `table` with binary COPY. Returns the number of rows written.

@@ -9,7 +9,7 @@
 //!    decoded, the files' fingerprint compared, a walk), or, without a state, reading every
 //!    row ([`Reading`]); then opens its transaction in `REPEATABLE READ` with the advisory
 //!    lock ([`crate::postgres::Session::try_begin_checked`]) and takes the mirror's
-//!    fingerprint;
+//!    fingerprint, in one round trip;
 //! 2. when it equals the state's, the mirror holds exactly the state's rows: no scan. Then,
 //!    when the files' fingerprint equals the state's too, nothing is read either; when it
 //!    moved, a walk beside the state's rows normalises only the rows that changed;
@@ -516,11 +516,11 @@ async fn checked(
     };
     let mut session = target.session().await?;
     loop {
-        let Some(txn) = session.try_begin_checked().await? else {
+        let Some((txn, fingerprint)) = session.try_begin_checked().await? else {
             session.wait_for_lock().await?;
             continue;
         };
-        return in_transaction(txn, limits, opts, file, ahead, started).await;
+        return in_transaction(txn, fingerprint, limits, opts, file, ahead, started).await;
     }
 }
 
@@ -621,19 +621,18 @@ fn read_against(
     Ok(Some((source, read)))
 }
 
+/// The run, once its transaction is open and the mirror's `fingerprint` known.
 async fn in_transaction(
     txn: Txn<'_>,
+    fingerprint: RemoteFingerprint,
     limits: Limits,
     opts: SyncOptions,
     file: StateFile,
     ahead: Ahead,
     started: Instant,
 ) -> Result<Ran, SyncError> {
-    // The first guard's question goes out with the fingerprint's (its answer is used where
-    // the guards stand, after the plan).
-    let (fingerprint, others) = tokio::join!(txn.fingerprint(), others_to_guard(&txn, opts));
-    let fingerprint = fingerprint?;
-    let others = others?;
+    // What the first guard needs (its answer is used where the guards stand, after the plan).
+    let others = others_to_guard(&txn, opts).await?;
     // An empty mirror (this transaction's snapshot says so): nothing to scan, and every
     // mapping can go into a COPY while the file is still being read.
     let empty = fingerprint.rows == 0;
