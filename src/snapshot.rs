@@ -177,7 +177,8 @@ pub fn write_atomic(
 /// nothing: ext4 writes a file's data out when it replaces another by rename
 /// (`auto_da_alloc`; 0.9 ms for a 700 KB state here, on the run's path), which a cache does
 /// not need. A reader in between finds no file, and a failure or crash may leave none, the
-/// new one, or one that fails its check.
+/// new one, or one that fails its check. The temporary files of such a file that an exited
+/// process left are removed when the next replacement starts.
 pub struct Replacement {
     file: File,
     temp: PathBuf,
@@ -203,6 +204,7 @@ impl Replacement {
                 }
                 _ => {}
             }
+            remove_abandoned(path);
         }
         let file = private_file(&temp).map_err(|e| SnapshotError::new("write", path, e))?;
         Ok(Replacement {
@@ -240,6 +242,40 @@ impl Replacement {
         self.done = result.is_ok();
         result.map_err(|e| self.error(e))
     }
+}
+
+/// Removes the temporary files of `path` that processes which no longer run left behind (a
+/// one-shot `mapsync sync` exits as soon as it has answered, even while a replacement it
+/// abandoned is still being written). Best effort: what fails is tried again next time.
+fn remove_abandoned(path: &Path) {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(crate::parent_dir(path)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(TEMP_PREFIX))
+            .filter(|f| f.ends_with(name))
+            .and_then(|f| f.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !process_runs(pid) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether a process with this id exists (signal 0 checks without sending anything).
+fn process_runs(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 sends nothing; it only reports whether `pid` exists.
+    let sent = unsafe { libc::kill(pid, 0) };
+    sent == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 impl Drop for Replacement {
@@ -601,6 +637,35 @@ mod streamed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cache_replacement_removes_what_exited_processes_left_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".cache");
+        std::fs::write(&path, b"old").unwrap();
+        // A process that has exited, one that runs (this one), another file's leftovers.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let left = dir.path().join(format!("{TEMP_PREFIX}{gone}-0-.cache"));
+        let running = dir
+            .path()
+            .join(format!("{TEMP_PREFIX}{}-99-.cache", std::process::id()));
+        let other = dir.path().join(format!("{TEMP_PREFIX}{gone}-0-other"));
+        for f in [&left, &running, &other] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let mut new = Replacement::start(&path, false).unwrap();
+        assert!(
+            !path.exists(),
+            "a cache's old file goes when its replacement starts"
+        );
+        assert!(!left.exists(), "what an exited process left is removed");
+        assert!(running.exists() && other.exists());
+        new.file().write_all(b"new").unwrap();
+        new.finish().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
 
     #[test]
     fn snapshot_names_are_strict() {

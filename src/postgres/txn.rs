@@ -150,17 +150,17 @@ impl Session<'_> {
             .await
             .map_err(err)?;
         // Sent together, answered in one round trip: the timeouts, the lock, the column check,
-        // the registry's existence and the fingerprint (harmless when the lock is not taken).
+        // the registry's existence and the fingerprint (when the lock is not taken, rarely,
+        // they are read for nothing: the fingerprint is a scan of the mirror).
         let (key, limits) = (lock_key(target), timeouts(target));
         let lock_params: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::TEXT)];
-        let (timeouts_set, locked, columns, registry, fingerprint) = tokio::join!(
+        let (timeouts_set, locked, registry, fingerprint) = tokio::join!(
             tx.batch_execute(&limits),
             tx.query_typed(
                 "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
                 &lock_params,
             ),
-            super::schema::check_columns(&tx, target),
-            target.registry_exists(&tx),
+            checks(&tx, target),
             fingerprint(&tx, target),
         );
         // An error aborts the transaction and the statements after it fail with "current
@@ -171,7 +171,6 @@ impl Session<'_> {
             tx.rollback().await.map_err(err)?;
             return Ok(None);
         }
-        columns?;
         let registry = registry?;
         let fingerprint = fingerprint?;
         Ok(Some((
@@ -200,7 +199,8 @@ impl Session<'_> {
         wait.rollback().await.map_err(err)
     }
 
-    /// Opens the run's transaction: timeouts, the advisory lock, the column check.
+    /// Opens the run's transaction: timeouts, the advisory lock, the column check and the
+    /// registry's existence.
     pub async fn begin(&mut self) -> Result<Txn<'_>, TargetError> {
         let target = self.target;
         let err = |e: tokio_postgres::Error| target.error_of(&e);
@@ -216,15 +216,11 @@ impl Session<'_> {
         ))
         .await
         .map_err(err)?;
-        let (columns, registry) = tokio::join!(
-            super::schema::check_columns(&tx, target),
-            target.registry_exists(&tx),
-        );
-        columns?;
+        let registry = checks(&tx, target).await?;
         Ok(Txn {
             target,
             tx,
-            registry: registry?,
+            registry,
         })
     }
 }
@@ -506,6 +502,17 @@ fn row_digest(row: &Row<'_>) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     row.hash(&mut h);
     h.finish()
+}
+
+/// The column check, then whether the instance registry exists: sent together, the column
+/// check's error first.
+async fn checks(tx: &Transaction<'_>, target: &Target) -> Result<bool, TargetError> {
+    let (columns, registry) = tokio::join!(
+        super::schema::check_columns(tx, target),
+        target.registry_exists(tx),
+    );
+    columns?;
+    registry
 }
 
 /// The one row of an aggregate's answer.

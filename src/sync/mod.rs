@@ -32,7 +32,6 @@ pub use report::{SyncOptions, SyncReport, SyncStatus, Trigger};
 use crate::appdb::SourceError;
 use crate::config::TargetSettings;
 use crate::mapping::Mapping;
-use crate::postgres::registry::OtherInstance;
 use crate::postgres::{Rejected, Target, TargetError, Txn, Written};
 
 /// How a run finds what to write.
@@ -205,16 +204,8 @@ async fn full(
             },
         ..Default::default()
     };
-    let others = others_to_guard(&txn, opts).await?;
-    if let Some(refusal) = guard(
-        &txn,
-        limits,
-        &others,
-        extra.len() as u64,
-        Some(remote_before),
-        opts,
-    )
-    .await?
+    if let Some(refusal) =
+        guard(&txn, limits, extra.len() as u64, Some(remote_before), opts).await?
     {
         counts.refused = Some(refusal);
         refuse(txn, &counts, opts.dry_run).await?;
@@ -254,8 +245,7 @@ async fn incremental(
     }
     let mut session = target.session().await?;
     let txn = session.begin().await?;
-    let others = others_to_guard(&txn, opts).await?;
-    if let Some(refusal) = guard(&txn, limits, &others, deletes.len() as u64, None, opts).await? {
+    if let Some(refusal) = guard(&txn, limits, deletes.len() as u64, None, opts).await? {
         counts.refused = Some(refusal);
         refuse(txn, &counts, opts.dry_run).await?;
         return Ok(counts);
@@ -278,28 +268,12 @@ async fn incremental(
     Ok(counts)
 }
 
-/// What the first guard needs to know: the other instances that wrote this table recently,
-/// asked only by a run with delete propagation that is not forced (none otherwise). A
-/// separate step so that a run can send it with another query (one snapshot: the answer is
-/// the same whenever the transaction asks).
-async fn others_to_guard(
-    txn: &Txn<'_>,
-    opts: SyncOptions,
-) -> Result<Vec<OtherInstance>, TargetError> {
-    if !opts.delete_missing || opts.force {
-        return Ok(Vec::new());
-    }
-    txn.recent_others().await
-}
-
 /// The guards of a run with delete propagation, before anything is written: another instance
-/// writing this table (`others`, from [`others_to_guard`]), then the mass-delete limits.
-/// `remote` is the mirror's row count, when known; it is counted here only when the limits
-/// need it.
+/// writing this table, then the mass-delete limits. `remote` is the mirror's row count, when
+/// known; it is counted here only when the limits need it.
 async fn guard(
     txn: &Txn<'_>,
     limits: Limits,
-    others: &[OtherInstance],
     deletes: u64,
     remote: Option<u64>,
     opts: SyncOptions,
@@ -307,7 +281,7 @@ async fn guard(
     if !opts.delete_missing || opts.force {
         return Ok(None);
     }
-    if let Some(other) = others.first() {
+    if let Some(other) = txn.recent_others().await?.first() {
         return Ok(Some(Refusal::OtherInstance(format!(
             "another mapsync instance, {other}, writes {} too (this one is `{}`), and deleting the rows missing from this SQLite file would delete that instance's rows: point one of them at another table, give both the same instance.name if they mirror the same file, or pass force=true (--force) once the other is gone for good",
             txn.table(),

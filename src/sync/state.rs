@@ -23,14 +23,16 @@
 //!    0600; sha-256, the key, the rows, the mirror's fingerprint), written from where the
 //!    run holds its rows ([`Leaving`]) as soon as it knows them: a cold load's during its
 //!    COPY, the others' during their last round trips; the fingerprint, known last, ends
-//!    the file while COMMIT is on its way ([`Writing`]).
+//!    the file once COMMIT has answered ([`Writing`]).
 //!
 //! Invariants — a state never makes a run skip a change:
 //! - the remote side is only trusted when the fingerprint matches; any insert, update or
 //!   delete by anyone (triggers off included) changes it, and a row that someone changes
 //!   while the run holds its snapshot fails the run (`REPEATABLE READ`), so a state never
-//!   describes a mirror that moved unseen; a state whose run's COMMIT then failed describes
-//!   rows no one committed, whose fingerprint no mirror has;
+//!   describes a mirror that moved unseen; a state is put in place only once its run has
+//!   committed (a run that only deleted rows adds no transaction id to the fingerprint: a
+//!   state of one whose COMMIT failed could match a mirror someone else deleted as many
+//!   rows from);
 //! - the source side is only trusted row by row: a row is reused only with the same rowid
 //!   and the same hash of its stored bytes; the files' fingerprint (with the database's ctime:
 //!   a restored copy gets a new one) only skips the read as a whole;
@@ -50,13 +52,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    Counts, Limits, Ran, SYNCED, SyncError, SyncOptions, SyncReport, Trigger, guard,
-    others_to_guard, refuse,
+    Counts, Limits, Ran, SYNCED, SyncError, SyncOptions, SyncReport, Trigger, guard, refuse,
 };
 use crate::appdb::{Fingerprint, MarkedRead, ReadMode, RowMark, SourceError, SqliteSource};
 use crate::config::Settings;
 use crate::mapping::Mapping;
-use crate::postgres::registry::OtherInstance;
 use crate::postgres::{RemoteFingerprint, Target, Txn, digest};
 
 /// The state file's name in `snapshot.dir` (no snapshot name: never listed, served or
@@ -375,11 +375,14 @@ impl Unfinished {
 
 /// The state file on its way, on the blocking pool: its rows are written as soon as the run
 /// knows them, beside the rest of the run (a cold load's COPY, the others' last round trips),
-/// and the mirror's fingerprint, known last, ends it ([`Writing::finish`]). The old state
-/// file goes when its rows start (see [`crate::snapshot::Replacement`]): dropped instead (a
-/// run that failed, or a cold load refused by a guard), it leaves none, and the next run is a
-/// full one. Then what the state was written from (the reader's memo holds the last
-/// references to every mapping read) is freed there, off the run's path.
+/// and the mirror's fingerprint, known last, ends it once the run has committed
+/// ([`Writing::finish`]). The old state file goes when its rows start (see
+/// [`crate::snapshot::Replacement`]): dropped instead (a run that failed, or a cold load
+/// refused by a guard), it leaves none, and the next run is a full one; its temporary file
+/// is removed before anything else, or by the next run should this process exit first
+/// (see [`crate::snapshot::Replacement`]). Then what the state was written from (the
+/// reader's memo holds the last references to every mapping read) is freed there, off the
+/// run's path.
 struct Writing {
     fingerprint: tokio::sync::oneshot::Sender<RemoteFingerprint>,
     placed: tokio::sync::oneshot::Receiver<()>,
@@ -391,11 +394,25 @@ impl Writing {
         let (fingerprint, known) = tokio::sync::oneshot::channel::<RemoteFingerprint>();
         let (placed_tx, placed) = tokio::sync::oneshot::channel();
         tokio::task::spawn_blocking(move || {
+            use tokio::sync::oneshot::error::TryRecvError;
+            let mut known = known;
             let leaving = leaving();
-            let rows = leaving.write_rows(&path);
-            if let Ok(remote_fp) = known.blocking_recv() {
-                if let Err(e) = rows.and_then(|rows| rows.finish(&remote_fp)) {
-                    tracing::warn!("the next run will be a full one: {e}");
+            let early = known.try_recv();
+            // Not written at all when the run already let it go.
+            if !matches!(early, Err(TryRecvError::Closed)) {
+                let rows = leaving.write_rows(&path);
+                let remote_fp = match early {
+                    Ok(remote_fp) => Ok(remote_fp),
+                    Err(_) => known.blocking_recv(),
+                };
+                match remote_fp {
+                    Ok(remote_fp) => {
+                        if let Err(e) = rows.and_then(|rows| rows.finish(&remote_fp)) {
+                            tracing::warn!("the next run will be a full one: {e}");
+                        }
+                    }
+                    // The temporary file goes first, in case the process exits meanwhile.
+                    Err(_) => drop(rows),
                 }
             }
             let _ = placed_tx.send(());
@@ -427,8 +444,7 @@ struct StateFile {
 /// the state it holds (when there is one and the run is not `--full`).
 pub struct OneShot {
     source: SqliteSource,
-    path: PathBuf,
-    key: StateKey,
+    file: StateFile,
     state: Option<StoredState>,
 }
 
@@ -450,8 +466,7 @@ impl OneShot {
         );
         OneShot {
             source,
-            path,
-            key,
+            file: StateFile { path, key },
             state,
         }
     }
@@ -487,11 +502,7 @@ pub(super) async fn run_checked(
     opts: SyncOptions,
     one: OneShot,
 ) -> Result<Ran, SyncError> {
-    let file = StateFile {
-        path: one.path,
-        key: one.key,
-    };
-    checked(target, limits, opts, file, one.state, one.source).await
+    checked(target, limits, opts, one.file, one.state, one.source).await
 }
 
 async fn checked(
@@ -631,8 +642,6 @@ async fn in_transaction(
     ahead: Ahead,
     started: Instant,
 ) -> Result<Ran, SyncError> {
-    // What the first guard needs (its answer is used where the guards stand, after the plan).
-    let others = others_to_guard(&txn, opts).await?;
     // An empty mirror (this transaction's snapshot says so): nothing to scan, and every
     // mapping can go into a COPY while the file is still being read.
     let empty = fingerprint.rows == 0;
@@ -656,7 +665,7 @@ async fn in_transaction(
     };
     let (source, read, file) = match found {
         Found::Loaded(loaded) => {
-            return end_cold_load(txn, limits, opts, &others, loaded, started).await;
+            return end_cold_load(txn, limits, opts, loaded, started).await;
         }
         Found::Read(source, read, file) => (source, read, file),
     };
@@ -727,7 +736,6 @@ async fn in_transaction(
     if let Some(refusal) = guard(
         &txn,
         limits,
-        &others,
         deletes.len() as u64,
         Some(remote_before),
         opts,
@@ -834,7 +842,6 @@ async fn end_cold_load(
     txn: Txn<'_>,
     limits: Limits,
     opts: SyncOptions,
-    others: &[OtherInstance],
     loaded: Loaded,
     started: Instant,
 ) -> Result<Ran, SyncError> {
@@ -843,7 +850,7 @@ async fn end_cold_load(
         pending: loaded.sent,
         ..Default::default()
     };
-    if let Some(refusal) = guard(&txn, limits, others, 0, Some(0), opts).await? {
+    if let Some(refusal) = guard(&txn, limits, 0, Some(0), opts).await? {
         txn.settle_streamed(false).await?;
         counts.refused = Some(refusal);
         refuse(txn, &counts, false).await?;
@@ -868,8 +875,9 @@ enum MirrorAfter {
 }
 
 /// Ends a run that synced: its record in the registry goes out with the question for the
-/// mirror's fingerprint (the mirror's rows are not the registry's); then COMMIT, while the
-/// state file, if the run leaves one, is ended with that fingerprint and put in place.
+/// mirror's fingerprint (the mirror's rows are not the registry's); then COMMIT, and only
+/// then is the state file, if the run leaves one, ended with that fingerprint and put in
+/// place (its rows are written by then: what is left takes ~0.1 ms).
 async fn commit_leaving(
     txn: Txn<'_>,
     after: MirrorAfter,
@@ -884,12 +892,11 @@ async fn commit_leaving(
     });
     recorded?;
     let remote_fp = remote_fp?;
-    let (committed, ()) = tokio::join!(txn.commit(), async move {
-        if let Some(writing) = writing {
-            writing.finish(remote_fp).await;
-        }
-    });
-    Ok(committed?)
+    txn.commit().await?;
+    if let Some(writing) = writing {
+        writing.finish(remote_fp).await;
+    }
+    Ok(())
 }
 
 fn ran(counts: &Counts, synced_count: u64, opts: SyncOptions, started: Instant) -> Ran {
@@ -981,7 +988,7 @@ async fn cold(txn: &Txn<'_>, reading: Reading, file: StateFile) -> Result<Found,
             file: StateFile,
         },
         /// Not every one (or none): the read, whole.
-        Part(SqliteSource, Source, StateFile),
+        Part(Found),
     }
     reading.copying.store(true, Ordering::Release);
     let Reading { task, received, .. } = reading;
@@ -1015,10 +1022,17 @@ async fn cold(txn: &Txn<'_>, reading: Reading, file: StateFile) -> Result<Found,
                     file,
                 }
             }
-            read => Sending::Part(source, read, file),
+            read => Sending::Part(Found::Read(source, read, file)),
         })
     });
     let copied = copied?;
+    // What the COPY wrote when it is not kept.
+    let undo = || async {
+        match copied {
+            Some(_) => txn.settle_streamed(false).await,
+            None => Ok(()),
+        }
+    };
     match sending? {
         Sending::All {
             synced,
@@ -1030,19 +1044,22 @@ async fn cold(txn: &Txn<'_>, reading: Reading, file: StateFile) -> Result<Found,
             sent: rows,
             writing,
         })),
-        Sending::All { again, file, .. } => {
-            if copied.is_some() {
-                txn.settle_streamed(false).await?;
-            }
-            // The image was let go for a COPY that then failed: read the file again.
+        Sending::All {
+            writing,
+            again,
+            file,
+            ..
+        } => {
+            // The state's writing holds the reader's memo: both go before the file is read
+            // again (the image was let go for the COPY).
+            drop(writing);
+            undo().await?;
             let (source, read) = whole(again, None).await?;
             Ok(Found::Read(source, read, file))
         }
-        Sending::Part(source, read, file) => {
-            if copied.is_some() {
-                txn.settle_streamed(false).await?;
-            }
-            Ok(Found::Read(source, read, file))
+        Sending::Part(found) => {
+            undo().await?;
+            Ok(found)
         }
     }
 }

@@ -285,3 +285,31 @@ fn a_cold_load_with_two_rows_for_one_id_mirrors_the_one_the_export_shows() {
     assert_eq!(ws.sync(&[])["changed_count"], 0);
     assert_mirrored(&ws, &db, &[]);
 }
+
+#[test]
+fn a_run_whose_commit_fails_leaves_no_state_that_a_later_hand_delete_could_match() {
+    let (ws, db) = mirrored(&Row::numbered("c", 6));
+    // A cold load: every row carries the COPY's transaction id, so the mirror's fingerprint
+    // falls alike whichever one row is deleted.
+    assert_eq!(ws.sync(&["--delete-missing"])["changed_count"], 6);
+    // The next run deletes a row, and its COMMIT fails (a deferred constraint trigger).
+    db.psql(
+        "CREATE FUNCTION public.refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$; \
+         CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER DELETE ON public.model_mappings \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.refuse_at_commit()",
+    );
+    ws.app.delete("mapping:c001");
+    let failed = ws.mapsync(&["sync", "--delete-missing"]);
+    failed.expect_code(1);
+    assert!(failed.stderr.contains("refused at commit"), "{failed:?}");
+    db.psql(
+        "DROP TRIGGER refuse_at_commit ON public.model_mappings; \
+         DROP FUNCTION public.refuse_at_commit()",
+    );
+    // By hand, another row of that COPY goes: the mirror now has the row count and the sum
+    // of hashes that the failed run's state would have claimed, with other rows.
+    db.psql("DELETE FROM public.model_mappings WHERE id = 'mapping:c002'");
+    ws.sync(&["--delete-missing"]);
+    assert_mirrored(&ws, &db, &[]);
+}
