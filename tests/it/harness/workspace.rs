@@ -122,12 +122,17 @@ impl Workspace {
     }
 
     /// Rewrites the config for a daemon (as [`Workspace::write_config`], plus `[http] listen =
-    /// "127.0.0.1:0"` unless `extra` has an `[http]` section); returns the `admin_token` that
-    /// `extra` sets, if any.
+    /// "127.0.0.1:0"` unless `extra` has an `[http]` section, and schedules far away unless
+    /// it has a `[schedule]` one: a test's runs are the ones it causes, where the default
+    /// reconcile, every five minutes on the clock, started one in any test that crossed the
+    /// mark); returns the `admin_token` that `extra` sets, if any.
     pub fn write_daemon_config(&self, target_url: Option<&str>, extra: &str) -> Option<String> {
         let mut extra = extra.to_string();
         if !extra.contains("[http]") {
             extra.push_str("\n[http]\nlisten = \"127.0.0.1:0\"\n");
+        }
+        if !extra.contains("[schedule]") {
+            extra.push_str(FAR_SCHEDULES);
         }
         self.write_config(target_url, &extra);
         extra
@@ -163,6 +168,10 @@ impl Workspace {
         self.mapsync(&all).expect_code(0).json()
     }
 }
+
+/// Schedules that do not fire while a test runs (midnight on January 1st).
+const FAR_SCHEDULES: &str =
+    "\n[schedule]\nreconcile = \"0 0 0 1 1 *\"\nsnapshot = \"0 0 0 1 1 *\"\n";
 
 /// Short debounce so tests run fast; schedules far away so only the watcher, the start-up run
 /// and requests act.
