@@ -204,7 +204,10 @@ impl Replacement {
                 }
                 _ => {}
             }
-            remove_abandoned(path);
+            if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+                // Best effort: the new file does not depend on it.
+                let _ = remove_abandoned(crate::parent_dir(path), Some(name));
+            }
         }
         let file = private_file(&temp).map_err(|e| SnapshotError::new("write", path, e))?;
         Ok(Replacement {
@@ -244,31 +247,29 @@ impl Replacement {
     }
 }
 
-/// Removes the temporary files of `path` that processes which no longer run left behind (a
-/// one-shot `mapsync sync` exits as soon as it has answered, even while a replacement it
-/// abandoned is still being written). Best effort: what fails is tried again next time.
-fn remove_abandoned(path: &Path) {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return;
-    };
-    let Ok(entries) = fs::read_dir(crate::parent_dir(path)) else {
-        return;
-    };
-    for entry in entries.flatten() {
+/// Removes the temporary files in `dir` (of the file `name` only, when given) that no running
+/// process is writing: what a crash left, or a one-shot `mapsync sync` that exited as soon as
+/// it had answered while a replacement it abandoned was still being written. A temporary
+/// name starts with the writer's process id.
+fn remove_abandoned(dir: &Path, name: Option<&str>) -> io::Result<()> {
+    for entry in fs::read_dir(dir)?.flatten() {
         let file = entry.file_name();
-        let Some(pid) = file
+        let Some(rest) = file
             .to_str()
             .and_then(|f| f.strip_prefix(TEMP_PREFIX))
-            .filter(|f| f.ends_with(name))
-            .and_then(|f| f.split('-').next())
-            .and_then(|pid| pid.parse::<i32>().ok())
+            .filter(|f| name.is_none_or(|name| f.ends_with(name)))
         else {
             continue;
         };
-        if !process_runs(pid) {
+        let writer = rest
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<i32>().ok());
+        if !writer.is_some_and(process_runs) {
             let _ = fs::remove_file(entry.path());
         }
     }
+    Ok(())
 }
 
 /// Whether a process with this id exists (signal 0 checks without sending anything).
@@ -361,16 +362,11 @@ impl SnapshotStore {
     }
 
     /// Creates the directory (mode 0700: snapshots hold the metadata's secrets), tightens an
-    /// existing one that others may read, and removes temporary files a crash may have left.
+    /// existing one that others may read, and removes temporary files a crash may have left
+    /// (not those a running process is writing, such as a one-shot `mapsync sync`'s).
     pub fn prepare(&mut self) -> Result<(), SnapshotError> {
         private_dir(&self.dir)?;
-        let entries =
-            fs::read_dir(&self.dir).map_err(|e| SnapshotError::new("read", &self.dir, e))?;
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
+        remove_abandoned(&self.dir, None).map_err(|e| SnapshotError::new("read", &self.dir, e))?;
         if self.newest_digest.is_none() {
             self.newest_digest = self.digest_of_latest();
         }
@@ -665,6 +661,10 @@ mod tests {
         new.file().write_all(b"new").unwrap();
         new.finish().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        // The daemon's start-up sweep takes every name, and spares a running writer too.
+        store(dir.path()).prepare().unwrap();
+        assert!(!other.exists(), "what an exited process left is removed");
+        assert!(running.exists(), "a running process's file is left alone");
     }
 
     #[test]

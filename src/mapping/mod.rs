@@ -67,8 +67,8 @@ impl Origin {
 /// - `text` holds the flags (active, from a prompt, named), then the id and the name back to
 ///   back, after two lengths written as ASCII varints (`Head`); no offsets are stored beside
 ///   it.
-/// - The default model with the candidates' canonical JSON ([`Models`]), and the metadata's
-///   canonical JSON ([`SharedMetadata`]), are shared: mappings built by one reader through an
+/// - The default model with the candidates' canonical JSON (`Models`), and the metadata's
+///   canonical JSON (`SharedMetadata`), are shared: mappings built by one reader through an
 ///   [`Interner`] share one copy of each distinct value (model choices and metadata objects
 ///   repeat across mappings), and a mapping built alone owns its own.
 /// - `updated_at` is kept as microseconds since the epoch, the precision Postgres stores.
@@ -86,7 +86,7 @@ pub struct Mapping {
 /// A mapping's default model and its candidates as canonical JSON (`["a", "b"]`): the model
 /// choice that mappings may share (see [`Interner`]).
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub struct Models {
+struct Models {
     default_model: Option<Box<str>>,
     candidates: Box<str>,
 }
@@ -115,7 +115,7 @@ impl Micros {
 
 /// A metadata object's canonical JSON, whole, and as the mirror holds it when that differs.
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub struct SharedMetadata {
+struct SharedMetadata {
     whole: Box<str>,
     mirror: Option<Box<str>>,
 }
@@ -673,8 +673,18 @@ pub(super) mod tests {
         assert_eq!(m.candidates(), ["gpt-4o", "模型 \"β\""]);
         assert_eq!(m.candidates_json(), r#"["gpt-4o", "模型 \"β\""]"#);
         assert_eq!(m.metadata(), json!({"k": 1}));
+        assert_eq!(
+            (
+                m.is_active(),
+                m.source(),
+                m.updated_at(),
+                m.updated_at_micros()
+            ),
+            (false, Origin::Prompt, None, None)
+        );
         let bare = mapping("global:global", None, Origin::Sqlite);
         assert_eq!((bare.name(), bare.default_model()), (None, None));
         assert_eq!(bare.candidates_json(), "[]");
+        assert_eq!((bare.is_active(), bare.source()), (true, Origin::Sqlite));
     }
 }

@@ -22,7 +22,6 @@
 //! Supavisor in transaction-pooling mode.
 
 use bytes::{BufMut, BytesMut};
-use chrono::{DateTime, Utc};
 use futures_util::{TryStreamExt, pin_mut};
 use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutRow, BinaryCopyOutStream};
@@ -123,6 +122,9 @@ fn lock_key(target: &Target) -> String {
     format!("mapsync:{}", target.table)
 }
 
+/// Takes the advisory lock on [`lock_key`] (`$1`), waiting up to the lock timeout.
+const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+
 /// The digest of `m` as the mirror would hold it (what [`Txn::scan`] gives for its row).
 pub fn digest(m: &Mapping) -> u64 {
     row_digest(&Row::of(m))
@@ -190,12 +192,9 @@ impl Session<'_> {
         let err = |e: tokio_postgres::Error| target.error_of(&e);
         let wait = self.client.transaction().await.map_err(err)?;
         wait.batch_execute(&timeouts(target)).await.map_err(err)?;
-        wait.execute_typed(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[(&lock_key(target), Type::TEXT)],
-        )
-        .await
-        .map_err(err)?;
+        wait.execute_typed(LOCK, &[(&lock_key(target), Type::TEXT)])
+            .await
+            .map_err(err)?;
         wait.rollback().await.map_err(err)
     }
 
@@ -205,18 +204,17 @@ impl Session<'_> {
         let target = self.target;
         let err = |e: tokio_postgres::Error| target.error_of(&e);
         let tx = self.client.transaction().await.map_err(err)?;
-        tx.batch_execute(&format!(
-            "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
-             SELECT pg_advisory_xact_lock(hashtextextended('mapsync:{}', 0))",
-            target.statement_timeout.as_millis(),
-            super::LOCK_TIMEOUT
-                .min(target.statement_timeout)
-                .as_millis(),
-            target.table,
-        ))
-        .await
-        .map_err(err)?;
-        let registry = checks(&tx, target).await?;
+        // Sent together, answered once the lock is taken; the first error sent says why.
+        let (key, limits) = (lock_key(target), timeouts(target));
+        let lock_params: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::TEXT)];
+        let (timeouts_set, locked, registry) = tokio::join!(
+            tx.batch_execute(&limits),
+            tx.execute_typed(LOCK, &lock_params),
+            checks(&tx, target),
+        );
+        timeouts_set.map_err(err)?;
+        locked.map_err(err)?;
+        let registry = registry?;
         Ok(Txn {
             target,
             tx,
@@ -485,9 +483,7 @@ impl<'a> Row<'a> {
             default_model: r.try_get(4)?,
             candidates: r.try_get::<Option<Jsonb>>(5)?.map(|j| j.0),
             is_active: r.try_get(6)?,
-            updated_at: r
-                .try_get::<Option<DateTime<Utc>>>(7)?
-                .map(|t| t.timestamp_micros()),
+            updated_at: r.try_get::<Option<Timestamptz>>(7)?.map(|t| t.0),
             source: r.try_get(8)?,
             metadata: r.try_get::<Option<Jsonb>>(9)?.map(|j| j.0),
         })
@@ -613,7 +609,7 @@ async fn put(
             &m.default_model(),
             &Jsonb(m.candidates_json()),
             &m.is_active(),
-            &m.updated_at(),
+            &m.updated_at_micros().map(Timestamptz),
             &m.source().as_str(),
             &Jsonb(m.mirror_metadata_json()),
         ])
@@ -774,6 +770,46 @@ async fn yield_every(i: usize) {
     if i % 1024 == 1023 {
         tokio::task::yield_now().await;
     }
+}
+
+/// A `timestamptz` as the microseconds since the Unix epoch a [`Mapping`] keeps: sent and
+/// received as they are, without a `DateTime` in between (Postgres counts from 2000; a
+/// value outside `i64` after the shift, such as `infinity`, saturates and so differs from
+/// every mapping's).
+#[derive(Debug)]
+struct Timestamptz(i64);
+
+/// 2000-01-01T00:00:00Z in microseconds since the Unix epoch.
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+impl<'a> FromSql<'a> for Timestamptz {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let raw: [u8; 8] = raw.try_into().map_err(|_| "a timestamptz is 8 bytes")?;
+        Ok(Timestamptz(
+            i64::from_be_bytes(raw).saturating_add(POSTGRES_EPOCH_MICROS),
+        ))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+}
+
+impl ToSql for Timestamptz {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_i64(self.0.saturating_sub(POSTGRES_EPOCH_MICROS));
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+
+    to_sql_checked!();
 }
 
 /// A `jsonb` value as its text, borrowed: sent and received without parsing.

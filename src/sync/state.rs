@@ -320,8 +320,9 @@ impl Leaving {
     /// 0700 when needed) with the key and the rows; [`Unfinished::finish`] ends it with the
     /// mirror's fingerprint and puts it in place ([`crate::snapshot::Replacement`], not
     /// durable): after a crash there is no state, the old one, the new one, or one that fails
-    /// its checksum, and each is safe (see the module doc). Encoded straight into the file and hashed on the way: the state is
-    /// never copied whole in memory (at 1,000,000 rows the copy was 120 MiB).
+    /// its checksum, and each is safe (see the module doc). Encoded straight into the file
+    /// and hashed on the way: the state is never copied whole in memory (at 1,000,000 rows
+    /// the copy was 120 MiB).
     fn write_rows(&self, path: &Path) -> Result<Unfinished, crate::snapshot::SnapshotError> {
         use std::io::Write;
         crate::snapshot::private_dir(crate::parent_dir(path))?;
@@ -379,8 +380,8 @@ impl Unfinished {
 /// ([`Writing::finish`]). The old state file goes when its rows start (see
 /// [`crate::snapshot::Replacement`]): dropped instead (a run that failed, or a cold load
 /// refused by a guard), it leaves none, and the next run is a full one; its temporary file
-/// is removed before anything else, or by the next run should this process exit first
-/// (see [`crate::snapshot::Replacement`]). Then what the state was written from (the
+/// is removed before anything else, or by the next run should this process exit first.
+/// Then what the state was written from (the
 /// reader's memo holds the last references to every mapping read) is freed there, off the
 /// run's path.
 struct Writing {
@@ -389,14 +390,19 @@ struct Writing {
 }
 
 impl Writing {
-    /// Writes the [`Leaving`] that `leaving` makes (on the blocking pool too) to `path`.
-    fn start(path: PathBuf, leaving: impl FnOnce() -> Leaving + Send + 'static) -> Writing {
+    /// Writes to `file` the [`Leaving`] that `leaving` makes for its key (on the blocking
+    /// pool too).
+    fn start(
+        file: &StateFile,
+        leaving: impl FnOnce(StateKey) -> Leaving + Send + 'static,
+    ) -> Writing {
         let (fingerprint, known) = tokio::sync::oneshot::channel::<RemoteFingerprint>();
         let (placed_tx, placed) = tokio::sync::oneshot::channel();
+        let StateFile { path, key } = file.clone();
         tokio::task::spawn_blocking(move || {
             use tokio::sync::oneshot::error::TryRecvError;
             let mut known = known;
-            let leaving = leaving();
+            let leaving = leaving(key);
             let early = known.try_recv();
             // Not written at all when the run already let it go.
             if !matches!(early, Err(TryRecvError::Closed)) {
@@ -502,18 +508,12 @@ pub(super) async fn run_checked(
     opts: SyncOptions,
     one: OneShot,
 ) -> Result<Ran, SyncError> {
-    checked(target, limits, opts, one.file, one.state, one.source).await
-}
-
-async fn checked(
-    target: &Target,
-    limits: Limits,
-    opts: SyncOptions,
-    file: StateFile,
-    state: Option<StoredState>,
-    source: SqliteSource,
-) -> Result<Ran, SyncError> {
     let started = Instant::now();
+    let OneShot {
+        source,
+        file,
+        state,
+    } = one;
     // The state keeps the rows a read leaves in the memo.
     let source = source.memoizing();
     // The file is worked out while Postgres is connected to and asked about the mirror:
@@ -531,7 +531,7 @@ async fn checked(
             session.wait_for_lock().await?;
             continue;
         };
-        return in_transaction(txn, fingerprint, limits, opts, file, ahead, started).await;
+        return in_transaction(txn, fingerprint, limits, opts, &file, ahead, started).await;
     }
 }
 
@@ -638,7 +638,7 @@ async fn in_transaction(
     fingerprint: RemoteFingerprint,
     limits: Limits,
     opts: SyncOptions,
-    file: StateFile,
+    file: &StateFile,
     ahead: Ahead,
     started: Instant,
 ) -> Result<Ran, SyncError> {
@@ -649,25 +649,25 @@ async fn in_transaction(
         Ahead::Speculation(speculation, source) => match speculation.take(&fingerprint).await? {
             Some((source, read)) => {
                 tracing::debug!("the mirror is as the last run left it: no scan");
-                Found::Read(source, read, file)
+                Found::Read(source, read)
             }
             None if empty => cold(&txn, Reading::start(*source), file).await?,
             None => {
                 let (source, read) = whole(*source, None).await?;
-                Found::Read(source, read, file)
+                Found::Read(source, read)
             }
         },
         Ahead::Reading(reading) if empty => cold(&txn, reading, file).await?,
         Ahead::Reading(reading) => {
             let (source, read) = reading.whole().await?;
-            Found::Read(source, read, file)
+            Found::Read(source, read)
         }
     };
-    let (source, read, file) = match found {
+    let (source, read) = match found {
         Found::Loaded(loaded) => {
             return end_cold_load(txn, limits, opts, loaded, started).await;
         }
-        Found::Read(source, read, file) => (source, read, file),
+        Found::Read(source, read) => (source, read),
     };
     let (source, read) = match read {
         Source::Walked(w, k) if collides(&w) => whole(source, Some(k)).await?,
@@ -807,8 +807,7 @@ async fn in_transaction(
             plan.extras
         };
         let full_next = contested || !counts.rejected.is_empty();
-        let StateFile { path, key } = file;
-        Some(Writing::start(path, move || {
+        Some(Writing::start(file, move |key| {
             let rejected: FxHashSet<&str> = rejected.iter().map(String::as_str).collect();
             let written = written
                 .iter()
@@ -944,8 +943,8 @@ const FIRST_COLD_CHUNK: usize = 128;
 enum Found {
     /// A cold load's COPY took every mapping; the state is on its way.
     Loaded(Loaded),
-    /// The rows, for the run to plan its writes from (with where its state goes).
-    Read(SqliteSource, Source, StateFile),
+    /// The rows, for the run to plan its writes from.
+    Read(SqliteSource, Source),
 }
 
 /// A cold load whose COPY took every mapping.
@@ -974,18 +973,17 @@ struct Loaded {
 /// reader's memo and the sent mappings themselves (ids and digests are not copied: at
 /// 1,000,003 mappings the copies peaked at 363 MiB beside the image). In the rare run whose
 /// COPY fails after that, the file is read again for the ordinary write.
-async fn cold(txn: &Txn<'_>, reading: Reading, file: StateFile) -> Result<Found, SyncError> {
+async fn cold(txn: &Txn<'_>, reading: Reading, file: &StateFile) -> Result<Found, SyncError> {
     /// What the read came to while the COPY went on (one value per run).
     #[allow(clippy::large_enum_variant)]
     enum Sending {
         /// Every mirrorable mapping went out (`rows` of them); `again` reads the file anew
-        /// should the COPY not be kept (and `file` then takes its state).
+        /// should the COPY not be kept.
         All {
             synced: u64,
             rows: u64,
             writing: Writing,
             again: SqliteSource,
-            file: StateFile,
         },
         /// Not every one (or none): the read, whole.
         Part(Found),
@@ -1004,8 +1002,7 @@ async fn cold(txn: &Txn<'_>, reading: Reading, file: StateFile) -> Result<Found,
             } if complete && !sent.is_empty() => {
                 let rows = sent.len() as u64;
                 let again = source.fresh();
-                let StateFile { path, key } = file.clone();
-                let writing = Writing::start(path, move || Leaving {
+                let writing = Writing::start(file, move |key| Leaving {
                     key,
                     source_fp: fingerprint,
                     rows: LeftRows::Memo(Box::new(source)),
@@ -1019,10 +1016,9 @@ async fn cold(txn: &Txn<'_>, reading: Reading, file: StateFile) -> Result<Found,
                     rows,
                     writing,
                     again,
-                    file,
                 }
             }
-            read => Sending::Part(Found::Read(source, read, file)),
+            read => Sending::Part(Found::Read(source, read)),
         })
     });
     let copied = copied?;
@@ -1044,18 +1040,13 @@ async fn cold(txn: &Txn<'_>, reading: Reading, file: StateFile) -> Result<Found,
             sent: rows,
             writing,
         })),
-        Sending::All {
-            writing,
-            again,
-            file,
-            ..
-        } => {
+        Sending::All { writing, again, .. } => {
             // The state's writing holds the reader's memo: both go before the file is read
             // again (the image was let go for the COPY).
             drop(writing);
             undo().await?;
             let (source, read) = whole(again, None).await?;
-            Ok(Found::Read(source, read, file))
+            Ok(Found::Read(source, read))
         }
         Sending::Part(found) => {
             undo().await?;
